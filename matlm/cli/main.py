@@ -1,0 +1,44 @@
+"""`matlm` console entry point: dispatches to one module per subcommand.
+
+Each subcommand module defines `add_arguments(parser)` and `run(args, gin_bindings)`.
+Modules are imported lazily so that, e.g., `matlm info` never imports TensorFlow.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from matlm.gin_config import ConfigError, split_gin_flags
+
+SUBCOMMANDS = {
+    "info": ("matlm.cli.info", "Print model dimensions, parameters and FLOPs per granularity."),
+}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="matlm", description="MatFormer language models: nested models end to end.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    modules = {}
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        # Only the chosen subcommand's module is imported (it may pull in heavy deps).
+        if argv and argv[0] == name:
+            modules[name] = importlib.import_module(module_name)
+            modules[name].add_arguments(sub_parser)
+    try:
+        bindings, rest = split_gin_flags(argv)
+        args = parser.parse_args(rest)
+        return modules[args.command].run(args, bindings) or 0
+    except ConfigError as e:
+        print(f"matlm {argv[0] if argv else ''}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # Validation errors from configs, widths, data.
+        print(f"matlm {argv[0] if argv else ''}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

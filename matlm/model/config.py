@@ -1,0 +1,107 @@
+"""ModelConfig: the dimensions and numerics of a MatLM, as a plain frozen dataclass."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from matlm.model.granularity import GranularitySpec
+
+ACTIVATIONS = ("gelu", "relu", "geglu", "swiglu")
+GATED_ACTIVATIONS = ("geglu", "swiglu")
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+
+
+class ModelConfigError(ValueError):
+    """Model dimensions that cannot build a model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only MatFormer LM.
+
+    `d_ff` is the full (XL) FFN width; granularities nest inside it. `layer_d_ff`
+    is for *extracted* models whose FFN widths differ per layer: when set, layer `i`
+    stores kernels of width `layer_d_ff[i]` (nested training then is not meaningful).
+    """
+
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: multi-head; 1: multi-query; else grouped.
+    head_dim: Optional[int] = None  # None: d_model // n_heads.
+    d_ff: int = 256
+    activation: str = "swiglu"
+    tie_embeddings: bool = True
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    compute_dtype: str = "float32"  # Parameters are always stored in float32.
+    remat_policy: str = "none"
+    granularity_names: tuple = ("S", "M", "L", "XL")
+    granularity_widths: tuple = ()  # () → d_ff/8, d_ff/4, d_ff/2, d_ff.
+    width_alignment: int = 1  # 128 for TPU lanes, 64 for GPUs in real configs.
+    layer_d_ff: tuple = ()
+
+    def __post_init__(self):
+        def need(ok, msg):
+            if not ok:
+                raise ModelConfigError(msg)
+
+        for field in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
+            value = getattr(self, field)
+            need(isinstance(value, int) and value > 0,
+                 f"ModelConfig.{field} must be a positive integer, got {value!r}")
+        need(self.head_dim is not None or self.d_model % self.n_heads == 0,
+             f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+             "set head_dim explicitly or change n_heads")
+        need(self.n_heads % self.num_kv_heads == 0,
+             f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.num_kv_heads}")
+        need(self.activation in ACTIVATIONS,
+             f"unknown activation {self.activation!r}; choose one of {ACTIVATIONS}")
+        need(self.compute_dtype in DTYPES,
+             f"unknown compute_dtype {self.compute_dtype!r}; choose one of {DTYPES}")
+        need(self.remat_policy in REMAT_POLICIES,
+             f"unknown remat_policy {self.remat_policy!r}; choose one of {REMAT_POLICIES}")
+        need(self.head_size % 2 == 0, f"head_dim={self.head_size} must be even for RoPE")
+        if self.layer_d_ff:
+            need(len(self.layer_d_ff) == self.n_layers,
+                 f"layer_d_ff has {len(self.layer_d_ff)} entries for {self.n_layers} layers")
+            need(all(0 < w <= self.d_ff for w in self.layer_d_ff),
+                 f"layer_d_ff entries must be in (0, d_ff={self.d_ff}]: {self.layer_d_ff}")
+        object.__setattr__(self, "granularity_names", tuple(self.granularity_names))
+        object.__setattr__(self, "granularity_widths", tuple(self.granularity_widths))
+        object.__setattr__(self, "layer_d_ff", tuple(self.layer_d_ff))
+        self.granularities  # Validates the nesting eagerly, before any compile.
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def ffn_dims(self) -> tuple[int, ...]:
+        """The stored FFN kernel width of each layer."""
+        return self.layer_d_ff or (self.d_ff,) * self.n_layers
+
+    @property
+    def granularities(self) -> GranularitySpec:
+        return GranularitySpec(d_ff=self.d_ff, n_layers=self.n_layers,
+                               names=self.granularity_names, widths=self.granularity_widths,
+                               alignment=self.width_alignment)
+
+    def resolve_widths(self, value) -> tuple[int, ...]:
+        """A validated per-layer width vector (see GranularitySpec.resolve), checked
+        against each layer's stored width as well."""
+        widths = self.granularities.resolve(value)
+        for i, (w, cap) in enumerate(zip(widths, self.ffn_dims)):
+            if w > cap:
+                raise ModelConfigError(f"layer {i}: width {w} exceeds the stored width {cap}")
+        return widths

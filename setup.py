@@ -1,0 +1,34 @@
+"""matlm: pretrain, extract, evaluate and serve nested MatFormer language models."""
+from setuptools import find_packages, setup
+
+# Versions verified to install and pass the test suite together on Python 3.11 (2026-11).
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "gin-config==0.5.0",
+    "numpy>=2.0,<3",
+    "tabulate==0.9.0",
+    "tqdm==4.70.1",
+]
+# The data layer (the only place TensorFlow is imported).
+DATA = [
+    "seqio==0.0.20",
+    "tensorflow==2.21.0",
+    "tensorflow-datasets==4.9.10",
+    "sentencepiece==0.2.3",
+]
+TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0"]
+
+setup(
+    name="matlm",
+    version="0.1.0",
+    description="MatFormer language models in JAX/Flax: nested (elastic) models end to end.",
+    packages=find_packages(include=["matlm", "matlm.*"]),
+    python_requires=">=3.11",
+    install_requires=CORE + DATA,
+    extras_require={"test": TEST},
+    entry_points={"console_scripts": ["matlm=matlm.cli.main:main"]},
+)
