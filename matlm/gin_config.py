@@ -6,6 +6,7 @@ their config objects by calling the registered constructors with no arguments
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Sequence
@@ -15,8 +16,9 @@ import gin
 from matlm.model.config import ModelConfig
 
 # Registered under the `matlm` module so gin files may write `ModelConfig.d_model = 512`
-# or the fully-qualified `matlm.ModelConfig.d_model = 512`.
-gin.external_configurable(ModelConfig, module="matlm")
+# or the fully-qualified `matlm.ModelConfig.d_model = 512`. Gin returns a wrapping
+# subclass; code keeps using the plain dataclass (see `model_config_from_gin`).
+_GinModelConfig = gin.external_configurable(ModelConfig, module="matlm")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,3 +79,9 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
         else:
             rest.append(arg)
     return bindings, rest
+
+
+def model_config_from_gin() -> ModelConfig:
+    """The ModelConfig that the parsed gin bindings describe (a plain dataclass)."""
+    bound = _GinModelConfig()
+    return ModelConfig(**{f.name: getattr(bound, f.name) for f in dataclasses.fields(ModelConfig)})

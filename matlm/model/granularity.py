@@ -107,8 +107,7 @@ class GranularitySpec:
         return self.check_width(item, what=where)
 
     def name_of(self, widths: Sequence[int]) -> str:
-        """A short label: the granularity name if uniform, else the per-layer names/ints."""
+        """A label: the name (or width) if uniform, else the per-layer names/widths."""
         inverse = {w: n for n, w in self.by_name.items()}
-        if len(set(widths)) == 1 and widths[0] in inverse:
-            return inverse[widths[0]]
-        return "[" + ",".join(inverse.get(w, str(w)) for w in widths) + "]"
+        labels = [inverse.get(w, str(w)) for w in widths]
+        return labels[0] if len(set(labels)) == 1 else ",".join(labels)

@@ -1,0 +1,58 @@
+"""Exact parameter counts and forward FLOPs per token of any submodel.
+
+Used by `matlm info`, the trainer's MFU, and width-search tools. FLOPs count the
+matrix multiplies (2 per multiply-add) as the model executes them: the projections,
+the FFN at the width actually computed, the logits, and the attention scores and
+value mixing over the full T×T score matrix (the causal mask does not skip work in
+this implementation). Element-wise work (norms, softmax, RoPE) is not counted.
+Training FLOPs are 3× forward (backward = 2× forward).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from matlm.model.config import ModelConfig
+
+
+def _ffn_kernels(config: ModelConfig) -> int:
+    return 3 if config.gated else 2  # (gate, up, out) or (in, out)
+
+
+def _attn_proj_params(config: ModelConfig) -> int:
+    D, H, K, E = config.d_model, config.n_heads, config.num_kv_heads, config.head_size
+    return D * H * E + 2 * D * K * E + H * E * D
+
+
+def param_count(config: ModelConfig, widths: Sequence[int] | None = None) -> int:
+    """Parameters used by the submodel at `widths` (None: every layer at its stored width)."""
+    widths = config.ffn_dims if widths is None else widths
+    D, V = config.d_model, config.vocab_size
+    embed = V * D * (1 if config.tie_embeddings else 2)
+    per_layer_fixed = _attn_proj_params(config) + 2 * D  # + attention and FFN norms
+    ffn = sum(_ffn_kernels(config) * D * m for m in widths)
+    return embed + config.n_layers * per_layer_fixed + ffn + D  # + final norm
+
+
+def non_embedding_param_count(config: ModelConfig, widths: Sequence[int] | None = None) -> int:
+    embed = config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2)
+    return param_count(config, widths) - embed
+
+
+def forward_flops_per_token(config: ModelConfig, seq_len: int,
+                            widths: Sequence[int] | None = None) -> int:
+    """Matmul FLOPs of one forward pass, per token, for sequences of `seq_len`.
+
+    For the masked path pass the stored widths (`config.ffn_dims`): masking does not
+    save FLOPs.
+    """
+    widths = config.ffn_dims if widths is None else widths
+    D, V = config.d_model, config.vocab_size
+    H, E = config.n_heads, config.head_size
+    attn = 2 * _attn_proj_params(config) + 2 * 2 * seq_len * H * E  # proj + QK^T + PV
+    ffn = sum(2 * _ffn_kernels(config) * D * m for m in widths)
+    return config.n_layers * attn + ffn + 2 * D * V
+
+
+def train_flops_per_token(config: ModelConfig, seq_len: int,
+                          widths: Sequence[int] | None = None) -> int:
+    return 3 * forward_flops_per_token(config, seq_len, widths)

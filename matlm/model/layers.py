@@ -1,0 +1,154 @@
+"""Building blocks of the MatLM decoder: RMSNorm, RoPE, attention, the nested FFN.
+
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`,
+`kv`, `mlp`, `norm`); `matlm.sharding` maps them to mesh axes. Array names carry
+their shapes: B batch, T length, D d_model, H query heads, K kv heads, G = H/K,
+E head dim, F FFN width.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from matlm.model.config import ModelConfig
+
+# A static width (python int → slice, no FLOPs on unused units) or a traced scalar
+# (mask → one compiled function serves any width).
+Width = Union[int, jax.Array]
+
+
+def _param(module: nn.Module, name: str, shape, axes, init):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def _dense_init(fan_in: int):
+    return nn.initializers.normal(stddev=fan_in ** -0.5)
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones)
+        x32 = x.astype(jnp.float32)  # Normalise in fp32 whatever the compute dtype.
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * scale).astype(x.dtype)
+
+
+def apply_rope(x_BTNE, positions_BT, theta: float):
+    """Rotary embeddings on the two halves of the head dimension (GPT-NeoX layout)."""
+    half = x_BTNE.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BT1F = (positions_BT[..., None].astype(jnp.float32) * freq)[:, :, None, :]
+    sin, cos = jnp.sin(angle_BT1F), jnp.cos(angle_BT1F)
+    x1, x2 = jnp.split(x_BTNE.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNE.dtype)
+
+
+def attention_mask(segment_ids_BT):
+    """Causal and block-diagonal by segment: packed documents never see each other."""
+    T = segment_ids_BT.shape[1]
+    causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
+    same_doc_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    return causal_TT[None] & same_doc_BTT
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped / multi-query KV heads and RoPE."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, mask_BTT):
+        cfg = self.config
+        D, H, K, E = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_size
+        dtype = jnp.dtype(cfg.compute_dtype)
+        wq = _param(self, "wq", (D, H, E), ("embed", "heads", "kv"), _dense_init(D))
+        wk = _param(self, "wk", (D, K, E), ("embed", "kv_heads", "kv"), _dense_init(D))
+        wv = _param(self, "wv", (D, K, E), ("embed", "kv_heads", "kv"), _dense_init(D))
+        wo = _param(self, "wo", (H, E, D), ("heads", "kv", "embed"), _dense_init(H * E))
+        x_BTD = x_BTD.astype(dtype)
+        q_BTHE = jnp.einsum("btd,dhe->bthe", x_BTD, wq.astype(dtype))
+        k_BTKE = jnp.einsum("btd,dke->btke", x_BTD, wk.astype(dtype))
+        v_BTKE = jnp.einsum("btd,dke->btke", x_BTD, wv.astype(dtype))
+        q_BTHE = apply_rope(q_BTHE, positions_BT, cfg.rope_theta)
+        k_BTKE = apply_rope(k_BTKE, positions_BT, cfg.rope_theta)
+        B, T = x_BTD.shape[:2]
+        q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
+        logits_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BTKE) * E ** -0.5
+        logits_BKGTS = jnp.where(mask_BTT[:, None, None], logits_BKGTS.astype(jnp.float32),
+                                 jnp.finfo(jnp.float32).min)
+        probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dtype)
+        out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BTKE)
+        out_BTHE = out_BTKGE.reshape(B, T, H, E)
+        return jnp.einsum("bthe,hed->btd", out_BTHE, wo.astype(dtype))
+
+
+def activate(name: str, gate, up=None):
+    if name == "gelu":
+        return nn.gelu(gate)
+    if name == "relu":
+        return nn.relu(gate)
+    if name == "geglu":
+        return nn.gelu(gate) * up
+    if name == "swiglu":
+        return nn.silu(gate) * up
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class NestedFFN(nn.Module):
+    """The MatFormer FFN: `act(x @ wi[:, :m]) @ wo[:m, :]` for a width m ≤ d_ff.
+
+    Full kernels are stored once. A static `width` slices them (start 0, static size),
+    so unused units cost no FLOPs; a traced `width` zeroes units ≥ width with a mask
+    (full FLOPs, identical result) so that one compiled function serves any width.
+    In a gated FFN the gate and up projections nest together.
+    """
+
+    config: ModelConfig
+    d_ff: int  # Stored width of this layer's kernels.
+
+    @nn.compact
+    def __call__(self, x_BTD, width: Width | None = None):
+        cfg = self.config
+        D, F = cfg.d_model, self.d_ff
+        dtype = jnp.dtype(cfg.compute_dtype)
+        names = ("wi_gate", "wi_up") if cfg.gated else ("wi",)
+        wi = [_param(self, n, (D, F), ("embed", "mlp"), _dense_init(D)) for n in names]
+        wo = _param(self, "wo", (F, D), ("mlp", "embed"), _dense_init(F))
+        mask_F = None
+        if width is None or (isinstance(width, int) and width == F):
+            pass  # Full width: no slicing at all.
+        elif isinstance(width, int):
+            wi = [jax.lax.dynamic_slice_in_dim(w, 0, width, axis=1) for w in wi]
+            wo = jax.lax.dynamic_slice_in_dim(wo, 0, width, axis=0)
+        else:
+            mask_F = jnp.arange(F) < width
+        x_BTD = x_BTD.astype(dtype)
+        pre_BTF = [jnp.einsum("btd,df->btf", x_BTD, w.astype(dtype)) for w in wi]
+        h_BTF = activate(cfg.activation, *pre_BTF)
+        if mask_F is not None:
+            h_BTF = jnp.where(mask_F, h_BTF, 0).astype(dtype)
+        return jnp.einsum("btf,fd->btd", h_BTF, wo.astype(dtype))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)); x + ffn(norm(x))."""
+
+    config: ModelConfig
+    d_ff: int
+    static_width: int | None = None  # Static FFN width for the slicing path.
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, mask_BTT, traced_width=None):
+        cfg = self.config
+        h = RMSNorm(cfg.norm_eps, name="attn_norm")(x_BTD)
+        x_BTD = x_BTD + Attention(cfg, name="attn")(h, positions_BT, mask_BTT).astype(x_BTD.dtype)
+        h = RMSNorm(cfg.norm_eps, name="ffn_norm")(x_BTD)
+        width = self.static_width if traced_width is None else traced_width
+        return x_BTD + NestedFFN(cfg, self.d_ff, name="ffn")(h, width).astype(x_BTD.dtype)

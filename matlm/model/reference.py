@@ -1,0 +1,79 @@
+"""A plain dense decoder in pure `jax.numpy`, independent of the Flax modules.
+
+It takes a parameter tree shaped like MatLM's but with each FFN kernel already cut to
+that layer's width, and runs no slicing and no masking. Tests use it as the oracle
+("a dense model with sliced weights"); benchmarks use it as the dense baseline.
+It is written differently on purpose (repeated KV heads, rotate-half RoPE, one
+matmul per head group) so that a bug in the model is unlikely to be copied here.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from matlm.model.config import ModelConfig
+
+
+def slice_params(params, widths):
+    """Cuts every layer's FFN kernels to their first `widths[i]` hidden units."""
+    out = jax.tree.map(lambda x: x, params)
+    for i, m in enumerate(widths):
+        ffn = dict(out[f"layer_{i}"]["ffn"])
+        for name in ffn:
+            ffn[name] = ffn[name][:m] if name == "wo" else ffn[name][:, :m]
+        out[f"layer_{i}"] = {**out[f"layer_{i}"], "ffn": ffn}
+    return out
+
+
+def _rms(x, scale, eps):
+    return x / jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps) * scale
+
+
+def _rope(x, pos, theta):
+    # x: [B, T, N, E]; rotate-half formulation with duplicated frequencies.
+    E = x.shape[-1]
+    inv = 1.0 / theta ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E)
+    ang = pos[..., None].astype(jnp.float32) * jnp.concatenate([inv, inv])
+    rotated = jnp.concatenate([-x[..., E // 2:], x[..., : E // 2]], axis=-1)
+    return x * jnp.cos(ang)[:, :, None] + rotated * jnp.sin(ang)[:, :, None]
+
+
+def _act(name, x, gate_params, h):
+    if name in ("geglu", "swiglu"):
+        g = h @ gate_params["wi_gate"]
+        u = h @ gate_params["wi_up"]
+        return (jax.nn.silu(g) if name == "swiglu" else jax.nn.gelu(g)) * u
+    z = h @ gate_params["wi"]
+    return jax.nn.gelu(z) if name == "gelu" else jax.nn.relu(z)
+
+
+def dense_forward(config: ModelConfig, params, tokens, segment_ids=None, positions=None):
+    """Float32 logits of the dense model whose FFN widths are the kernels' widths."""
+    B, T = tokens.shape
+    if segment_ids is None:
+        segment_ids = jnp.ones((B, T), jnp.int32)
+    if positions is None:
+        positions = jnp.tile(jnp.arange(T), (B, 1))
+    H, K, E = config.n_heads, config.num_kv_heads, config.head_size
+    emb = params["embedding"]
+    x = emb[tokens]
+    allowed = (jnp.arange(T)[:, None] >= jnp.arange(T)[None, :])[None] & (
+        segment_ids[:, :, None] == segment_ids[:, None, :])
+    for i in range(config.n_layers):
+        p = params[f"layer_{i}"]
+        h = _rms(x, p["attn_norm"]["scale"], config.norm_eps)
+        q = (h @ p["attn"]["wq"].reshape(config.d_model, H * E)).reshape(B, T, H, E)
+        k = (h @ p["attn"]["wk"].reshape(config.d_model, K * E)).reshape(B, T, K, E)
+        v = (h @ p["attn"]["wv"].reshape(config.d_model, K * E)).reshape(B, T, K, E)
+        q, k = _rope(q, positions, config.rope_theta), _rope(k, positions, config.rope_theta)
+        k, v = jnp.repeat(k, H // K, axis=2), jnp.repeat(v, H // K, axis=2)
+        scores = jnp.einsum("bqhe,bkhe->bhqk", q, k) / jnp.sqrt(E)
+        scores = jnp.where(allowed[:, None], scores, -1e30)
+        mixed = jnp.einsum("bhqk,bkhe->bqhe", jax.nn.softmax(scores, axis=-1), v)
+        x = x + mixed.reshape(B, T, H * E) @ p["attn"]["wo"].reshape(H * E, config.d_model)
+        h = _rms(x, p["ffn_norm"]["scale"], config.norm_eps)
+        x = x + _act(config.activation, x, p["ffn"], h) @ p["ffn"]["wo"]
+    x = _rms(x, params["final_norm"]["scale"], config.norm_eps)
+    if config.tie_embeddings:
+        return x @ emb.T / jnp.sqrt(config.d_model)
+    return x @ params["unembedding"]
