@@ -1,0 +1,40 @@
+"""The data layer: seqio tasks → tokenised, packed, per-host batches (numpy).
+
+This package is the only place TensorFlow is imported, and it hides every GPU/TPU from
+TensorFlow first (`tf_setup`). Public API:
+
+- `make_batch_iterator(task_or_mixture, split, seq_len, global_batch_size, vocab, seed,
+  host_index=0, num_hosts=1, start_step=0, shuffle=True, repeat=True,
+  pad_to_num_batches=None) -> BatchIterator` (see `matlm.data.pipeline` for the batch
+  format and the determinism/resume contract); `BatchIterator.state` (JSON dict) and
+  `restore_batch_iterator(state, vocab, host_index)`.
+- `default_vocabulary(vocab_size=8192)`, `load_vocabulary(path)`, `train_vocabulary`,
+  `train_task_vocabulary`, `start_id(vocab)` (see `matlm.data.vocabulary` for special ids).
+- Tasks: `matlm_wiki` (default), `matlm_c4_en`, `matlm_lm1b`, `matlm_wiki40b_en`, and the
+  gin configurables `local_files_task`, `tfds_task`, `mixture` (`matlm.data.tasks`).
+- `DataConfig` (gin): task, splits, seed, vocabulary of a run.
+- Errors: `DataError` (a ValueError) and its subclasses in `matlm.data.errors`.
+"""
+from matlm.data import tf_setup  # noqa: F401  (first: hide accelerators from TensorFlow)
+from matlm.data import tfds_tasks  # noqa: F401  (registers the built-in TFDS tasks)
+from matlm.data.config import DataConfig
+from matlm.data.errors import (BatchSizeError, DataError, EmptyGlobError, MissingFieldError,
+                               SequenceLengthError, StateError, UnknownSplitError,
+                               UnknownTaskError, VocabularyError)
+from matlm.data.pipeline import BatchIterator, make_batch_iterator, restore_batch_iterator
+from matlm.data.tasks import (DEFAULT_TASK, local_files_task, mixture, register_local_files_task,
+                              register_mixture, register_tfds_task, registered_names, tfds_task)
+from matlm.data.vocabulary import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, default_vocabulary,
+                                   load_vocabulary, start_id, train_task_vocabulary,
+                                   train_vocabulary)
+
+__all__ = [
+    "BatchIterator", "make_batch_iterator", "restore_batch_iterator", "DataConfig",
+    "default_vocabulary", "load_vocabulary", "train_vocabulary", "train_task_vocabulary",
+    "start_id", "PAD_ID", "EOS_ID", "UNK_ID", "BOS_ID", "DEFAULT_TASK",
+    "local_files_task", "tfds_task", "mixture", "register_local_files_task",
+    "register_tfds_task", "register_mixture", "registered_names",
+    "DataError", "UnknownTaskError", "UnknownSplitError", "EmptyGlobError",
+    "MissingFieldError", "SequenceLengthError", "BatchSizeError", "VocabularyError",
+    "StateError",
+]

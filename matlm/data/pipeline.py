@@ -1,0 +1,317 @@
+"""Per-host batches of packed token rows, as a pure function of (seed, step, host, hosts).
+
+    it = make_batch_iterator("matlm_wiki", "train", seq_len=256, global_batch_size=32,
+                             vocab=default_vocabulary(), seed=0,
+                             host_index=jax.process_index(), num_hosts=jax.process_count())
+    batch = next(it)          # dict of numpy arrays [32 // num_hosts, 256]
+    saved = it.state          # small JSON-serialisable dict, identical on every host
+    it = restore_batch_iterator(saved, vocab, host_index=jax.process_index())
+
+Batch features (all [global_batch_size // num_hosts, seq_len]):
+    inputs, targets  int32   targets are the packed tokens; inputs the previous token of
+                             the same document, or the start id (see vocabulary.start_id)
+    segment_ids      int32   0 = padding, documents 1, 2, 3... within a row
+    positions        int32   restart at 0 for every segment
+    loss_mask        float32 1 on real target tokens, 0 on padding
+
+How the order is defined (why resuming is immediate). Each host reads only its shard of
+the documents (seqio shards examples, or files for TFDS: document i of a split goes to
+host i mod num_hosts), tokenises it once into a `TokenStore` and packs it as described in
+`matlm.data.packing`. The host's k-th row is row `k mod R` of epoch `k div R` (R rows per
+epoch, fresh seeded document and row orders each epoch), and step s takes rows
+[s*b, (s+1)*b), b = global_batch_size / num_hosts. A mixture interleaves its tasks'
+row streams with a seeded schedule of fixed blocks (`MixtureSchedule`), so the rates hold
+exactly per block and a row's (task, index) is computed directly. Nothing depends on the
+number of devices per host. Resuming at step N costs one epoch layout (two permutations),
+not N batches.
+
+`repeat=False` gives a finite iterator over one epoch (for evaluation): `num_batches`
+batches, the last one padded with empty rows; pass `pad_to_num_batches` (e.g. the max over
+hosts) so that every host yields the same number of batches.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Any, Iterator
+
+import numpy as np
+import seqio
+
+from matlm.data import packing, tasks, vocabulary
+from matlm.data.errors import BatchSizeError, DataError, SequenceLengthError, StateError
+
+STATE_VERSION = 1
+MIX_BLOCK_ROWS = 4096  # Rows per mixture schedule block: rates are exact per block.
+_TOKENIZE_CHUNK = 2048  # Documents per SentencePiece batch call.
+# Seed-stream tags, so the different permutations of one seed are independent.
+_DOC_ORDER, _MIX_ORDER = 1, 2
+
+
+def tokenize_task_split(task: seqio.Task, split: str, vocab: seqio.SentencePieceVocabulary,
+                        host_index: int, num_hosts: int) -> packing.TokenStore:
+    """This host's documents of a task split, tokenised and EOS-terminated, in source order."""
+    tasks.check_split(task, split)
+    shard = seqio.ShardInfo(index=host_index, num_shards=num_hosts) if num_hosts > 1 else None
+    dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False,
+                               shard_info=shard, num_epochs=1, use_cached=False)
+    eos = np.array([vocab.eos_id], np.int32)
+    docs: list[np.ndarray] = []
+    texts: list[str] = []
+
+    def flush():
+        for ids in vocab.tokenizer.encode(texts):
+            docs.append(np.concatenate([np.asarray(ids, np.int32), eos]))
+        texts.clear()
+
+    for example in dataset.as_numpy_iterator():
+        text = example[tasks.TEXT_KEY].decode("utf-8")
+        if text:
+            texts.append(text)
+        if len(texts) >= _TOKENIZE_CHUNK:
+            flush()
+    flush()
+    if not docs:
+        raise DataError(f"task {task.name!r} split {split!r} has no documents for host "
+                        f"{host_index} of {num_hosts}")
+    return packing.TokenStore.from_documents(docs)
+
+
+# In-process cache of token stores: rebuilding an iterator (resume, eval) re-reads nothing.
+_STORES: "collections.OrderedDict[tuple, packing.TokenStore]" = collections.OrderedDict()
+_MAX_STORES = 8
+
+
+def token_store(task: seqio.Task, split: str, vocab, host_index: int,
+                num_hosts: int) -> packing.TokenStore:
+    key = (task, split, vocabulary.fingerprint(vocab), host_index, num_hosts)
+    if key not in _STORES:
+        _STORES[key] = tokenize_task_split(task, split, vocab, host_index, num_hosts)
+        while len(_STORES) > _MAX_STORES:
+            _STORES.popitem(last=False)
+    _STORES.move_to_end(key)
+    return _STORES[key]
+
+
+class TaskRows:
+    """The endless (or one-epoch) row stream of one task on one host."""
+
+    def __init__(self, store: packing.TokenStore, seq_len: int, seed_key: tuple[int, ...],
+                 shuffle: bool):
+        self.store, self.seq_len, self.seed_key, self.shuffle = store, seq_len, seed_key, shuffle
+        self.rows_per_epoch = store.num_rows(seq_len)
+        self._layouts: "collections.OrderedDict[int, packing.EpochLayout]" = (
+            collections.OrderedDict())
+
+    def layout(self, epoch: int) -> packing.EpochLayout:
+        if epoch not in self._layouts:
+            rng = (np.random.default_rng([*self.seed_key, _DOC_ORDER, epoch])
+                   if self.shuffle else None)
+            self._layouts[epoch] = packing.EpochLayout(self.store, self.seq_len, rng)
+            while len(self._layouts) > 2:
+                self._layouts.popitem(last=False)
+        return self._layouts[epoch]
+
+    def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        out = packing.empty_rows(len(indices), self.seq_len)
+        epochs = indices // self.rows_per_epoch
+        for epoch in np.unique(epochs):
+            where = epochs == epoch
+            got = self.layout(int(epoch)).rows(indices[where] % self.rows_per_epoch)
+            for name, value in got.items():
+                out[name][where] = value
+        return out
+
+
+class MixtureSchedule:
+    """Which task, and which of its rows, the host's k-th mixture row comes from.
+
+    Rows come in blocks of `block` rows; task t owns `counts[t]` slots of every block
+    (rates apportioned by largest remainder), at seeded positions. Task t's row index
+    for a slot is `block_index * counts[t] + (slots of t before it in the block)`.
+    """
+
+    def __init__(self, rates: list[float], seed_key: tuple[int, ...], block: int = MIX_BLOCK_ROWS):
+        shares = np.asarray(rates, np.float64) / np.sum(rates) * block
+        counts = np.floor(shares).astype(np.int64)
+        remainder_order = np.argsort(-(shares - counts), kind="stable")
+        counts[remainder_order[:block - counts.sum()]] += 1
+        if np.any(counts == 0):
+            raise DataError(f"mixture rates {rates} give a task no rows in a block of "
+                            f"{block}; raise its rate")
+        self.counts, self.block, self.seed_key = counts, block, seed_key
+        self._blocks: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        if b not in self._blocks:
+            rng = np.random.default_rng([*self.seed_key, _MIX_ORDER, b])
+            slots = rng.permutation(np.repeat(np.arange(len(self.counts)), self.counts))
+            rank = np.zeros_like(slots)
+            for t in range(len(self.counts)):
+                rank[slots == t] = np.arange(self.counts[t])
+            self._blocks[b] = (slots, rank)
+            while len(self._blocks) > 4:
+                self._blocks.popitem(last=False)
+        return self._blocks[b]
+
+    def locate(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        task = np.empty_like(k)
+        index = np.empty_like(k)
+        blocks = k // self.block
+        for b in np.unique(blocks):
+            where = blocks == b
+            slots, rank = self._block(int(b))
+            offset = k[where] % self.block
+            task[where] = slots[offset]
+            index[where] = b * self.counts[slots[offset]] + rank[offset]
+        return task, index
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    task: str
+    split: str
+    seq_len: int
+    global_batch_size: int
+    seed: int
+    num_hosts: int = 1
+    shuffle: bool = True
+    repeat: bool = True
+
+    def validate(self, host_index: int) -> None:
+        if not isinstance(self.seq_len, (int, np.integer)) or self.seq_len < 2:
+            raise SequenceLengthError(
+                f"seq_len must be an integer >= 2 (one input and one target), got {self.seq_len!r}")
+        if self.num_hosts < 1 or not 0 <= host_index < self.num_hosts:
+            raise BatchSizeError(f"host_index {host_index} is not in [0, num_hosts={self.num_hosts})")
+        if self.global_batch_size < 1 or self.global_batch_size % self.num_hosts:
+            raise BatchSizeError(
+                f"global_batch_size {self.global_batch_size} must be positive and divisible "
+                f"by the number of hosts ({self.num_hosts})")
+        if self.seed < 0:
+            raise DataError(f"seed must be >= 0, got {self.seed}")
+
+
+class BatchIterator:
+    """Iterator of per-host batches; `state` saves it, `restore_batch_iterator` rebuilds it.
+
+    `batch(step)` is random access (pure: it does not move the iterator).
+    """
+
+    def __init__(self, config: PipelineConfig, vocab: seqio.SentencePieceVocabulary,
+                 host_index: int = 0, start_step: int = 0, pad_to_num_batches: int | None = None):
+        config.validate(host_index)
+        self.config, self.vocab, self.host_index = config, vocab, host_index
+        self.per_host_batch_size = config.global_batch_size // config.num_hosts
+        self._start_id = vocabulary.start_id(vocab)
+        components = tasks.components(config.task)
+        for task, _ in components:
+            tasks.check_split(task, config.split)
+        if len(components) > 1 and not config.repeat:
+            raise DataError(f"{config.task!r} is a mixture: evaluate its tasks one by one "
+                            "(repeat=False needs a single task)")
+        self._streams = []
+        for i, (task, _) in enumerate(components):
+            store = token_store(task, config.split, vocab, host_index, config.num_hosts)
+            seed_key = (config.seed, i, host_index, config.num_hosts)
+            self._streams.append(TaskRows(store, config.seq_len, seed_key, config.shuffle))
+        self._schedule = (MixtureSchedule([r for _, r in components],
+                                          (config.seed, host_index, config.num_hosts))
+                          if len(components) > 1 else None)
+        self.num_batches = (None if config.repeat else
+                            -(-self._streams[0].rows_per_epoch // self.per_host_batch_size))
+        if pad_to_num_batches is not None and not config.repeat:
+            if pad_to_num_batches < self.num_batches:
+                raise DataError(f"pad_to_num_batches={pad_to_num_batches} is below this "
+                                f"host's {self.num_batches} batches")
+            self.num_batches = pad_to_num_batches
+        self.step = start_step
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens (EOS included) in this host's epoch of each task, summed."""
+        return sum(s.store.num_tokens for s in self._streams)
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        b, L = self.per_host_batch_size, self.config.seq_len
+        k = step * b + np.arange(b, dtype=np.int64)
+        if self._schedule is None:
+            stream = self._streams[0]
+            if self.config.repeat:
+                rows = stream.rows(k)
+            else:  # One epoch; rows past its end are empty padding rows.
+                rows = packing.empty_rows(b, L)
+                valid = k < stream.rows_per_epoch
+                if valid.any():
+                    got = stream.rows(k[valid])
+                    for name in rows:
+                        rows[name][valid] = got[name]
+        else:
+            task_of_row, index = self._schedule.locate(k)
+            rows = packing.empty_rows(b, L)
+            for t, stream in enumerate(self._streams):
+                where = task_of_row == t
+                if where.any():
+                    got = stream.rows(index[where])
+                    for name in rows:
+                        rows[name][where] = got[name]
+        return packing.model_features(rows, self._start_id)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.num_batches is not None and self.step >= self.num_batches:
+            raise StopIteration
+        batch = self.batch(self.step)
+        self.step += 1
+        return batch
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """JSON-serialisable; the same on every host (the host index is not part of it)."""
+        return {"version": STATE_VERSION, "step": int(self.step),
+                **dataclasses.asdict(self.config)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Moves to `state["step"]` after checking the state was saved by the same pipeline."""
+        check_state(state, self.config)
+        self.step = int(state["step"])
+
+
+def check_state(state: dict[str, Any], config: PipelineConfig) -> None:
+    if state.get("version") != STATE_VERSION:
+        raise StateError(f"pipeline state version {state.get('version')!r} is not "
+                         f"{STATE_VERSION}")
+    saved = {f.name: state.get(f.name) for f in dataclasses.fields(PipelineConfig)}
+    current = dataclasses.asdict(config)
+    differ = {k: (saved[k], current[k]) for k in current if saved[k] != current[k]}
+    if differ:
+        raise StateError("saved pipeline state does not match this pipeline "
+                         f"(field: (saved, now)): {differ}")
+
+
+def make_batch_iterator(task_or_mixture: str, split: str, seq_len: int,
+                        global_batch_size: int, vocab: seqio.SentencePieceVocabulary,
+                        seed: int, host_index: int = 0, num_hosts: int = 1,
+                        start_step: int = 0, shuffle: bool = True, repeat: bool = True,
+                        pad_to_num_batches: int | None = None) -> BatchIterator:
+    """Batches of `task_or_mixture`'s `split` for this host (see the module docstring)."""
+    config = PipelineConfig(task=task_or_mixture, split=split, seq_len=seq_len,
+                            global_batch_size=global_batch_size, seed=seed,
+                            num_hosts=num_hosts, shuffle=shuffle, repeat=repeat)
+    logging.info("data pipeline %s host %d/%d from step %d", config, host_index, num_hosts,
+                 start_step)
+    return BatchIterator(config, vocab, host_index=host_index, start_step=start_step,
+                         pad_to_num_batches=pad_to_num_batches)
+
+
+def restore_batch_iterator(state: dict[str, Any], vocab: seqio.SentencePieceVocabulary,
+                           host_index: int = 0) -> BatchIterator:
+    """Rebuilds the iterator a saved `state` came from, positioned at its step."""
+    if state.get("version") != STATE_VERSION:
+        raise StateError(f"pipeline state version {state.get('version')!r} is not "
+                         f"{STATE_VERSION}")
+    config = PipelineConfig(**{f.name: state[f.name] for f in dataclasses.fields(PipelineConfig)})
+    return BatchIterator(config, vocab, host_index=host_index, start_step=int(state["step"]))

@@ -1,0 +1,145 @@
+"""SentencePiece vocabularies: train one on a task's text, load any `.model` file.
+
+Special ids. Models trained by matlm (`train_vocabulary`) use
+    pad = 0, eos = 1, unk = 2, bos = 3
+and byte fallback (no text is ever unknown). Other SentencePiece models (T5's,
+mistral-common's) keep their own ids; the pipeline only relies on:
+- `eos_id`: appended to every document (required: a model without EOS is rejected);
+- pad = 0 (seqio's convention): filler in padding positions, which always carry
+  segment_ids = 0 and loss_mask = 0, so it is harmless if 0 is also a real piece
+  (e.g. `<unk>` in mistral's models);
+- the "start" input of each document (`start_id`): the model's BOS if it has one, else
+  pad = 0 (T5's convention). It is only ever an *input*, never a target.
+
+The default vocabulary (`default_vocabulary`) is trained on `matlm_wiki`'s training
+split on first use (a few seconds) and cached under `$MATLM_CACHE_DIR/vocab/`
+(default `<repo>/.matlm_cache/`), so no model file is shipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import seqio
+import sentencepiece as spm
+
+from matlm.data import documents, wikitext
+from matlm.data.errors import VocabularyError
+
+PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
+DEFAULT_VOCAB_SIZE = 8192
+CACHE_ENV_VAR = "MATLM_CACHE_DIR"
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def cache_dir() -> Path:
+    """`$MATLM_CACHE_DIR`, else `<repo>/.matlm_cache` (ignored by git)."""
+    return Path(os.environ.get(CACHE_ENV_VAR) or _REPO_ROOT / ".matlm_cache")
+
+
+def train_vocabulary(texts: Iterable[str], vocab_size: int, output_path: str | os.PathLike,
+                     model_type: str = "unigram") -> Path:
+    """Trains a SentencePiece model on `texts` (one document each) and writes it atomically."""
+    if vocab_size < 300:
+        raise VocabularyError(
+            f"vocab_size={vocab_size} is too small: byte fallback alone needs 256 + 4 ids")
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_lines(texts), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=BOS_ID,
+            byte_fallback=True, character_coverage=0.9995, max_sentence_length=1 << 16,
+            num_threads=os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as e:  # e.g. "Vocabulary size too high (N). Please set it to a value <= M."
+        raise VocabularyError(f"cannot train a {vocab_size}-piece vocabulary: {e}") from e
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    # Write-then-rename so concurrent processes never read a half-written model.
+    with tempfile.NamedTemporaryFile(dir=output_path.parent, delete=False) as tmp:
+        tmp.write(model.getvalue())
+    os.replace(tmp.name, output_path)
+    return output_path
+
+
+def _lines(texts: Iterable[str]) -> Iterator[str]:
+    """SentencePiece trains on sentences; paragraphs (lines) of each document are enough."""
+    for text in texts:
+        for line in text.split("\n"):
+            if line.strip():
+                yield line
+
+
+def load_vocabulary(path: str | os.PathLike) -> seqio.SentencePieceVocabulary:
+    """A seqio vocabulary for an existing SentencePiece `.model`, validated now."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise VocabularyError(f"vocabulary file {path!r} does not exist")
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.Load(model_file=path)
+    except (RuntimeError, OSError) as e:
+        raise VocabularyError(
+            f"vocabulary file {path!r} is not a SentencePiece model ({e})") from e
+    if processor.eos_id() < 0:
+        raise VocabularyError(f"SentencePiece model {path!r} has no EOS piece; the pipeline "
+                              "needs one to terminate documents")
+    return seqio.SentencePieceVocabulary(path)
+
+
+def start_id(vocab: seqio.SentencePieceVocabulary) -> int:
+    """The input token that starts each document: BOS if the model has one, else pad (0)."""
+    bos = vocab.tokenizer.bos_id()
+    return int(bos) if bos >= 0 else int(vocab.pad_id)
+
+
+def fingerprint(vocab: seqio.SentencePieceVocabulary) -> str:
+    """Content hash of the model, for cache keys (two copies of one model match)."""
+    return hashlib.sha256(vocab.sp_model).hexdigest()[:16]
+
+
+def task_texts(task_name: str, split: str = "train",
+               max_documents: int | None = None) -> Iterator[str]:
+    """The raw documents of a task split, in source order (for vocabulary training)."""
+    from matlm.data import tasks  # Local import: tasks pulls in seqio task registration.
+
+    for task, _ in tasks.components(task_name):
+        tasks.check_split(task, split)
+        dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False,
+                                   num_epochs=1, use_cached=False)
+        if max_documents:
+            dataset = dataset.take(max_documents)
+        for example in dataset.as_numpy_iterator():
+            yield example[tasks.TEXT_KEY].decode("utf-8")
+
+
+def train_task_vocabulary(task_name: str, vocab_size: int, output_path: str | os.PathLike,
+                          max_documents: int | None = None) -> Path:
+    """Trains a vocabulary on a task's (or mixture's) training split."""
+    return train_vocabulary(task_texts(task_name, "train", max_documents), vocab_size,
+                            output_path)
+
+
+def default_vocabulary(vocab_size: int = DEFAULT_VOCAB_SIZE,
+                       cache: str | os.PathLike | None = None) -> seqio.SentencePieceVocabulary:
+    """The vocabulary trained on `matlm_wiki` (train split), cached after the first call."""
+    directory = Path(cache) if cache else cache_dir() / "vocab"
+    source = wikitext.gensim_wiki_dump_path()
+    # The key changes with the corpus, the stripping rules and the size.
+    key = hashlib.sha256(
+        f"{os.path.getsize(source)}:{wikitext.STRIPPER_VERSION}:{vocab_size}".encode()
+    ).hexdigest()[:10]
+    path = directory / f"matlm_wiki_sp{vocab_size}_{key}.model"
+    if not path.is_file():
+        train_texts = documents.select_split(documents.wiki_articles(), "train",
+                                             _wiki_validation_fraction())
+        train_vocabulary(train_texts, vocab_size, path)
+    return load_vocabulary(path)
+
+
+def _wiki_validation_fraction() -> float:
+    from matlm.data.tasks import WIKI_VALIDATION_FRACTION
+    return WIKI_VALIDATION_FRACTION
