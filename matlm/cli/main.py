@@ -13,6 +13,7 @@ from matlm.gin_config import ConfigError, split_gin_flags
 
 SUBCOMMANDS = {
     "info": ("matlm.cli.info", "Print model dimensions, parameters and FLOPs per granularity."),
+    "vocab": ("matlm.cli.vocab", "Train a SentencePiece vocabulary on a task's training text."),
 }
 
 

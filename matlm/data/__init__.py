@@ -12,12 +12,12 @@ TensorFlow first (`tf_setup`). Public API:
   `train_task_vocabulary`, `start_id(vocab)` (see `matlm.data.vocabulary` for special ids).
 - Tasks: `matlm_wiki` (default), `matlm_c4_en`, `matlm_lm1b`, `matlm_wiki40b_en`, and the
   gin configurables `local_files_task`, `tfds_task`, `mixture` (`matlm.data.tasks`).
-- `DataConfig` (gin): task, splits, seed, vocabulary of a run.
+- `DataConfig` (gin): task, splits, seed, vocabulary of a run; `data_config_from_gin()`.
 - Errors: `DataError` (a ValueError) and its subclasses in `matlm.data.errors`.
 """
 from matlm.data import tf_setup  # noqa: F401  (first: hide accelerators from TensorFlow)
 from matlm.data import tfds_tasks  # noqa: F401  (registers the built-in TFDS tasks)
-from matlm.data.config import DataConfig
+from matlm.data.config import DataConfig, data_config_from_gin
 from matlm.data.errors import (BatchSizeError, DataError, EmptyGlobError, MissingFieldError,
                                SequenceLengthError, StateError, UnknownSplitError,
                                UnknownTaskError, VocabularyError)
@@ -29,7 +29,7 @@ from matlm.data.vocabulary import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, default_vocab
                                    train_vocabulary)
 
 __all__ = [
-    "BatchIterator", "make_batch_iterator", "restore_batch_iterator", "DataConfig",
+    "BatchIterator", "make_batch_iterator", "restore_batch_iterator", "DataConfig", "data_config_from_gin",
     "default_vocabulary", "load_vocabulary", "train_vocabulary", "train_task_vocabulary",
     "start_id", "PAD_ID", "EOS_ID", "UNK_ID", "BOS_ID", "DEFAULT_TASK",
     "local_files_task", "tfds_task", "mixture", "register_local_files_task",

@@ -1,5 +1,7 @@
 """`DataConfig`: the data knobs a run binds in gin (`configs/data/*.gin`).
 
+After `matlm.gin_config.parse_gin(...)`, call `data_config_from_gin()`.
+
     DataConfig.task = "matlm_wiki"              # or @local_files_task(), @mixture(), ...
     DataConfig.vocab_path = None                # None: the cached default vocabulary
     DataConfig.default_vocab_size = 8192
@@ -46,4 +48,12 @@ class DataConfig:
             pad_to_num_batches=pad_to_num_batches)
 
 
-gin.external_configurable(DataConfig, module="matlm")
+# Gin returns a wrapping subclass; code keeps using the plain dataclass.
+_GinDataConfig = gin.external_configurable(DataConfig, module="matlm")
+
+
+def data_config_from_gin() -> DataConfig:
+    """The DataConfig the parsed gin bindings describe (evaluating `@local_files_task()`
+    and the like registers those tasks now, so bad input fails before training)."""
+    bound = _GinDataConfig()
+    return DataConfig(**{f.name: getattr(bound, f.name) for f in dataclasses.fields(DataConfig)})

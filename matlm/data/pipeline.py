@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+
 from typing import Any, Iterator
 
 import numpy as np
@@ -45,6 +46,7 @@ from matlm.data.errors import BatchSizeError, DataError, SequenceLengthError, St
 STATE_VERSION = 1
 MIX_BLOCK_ROWS = 4096  # Rows per mixture schedule block: rates are exact per block.
 _TOKENIZE_CHUNK = 2048  # Documents per SentencePiece batch call.
+_LOG = logging.getLogger(__name__)
 # Seed-stream tags, so the different permutations of one seed are independent.
 _DOC_ORDER, _MIX_ORDER = 1, 2
 
@@ -53,9 +55,7 @@ def tokenize_task_split(task: seqio.Task, split: str, vocab: seqio.SentencePiece
                         host_index: int, num_hosts: int) -> packing.TokenStore:
     """This host's documents of a task split, tokenised and EOS-terminated, in source order."""
     tasks.check_split(task, split)
-    shard = seqio.ShardInfo(index=host_index, num_shards=num_hosts) if num_hosts > 1 else None
-    dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False,
-                               shard_info=shard, num_epochs=1, use_cached=False)
+    dataset = _read_host_shard(task, split, host_index, num_hosts)
     eos = np.array([vocab.eos_id], np.int32)
     docs: list[np.ndarray] = []
     texts: list[str] = []
@@ -76,6 +76,25 @@ def tokenize_task_split(task: seqio.Task, split: str, vocab: seqio.SentencePiece
         raise DataError(f"task {task.name!r} split {split!r} has no documents for host "
                         f"{host_index} of {num_hosts}")
     return packing.TokenStore.from_documents(docs)
+
+
+def _read_host_shard(task: seqio.Task, split: str, host_index: int,
+                     num_hosts: int) -> "tf.data.Dataset":
+    """This host's documents: seqio shards by file where it can, else by example."""
+    # No in-memory cache: each split is read once into a TokenStore anyway.
+    read = dict(sequence_length=None, split=split, shuffle=False, num_epochs=1,
+                use_cached=False, try_in_mem_cache=False)
+    if num_hosts == 1:
+        return task.get_dataset(**read)
+    try:
+        task.source.list_shards(split=split)
+    except KeyError:
+        # TFDS metadata without file lists (e.g. tfds.testing.mock_data): seqio cannot
+        # shard by file, so every host reads all examples and keeps every num_hosts-th.
+        _LOG.warning("cannot list the files of %s/%s; sharding by example", task.name, split)
+        return task.get_dataset(**read).shard(num_hosts, host_index)
+    return task.get_dataset(**read, shard_info=seqio.ShardInfo(index=host_index,
+                                                               num_shards=num_hosts))
 
 
 # In-process cache of token stores: rebuilding an iterator (resume, eval) re-reads nothing.
@@ -301,7 +320,7 @@ def make_batch_iterator(task_or_mixture: str, split: str, seq_len: int,
     config = PipelineConfig(task=task_or_mixture, split=split, seq_len=seq_len,
                             global_batch_size=global_batch_size, seed=seed,
                             num_hosts=num_hosts, shuffle=shuffle, repeat=repeat)
-    logging.info("data pipeline %s host %d/%d from step %d", config, host_index, num_hosts,
+    _LOG.info("data pipeline %s host %d/%d from step %d", config, host_index, num_hosts,
                  start_step)
     return BatchIterator(config, vocab, host_index=host_index, start_step=start_step,
                          pad_to_num_batches=pad_to_num_batches)

@@ -1,0 +1,43 @@
+"""`matlm vocab`: train a SentencePiece vocabulary on a task's training text.
+
+    matlm vocab --task=matlm_wiki --vocab_size=8192 --output=/tmp/wiki.model
+    matlm vocab --gin_file=configs/data/local_files.gin \
+        --gin.local_files_task.pattern="'~/text/*.txt'" --vocab_size=4096 --output=my.model
+
+Gin files are parsed first, so tasks they define (local files, TFDS with a data_dir,
+mixtures) can be named with --task; without --task, `DataConfig.task` is used.
+"""
+from __future__ import annotations
+
+import time
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--task", default=None,
+                        help="task or mixture to train on (default: DataConfig.task)")
+    parser.add_argument("--vocab_size", type=int, default=8192)
+    parser.add_argument("--output", required=True, help="path of the .model file to write")
+    parser.add_argument("--max_documents", type=int, default=None,
+                        help="train on at most this many documents per task")
+    parser.add_argument("--gin_file", action="append", default=[],
+                        help="gin file(s) defining tasks (e.g. configs/data/local_files.gin)")
+
+
+def run(args, gin_bindings) -> int:
+    from matlm import data  # Heavy (TensorFlow): imported only when the command runs.
+    from matlm.gin_config import parse_gin
+
+    parse_gin(args.gin_file, gin_bindings)
+    config = data.data_config_from_gin()  # Registers the tasks gin defines.
+    task = args.task or config.task
+    start = time.time()
+    path = data.train_task_vocabulary(task, args.vocab_size, args.output, args.max_documents)
+    vocab = data.load_vocabulary(path)
+    sample = "MatFormer models nest smaller models inside a larger one."
+    ids = vocab.encode(sample)
+    print(f"wrote {path} ({vocab.vocab_size} pieces, trained on {task!r} in "
+          f"{time.time() - start:.1f}s)")
+    print(f"special ids: pad={vocab.pad_id} eos={vocab.eos_id} unk={vocab.unk_id} "
+          f"start={data.start_id(vocab)}")
+    print(f"{sample!r} -> {len(ids)} tokens, decodes to {vocab.decode(ids)!r}")
+    return 0
