@@ -73,20 +73,23 @@ class Attention(nn.Module):
         wv = _param(self, "wv", (D, K, E), ("embed", "kv_heads", "kv"), _dense_init(D))
         wo = _param(self, "wo", (H, E, D), ("heads", "kv", "embed"), _dense_init(H * E))
         x_BTD = x_BTD.astype(dtype)
-        q_BTHE = jnp.einsum("btd,dhe->bthe", x_BTD, wq.astype(dtype))
-        k_BTKE = jnp.einsum("btd,dke->btke", x_BTD, wk.astype(dtype))
-        v_BTKE = jnp.einsum("btd,dke->btke", x_BTD, wv.astype(dtype))
+        B, T = x_BTD.shape[:2]
+        # Projections as plain 2-D matmuls (one contracting dim): XLA:CPU runs their
+        # backward pass markedly faster than multi-axis einsums.
+        project = lambda w, n: (x_BTD @ w.reshape(D, n * E).astype(dtype)).reshape(B, T, n, E)
+        q_BTHE, k_BTKE, v_BTKE = project(wq, H), project(wk, K), project(wv, K)
         q_BTHE = apply_rope(q_BTHE, positions_BT, cfg.rope_theta)
         k_BTKE = apply_rope(k_BTKE, positions_BT, cfg.rope_theta)
-        B, T = x_BTD.shape[:2]
-        q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
-        logits_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BTKE) * E ** -0.5
-        logits_BKGTS = jnp.where(mask_BTT[:, None, None], logits_BKGTS.astype(jnp.float32),
-                                 jnp.finfo(jnp.float32).min)
-        probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dtype)
-        out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BTKE)
-        out_BTHE = out_BTKGE.reshape(B, T, H, E)
-        return jnp.einsum("bthe,hed->btd", out_BTHE, wo.astype(dtype))
+        # Grouped KV heads are repeated to the query heads: on CPU the 4-D layout's
+        # backward pass is ~2× faster than a 5-D grouped einsum (benchmark_model.py).
+        k_BTHE = jnp.repeat(k_BTKE, H // K, axis=2) if K != H else k_BTKE
+        v_BTHE = jnp.repeat(v_BTKE, H // K, axis=2) if K != H else v_BTKE
+        logits_BHTS = jnp.einsum("bthe,bshe->bhts", q_BTHE, k_BTHE) * E ** -0.5
+        logits_BHTS = jnp.where(mask_BTT[:, None], logits_BHTS.astype(jnp.float32),
+                                jnp.finfo(jnp.float32).min)
+        probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(dtype)
+        out_BTHE = jnp.einsum("bhts,bshe->bthe", probs_BHTS, v_BTHE)
+        return out_BTHE.reshape(B, T, H * E) @ wo.reshape(H * E, D).astype(dtype)
 
 
 def activate(name: str, gate, up=None):

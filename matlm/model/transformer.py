@@ -58,13 +58,16 @@ class MatLM(nn.Module):
 
         x_BTD = RMSNorm(cfg.norm_eps, name="final_norm")(x_BTD)
         dtype = jnp.dtype(cfg.compute_dtype)
+        x_BTD = x_BTD.astype(dtype)
         if cfg.tie_embeddings:
-            # Tied output projection, scaled so logits start O(1) with unit-variance embeddings.
-            out_DV = embedding_VD.T * cfg.d_model ** -0.5
+            # Contract against the [V, D] table directly (no transposed copy), scaled so
+            # logits start O(1) with unit-variance embeddings.
+            logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD.astype(dtype))
+            logits_BTV = logits_BTV * cfg.d_model ** -0.5
         else:
             out_DV = _param(self, "unembedding", (cfg.d_model, cfg.vocab_size),
                             ("embed", "vocab"), nn.initializers.normal(cfg.d_model ** -0.5))
-        logits_BTV = jnp.einsum("btd,dv->btv", x_BTD.astype(dtype), out_DV.astype(dtype))
+            logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, out_DV.astype(dtype))
         return logits_BTV.astype(jnp.float32)
 
 

@@ -1,0 +1,138 @@
+"""Validation of granularities, width vectors and gin input; every model config builds."""
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from matlm.cli.main import main as matlm_main
+from matlm.gin_config import ConfigError, model_config_from_gin, parse_gin
+from matlm.model import (GranularityError, GranularitySpec, ModelConfig, ModelConfigError,
+                         abstract_params, param_count)
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_CONFIGS = sorted((REPO / "configs" / "models").glob("*.gin"))
+
+
+def spec(**kw):
+    base = dict(d_ff=512, n_layers=4, alignment=8)
+    return GranularitySpec(**{**base, **kw})
+
+
+def test_default_ladder_is_the_papers():
+    assert spec().by_name == {"S": 64, "M": 128, "L": 256, "XL": 512}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(widths=(64, 256, 128, 512)), "strictly increasing"),
+    (dict(widths=(64, 128, 256, 256)), "strictly increasing"),
+    (dict(widths=(64, 128, 256, 384)), "must use the full FFN"),
+    (dict(widths=(0, 128, 256, 512)), "must be positive"),
+    (dict(widths=(64, 128, 256, 1024)), "exceeds d_ff=512"),
+    (dict(widths=(60, 128, 256, 512)), "not a multiple of the alignment 8"),
+    (dict(widths=(64, 512)), "4 granularity names"),
+    (dict(names=("S", "S", "L", "XL")), "unique"),
+])
+def test_invalid_granularities_are_named(kwargs, message):
+    with pytest.raises(GranularityError, match=message):
+        spec(**kwargs)
+
+
+def test_width_vectors_resolve_names_and_integers():
+    s = spec()
+    assert s.resolve("M") == (128,) * 4
+    assert s.resolve(256) == (256,) * 4
+    assert s.resolve("S,XL,96,L") == (64, 512, 96, 256)
+    assert s.resolve(["S", 512, "M", 8]) == (64, 512, 128, 8)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("S,M,L", "3 entries but the model has 4 layers"),
+    ("S,M,L,XL,S", "5 entries"),
+    ("S,Q,L,XL", "layer 1: unknown granularity 'Q'"),
+    ("S,M,0,XL", "layer 2: width 0 must be positive"),
+    ("S,M,L,1024", "layer 3: width 1024 exceeds d_ff=512"),
+    ("S,M,L,100", "layer 3: width 100 is not a multiple of the alignment 8"),
+    ("", "empty"),
+])
+def test_invalid_width_vectors_are_named(value, message):
+    with pytest.raises(GranularityError, match=message):
+        spec().resolve(value)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(d_model=30, n_heads=4), "not divisible by n_heads"),
+    (dict(n_heads=4, n_kv_heads=3), "not a multiple of n_kv_heads"),
+    (dict(activation="tanh"), "unknown activation 'tanh'"),
+    (dict(compute_dtype="float16"), "unknown compute_dtype"),
+    (dict(d_ff=0), "d_ff must be a positive integer"),
+    (dict(granularity_widths=(32, 16, 128, 256)), "strictly increasing"),
+])
+def test_invalid_model_configs_are_named(kwargs, message):
+    with pytest.raises((ModelConfigError, GranularityError), match=message):
+        ModelConfig(**kwargs)
+
+
+def test_unknown_gin_binding_is_named():
+    with pytest.raises(ConfigError, match="ModelConfig.dmodel"):
+        parse_gin(["configs/models/tiny.gin"], ["ModelConfig.dmodel = 3"])
+
+
+def test_missing_gin_file_is_named():
+    with pytest.raises(ConfigError, match="no_such_model.gin"):
+        parse_gin(["configs/models/no_such_model.gin"])
+
+
+@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
+def test_every_model_config_builds_abstractly(path):
+    parse_gin([str(path)])
+    config = model_config_from_gin()
+    shapes = abstract_params(config)  # jax.eval_shape: no allocation.
+    assert sum(x.size for x in jax.tree.leaves(shapes)) == param_count(config)
+    if path.stem.startswith("matlm_"):  # The paper family: size within 3 % of its name.
+        name = path.stem.split("_")[1]
+        target = float(name[:-1]) * (1e9 if name.endswith("b") else 1e6)
+        assert abs(param_count(config) / target - 1) < 0.03, (name, param_count(config))
+        assert all(w % 128 == 0 for w in config.granularities.widths)
+
+
+def test_info_prints_the_table(capsys):
+    assert matlm_main(["info", "--gin_file=configs/models/matlm_2.6b.gin", "--widths=640",
+                       "--gin.ModelConfig.n_layers=2", "--widths=S,XL"]) == 0
+    out = capsys.readouterr().out
+    parse_gin(["configs/models/matlm_2.6b.gin"], ["ModelConfig.n_layers = 2"])
+    config = model_config_from_gin()
+    for name in ("S", "M", "L", "XL"):
+        count = param_count(config, config.granularities.uniform(name))
+        assert f"│ {name} " in out and f"{count:,}" in out
+    assert f"{param_count(config, (1280, 10240)):,}" in out  # The mix S,XL.
+    assert f"{param_count(config, (640, 640)):,}" in out
+
+
+def test_info_reports_bad_input_with_exit_code_2(capsys):
+    assert matlm_main(["info", "--widths=S,M"]) == 2
+    assert "2 entries but the model has 4 layers" in capsys.readouterr().err
+    assert matlm_main(["info", "--gin.ModelConfig.dmodel=3"]) == 2
+    assert "dmodel" in capsys.readouterr().err
+
+
+def test_core_runs_without_tensorflow():
+    # Blocks TensorFlow and seqio imports, then builds, runs and counts a model.
+    code = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('tensorflow', 'seqio', 'tensorflow_datasets'):
+            raise ImportError('blocked ' + name)
+sys.meta_path.insert(0, Block())
+import jax, jax.numpy as jnp
+from matlm.model import MatLM, ModelConfig, init_params
+import matlm.sharding, matlm.cli.info, matlm.cli.main
+c = ModelConfig()
+p = init_params(c, jax.random.key(0))
+print(MatLM(c).apply({'params': p}, jnp.zeros((1, 4), jnp.int32), widths=(32, 64)).shape)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "(1, 4, 256)" in out.stdout
