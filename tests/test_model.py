@@ -10,6 +10,7 @@ import pytest
 
 from matlm.model import MatLM, ModelConfig, init_params, param_count
 from matlm.model.counting import forward_flops_per_token
+from matlm.model.layout import ffn_to_contiguous
 from matlm.model.reference import dense_forward, slice_params
 
 BASE = ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, d_ff=64)
@@ -18,6 +19,8 @@ VARIANTS = {
     "gelu_gqa_untied": dataclasses.replace(BASE, activation="gelu", n_kv_heads=2,
                                            tie_embeddings=False),
     "geglu_mqa": dataclasses.replace(BASE, activation="geglu", n_kv_heads=1),
+    # Shard-local nesting: 4 blocks, each with its own nested prefix.
+    "swiglu_4_nest_blocks": dataclasses.replace(BASE, ffn_nest_blocks=4),
 }
 
 
@@ -42,7 +45,11 @@ def test_sliced_forward_equals_dense_model_with_sliced_weights(name):
     tokens, segments, positions = _batch(config)
     for widths in _width_vectors(config):
         got = MatLM(config).apply({"params": params}, tokens, segments, positions, widths=widths)
-        want = dense_forward(config, slice_params(params, widths), tokens, segments, positions)
+        # The oracle knows nothing of nesting blocks: reorder units into nesting order,
+        # then take plain prefixes.
+        contiguous = ffn_to_contiguous(params, config.ffn_nest_blocks)
+        want = dense_forward(config, slice_params(contiguous, widths), tokens, segments,
+                             positions)
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=str(widths))
 
 
@@ -76,9 +83,10 @@ def test_masked_path_equals_sliced_path_through_one_compiled_function():
     assert len(traces) == 1, f"{len(vectors)} width vectors compiled {len(traces)} times"
 
 
+@pytest.mark.parametrize("blocks", [1, 4])
 @pytest.mark.parametrize("path", ["sliced", "masked"])
-def test_gradients_vanish_exactly_beyond_the_width(path):
-    config = BASE
+def test_gradients_vanish_exactly_beyond_the_width(path, blocks):
+    config = dataclasses.replace(BASE, ffn_nest_blocks=blocks)
     params = init_params(config, jax.random.key(0))
     tokens, segments, positions = _batch(config)
     widths = (16, 32, 8)
@@ -88,7 +96,7 @@ def test_gradients_vanish_exactly_beyond_the_width(path):
         logits = MatLM(config).apply({"params": params}, tokens, segments, positions, widths=arg)
         return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
-    grads = jax.grad(loss)(params)
+    grads = ffn_to_contiguous(jax.grad(loss)(params), blocks)  # Units in nesting order.
     for i, m in enumerate(widths):
         ffn = grads[f"layer_{i}"]["ffn"]
         for name, g in ffn.items():

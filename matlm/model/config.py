@@ -41,6 +41,12 @@ class ModelConfig:
     granularity_names: tuple = ("S", "M", "L", "XL")
     granularity_widths: tuple = ()  # () → d_ff/8, d_ff/4, d_ff/2, d_ff.
     width_alignment: int = 1  # 128 for TPU lanes, 64 for GPUs in real configs.
+    # Shard-local nesting: the FFN hidden axis is stored as `ffn_nest_blocks` equal blocks,
+    # each holding its own nested prefix, so that with the `mlp` axis sharded over T
+    # tensor shards (T dividing the block count) every granularity is spread over all
+    # shards instead of living on the first ones. 1 = one plain prefix. Baked into
+    # checkpoints; `matlm.model.layout.ffn_to_contiguous` converts for export.
+    ffn_nest_blocks: int = 1
     layer_d_ff: tuple = ()
 
     def __post_init__(self):
@@ -64,11 +70,17 @@ class ModelConfig:
         need(self.remat_policy in REMAT_POLICIES,
              f"unknown remat_policy {self.remat_policy!r}; choose one of {REMAT_POLICIES}")
         need(self.head_size % 2 == 0, f"head_dim={self.head_size} must be even for RoPE")
+        need(isinstance(self.ffn_nest_blocks, int) and self.ffn_nest_blocks > 0
+             and self.d_ff % self.ffn_nest_blocks == 0,
+             f"ffn_nest_blocks={self.ffn_nest_blocks} must be a positive divisor of "
+             f"d_ff={self.d_ff}")
         if self.layer_d_ff:
             need(len(self.layer_d_ff) == self.n_layers,
                  f"layer_d_ff has {len(self.layer_d_ff)} entries for {self.n_layers} layers")
-            need(all(0 < w <= self.d_ff for w in self.layer_d_ff),
-                 f"layer_d_ff entries must be in (0, d_ff={self.d_ff}]: {self.layer_d_ff}")
+            need(all(0 < w <= self.d_ff and w % self.ffn_nest_blocks == 0
+                     for w in self.layer_d_ff),
+                 f"layer_d_ff entries must be in (0, d_ff={self.d_ff}] and multiples of "
+                 f"ffn_nest_blocks={self.ffn_nest_blocks}: {self.layer_d_ff}")
         object.__setattr__(self, "granularity_names", tuple(self.granularity_names))
         object.__setattr__(self, "granularity_widths", tuple(self.granularity_widths))
         object.__setattr__(self, "layer_d_ff", tuple(self.layer_d_ff))
@@ -95,7 +107,8 @@ class ModelConfig:
     def granularities(self) -> GranularitySpec:
         return GranularitySpec(d_ff=self.d_ff, n_layers=self.n_layers,
                                names=self.granularity_names, widths=self.granularity_widths,
-                               alignment=self.width_alignment)
+                               alignment=self.width_alignment,
+                               nest_blocks=self.ffn_nest_blocks)
 
     def resolve_widths(self, value) -> tuple[int, ...]:
         """A validated per-layer width vector (see GranularitySpec.resolve), checked

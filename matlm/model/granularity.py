@@ -31,6 +31,7 @@ class GranularitySpec:
     names: tuple[str, ...] = ("S", "M", "L", "XL")
     widths: tuple[int, ...] = ()
     alignment: int = 1
+    nest_blocks: int = 1  # Widths must split evenly over the FFN's nesting blocks.
 
     def __post_init__(self):
         names = tuple(self.names)
@@ -68,6 +69,10 @@ class GranularitySpec:
         if width % self.alignment:
             raise GranularityError(
                 f"{what}: width {width} is not a multiple of the alignment {self.alignment}")
+        if width % self.nest_blocks:
+            raise GranularityError(
+                f"{what}: width {width} is not a multiple of ffn_nest_blocks={self.nest_blocks} "
+                "(every nesting block holds an equal prefix)")
         return width
 
     def uniform(self, name: str) -> tuple[int, ...]:

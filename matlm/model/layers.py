@@ -124,14 +124,20 @@ class NestedFFN(nn.Module):
         names = ("wi_gate", "wi_up") if cfg.gated else ("wi",)
         wi = [_param(self, n, (D, F), ("embed", "mlp"), _dense_init(D)) for n in names]
         wo = _param(self, "wo", (F, D), ("mlp", "embed"), _dense_init(F))
+        N = cfg.ffn_nest_blocks
         mask_F = None
         if width is None or (isinstance(width, int) and width == F):
             pass  # Full width: no slicing at all.
         elif isinstance(width, int):
-            wi = [jax.lax.dynamic_slice_in_dim(w, 0, width, axis=1) for w in wi]
-            wo = jax.lax.dynamic_slice_in_dim(wo, 0, width, axis=0)
+            # Each of the N blocks keeps its first width/N units (N = 1: a plain prefix).
+            def cut(w, axis):
+                blocks = w.reshape(w.shape[:axis] + (N, F // N) + w.shape[axis + 1:])
+                kept = jax.lax.dynamic_slice_in_dim(blocks, 0, width // N, axis=axis + 1)
+                return kept.reshape(w.shape[:axis] + (width,) + w.shape[axis + 1:])
+            wi = [cut(w, axis=1) for w in wi]
+            wo = cut(wo, axis=0)
         else:
-            mask_F = jnp.arange(F) < width
+            mask_F = (jnp.arange(F) % (F // N)) < width // N
         x_BTD = x_BTD.astype(dtype)
         pre_BTF = [jnp.einsum("btd,df->btf", x_BTD, w.astype(dtype)) for w in wi]
         h_BTF = activate(cfg.activation, *pre_BTF)
