@@ -1,0 +1,129 @@
+"""The train state, and the pure, jitted train and eval steps with explicit shardings."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from matlm.model import MatLM, ModelConfig, abstract_params, logical_axes
+from matlm.training import mesh as mesh_lib
+from matlm.training.objective import Objective, granularity_loss, joint_loss
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: the number of optimizer updates applied.
+    params: Any
+    opt_state: Any
+
+
+def state_shardings(model_config: ModelConfig, optimizer, mesh) -> TrainState:
+    """Shardings of every leaf of the train state: parameters by the rule table,
+    optimizer moments like their parameters, scalars replicated."""
+    boxed = abstract_params(model_config)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          flax.linen.meta.unbox(boxed))
+    params = mesh_lib.param_shardings(logical_axes(model_config), shapes, mesh)
+    opt_shapes = jax.eval_shape(optimizer.init, shapes)
+    opt = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, params,
+                                transform_non_params=lambda _: mesh_lib.replicated(mesh),
+                                is_leaf=lambda x: isinstance(x, NamedSharding))
+    return TrainState(step=mesh_lib.replicated(mesh), params=params, opt_state=opt)
+
+
+def abstract_state(model_config: ModelConfig, optimizer, mesh) -> TrainState:
+    """ShapeDtypeStructs with shardings: the target to restore a checkpoint onto."""
+    shardings = state_shardings(model_config, optimizer, mesh)
+    shapes = jax.eval_shape(lambda: init_state_fn(model_config, optimizer)(jax.random.key(0)))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, shardings)
+
+
+def init_state_fn(model_config: ModelConfig, optimizer):
+    def init(rng):
+        params = flax.linen.meta.unbox(
+            MatLM(model_config).init(rng, jnp.zeros((1, 8), jnp.int32))["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params))
+    return init
+
+
+def init_state(model_config: ModelConfig, optimizer, mesh, seed: int) -> TrainState:
+    """A freshly initialised state, created directly in its shardings."""
+    shardings = state_shardings(model_config, optimizer, mesh)
+    init = jax.jit(init_state_fn(model_config, optimizer), out_shardings=shardings)
+    return init(jax.random.key(seed))
+
+
+def _split_microbatches(batch, n: int):
+    """[B, T] → [n, B/n, T], taking every n-th row so each microbatch stays spread over
+    all batch shards (a contiguous split would put a microbatch on a few devices)."""
+    def split(x):
+        B = x.shape[0]
+        return x.reshape(B // n, n, *x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(model_config: ModelConfig, objective: Objective, optimizer, schedule,
+                    mesh, microbatches: int = 1, donate: bool = True):
+    """`train_step(state, batch) -> (state, metrics)`, jitted once with in/out shardings.
+
+    metrics: `loss` (the weighted objective), `ce` [g] (CE of each granularity, 0 where
+    not trained this step), `trained` [g] (1 where trained), `grad_norm`, `learning_rate`.
+    """
+    model = MatLM(model_config)
+    shardings = state_shardings(model_config, optimizer, mesh)
+
+    def loss_and_grads(params, batch, indices):
+        fn = lambda p, b: joint_loss(model, objective, p, b, indices)
+        if microbatches == 1:
+            return jax.value_and_grad(fn, has_aux=True)(params, batch)
+
+        def accumulate(carry, micro):
+            (loss, ce), grads = jax.value_and_grad(fn, has_aux=True)(params, micro)
+            acc_loss, acc_ce, acc_grads = carry
+            return (acc_loss + loss, acc_ce + ce,
+                    jax.tree.map(jnp.add, acc_grads, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((len(objective.names),)), zeros)
+        (loss, ce, grads), _ = jax.lax.scan(accumulate, init,
+                                            _split_microbatches(batch, microbatches))
+        scale = 1.0 / microbatches
+        return (loss * scale, ce * scale), jax.tree.map(lambda g: g * scale, grads)
+
+    def train_step(state: TrainState, batch):
+        indices = objective.indices(state.step)
+        (loss, ce_G), grads = loss_and_grads(state.params, batch, indices)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        trained_G = jnp.zeros((len(objective.names),), jnp.float32).at[indices].set(1.0)
+        metrics = {"loss": loss, "ce": ce_G, "trained": trained_G,
+                   "grad_norm": optax.global_norm(grads),
+                   "learning_rate": schedule(state.step)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    return jax.jit(train_step, in_shardings=(shardings, batch_sharding),
+                   out_shardings=(shardings, mesh_lib.replicated(mesh)),
+                   donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(model_config: ModelConfig, widths_by_name: dict, mesh):
+    """`eval_step(params, batch) -> {name: (sum CE, token count)}` for every submodel."""
+    model = MatLM(model_config)
+
+    def eval_step(params, batch):
+        out = {}
+        for name, widths in widths_by_name.items():
+            _, ce = granularity_loss(model, params, batch, widths, 0.0)
+            count = batch["loss_mask"].sum()
+            out[name] = (ce * count, count)
+        return out
+
+    return jax.jit(eval_step, in_shardings=(None, mesh_lib.batch_sharding(mesh)),
+                   out_shardings=mesh_lib.replicated(mesh))
