@@ -12,6 +12,9 @@ CORE = [
     "numpy>=2.0,<3",
     "tabulate==0.9.0",
     "tqdm==4.70.1",
+    "matplotlib==3.11.2",  # Eval plots (loss / accuracy against parameters).
+    "pyarrow==26.0.1",  # Reads the offline eval data (Arrow files).
+    "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow.
 ]
 # The data layer (the only place TensorFlow is imported).
 DATA = [

@@ -14,11 +14,13 @@ from typing import Sequence
 import gin
 
 from matlm.model.config import ModelConfig
+from matlm.training.config import TrainConfig
 
 # Registered under the `matlm` module so gin files may write `ModelConfig.d_model = 512`
 # or the fully-qualified `matlm.ModelConfig.d_model = 512`. Gin returns a wrapping
 # subclass; code keeps using the plain dataclass (see `model_config_from_gin`).
 _GinModelConfig = gin.external_configurable(ModelConfig, module="matlm")
+_GinTrainConfig = gin.external_configurable(TrainConfig, module="matlm")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +83,15 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return bindings, rest
 
 
+def _plain(cls, bound):
+    return cls(**{f.name: getattr(bound, f.name) for f in dataclasses.fields(cls)})
+
+
 def model_config_from_gin() -> ModelConfig:
     """The ModelConfig that the parsed gin bindings describe (a plain dataclass)."""
-    bound = _GinModelConfig()
-    return ModelConfig(**{f.name: getattr(bound, f.name) for f in dataclasses.fields(ModelConfig)})
+    return _plain(ModelConfig, _GinModelConfig())
+
+
+def train_config_from_gin() -> TrainConfig:
+    """The TrainConfig that the parsed gin bindings describe (a plain dataclass)."""
+    return _plain(TrainConfig, _GinTrainConfig())

