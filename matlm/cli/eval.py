@@ -77,8 +77,8 @@ def run(args, gin_bindings) -> int:
     data_config = run_config.get("data") or {}
     # 2. Tasks (gin) and submodels, validated against that config.
     parse_gin([DEFAULT_GIN, *args.gin_file], gin_bindings)
-    tasks.eval_suite()
-    names = _split(args.tasks) or ["loss", *tasks.registered_eval_tasks()]
+    suite = tasks.eval_suite()
+    names = _split(args.tasks) or ["loss", *suite]
     runner.check_task_names(names)
     submodels, reference = resolve_submodels(config, _split(args.granularities), args.widths,
                                              args.reference)

@@ -1,0 +1,173 @@
+"""Eval tasks: a source, a field mapping, splits — registered by name (and as seqio tasks).
+
+    register_eval_task(name="piqa", source=ArrowSource("hf_datasets/piqa/plain_text"),
+                       mapping=MultipleChoice(context="Question: {goal}\\nAnswer:",
+                                              choice_templates=("{sol1}", "{sol2}")))
+
+The built-in tasks are defined in gin (`configs/eval/offline.gin` over the offline data,
+`configs/eval/tfds.gin` for prepared TFDS data); `eval_suite(...)` collects them.
+Each task is also a seqio Task named `matlm_eval_<name>` whose examples are the mapped
+canonical examples (see `matlm.evaluation.mappings`) plus their `index` in the split.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional, Sequence
+
+import gin
+import seqio
+
+from matlm.data.tf_setup import tf  # Also imports matlm.data: its gin names register now.
+from matlm.evaluation import mappings, sources
+from matlm.evaluation.errors import (EmptySplitError, EvalError, FieldMappingError,
+                                     UnknownEvalTaskError)
+
+SEQIO_PREFIX = "matlm_eval_"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTask:
+    name: str
+    source: Any  # ArrowSource | JsonlSource | TfdsSource
+    mapping: Any  # MultipleChoice | GenerativeQA | LastWord
+    eval_split: str = "validation"
+    # Exemplars come from here when the source has it, else from eval_split minus the query.
+    train_split: Optional[str] = "train"
+    # List fields zipped into one record each (RACE: several questions per article).
+    explode_fields: tuple = ()
+
+    @property
+    def kind(self) -> str:
+        return self.mapping.kind
+
+    @property
+    def exemplar_split(self) -> str:
+        if self.train_split and self.source.has_split(self.train_split):
+            return self.train_split
+        return self.eval_split
+
+
+_TASKS: dict[str, EvalTask] = {}
+
+
+def register_eval_task(name: str, source, mapping, eval_split: str = "validation",
+                       train_split: Optional[str] = "train",
+                       explode_fields: Sequence[str] = ()) -> str:
+    """Registers (or replaces) an eval task; returns its name."""
+    if not hasattr(mapping, "kind"):
+        raise EvalError(f"task {name!r}: mapping {mapping!r} is not one of multiple_choice, "
+                        "generative_qa, last_word")
+    task = EvalTask(name, source, mapping, eval_split, train_split, tuple(explode_fields))
+    _TASKS[name] = task
+    load_examples.cache_clear()
+    _register_seqio(task)
+    return name
+
+
+def registered_eval_tasks() -> list[str]:
+    return sorted(_TASKS)
+
+
+def get_eval_task(name: str) -> EvalTask:
+    if name not in _TASKS:
+        raise UnknownEvalTaskError(
+            f"unknown task {name!r}. Eval tasks: {', '.join(registered_eval_tasks()) or 'none'}; "
+            "held-out loss: 'loss' (the checkpoint's data task) or 'loss:<seqio task>'. "
+            "New tasks are defined in gin (see configs/eval/offline.gin)")
+    return _TASKS[name]
+
+
+def _explode(records: list[dict], fields: tuple, where: str) -> list[dict]:
+    out = []
+    for record in records:
+        missing = [f for f in fields if f not in record]
+        if missing:
+            raise FieldMappingError(f"{where}explode_fields {missing} are not in the data "
+                                    f"(available: {sorted(record)})")
+        for values in zip(*(record[f] for f in fields)):
+            out.append({**record, **dict(zip(fields, values))})
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def load_examples(name: str, split: str) -> tuple[dict, ...]:
+    """Every example of a task split, mapped and validated (errors name task and example)."""
+    task = get_eval_task(name)
+    records = task.source.read(split)
+    if task.explode_fields:
+        records = _explode(records, task.explode_fields, f"task {name!r}: ")
+    if not records:
+        raise EmptySplitError(f"task {name!r} split {split!r} has no examples")
+    examples = []
+    for index, record in enumerate(records):
+        example = task.mapping(record, where=f"task {name!r} ({split} example {index}): ")
+        examples.append({**example, "index": index})
+    return tuple(examples)
+
+
+# --- seqio ---------------------------------------------------------------------------
+
+def _seqio_features(kind: str):
+    def feature(dtype, rank):
+        return seqio.Feature(seqio.PassThroughVocabulary(size=0), add_eos=False,
+                             required=False, dtype=dtype, rank=rank)
+    features = {"index": feature(tf.int32, 0)}
+    if kind == mappings.MULTIPLE_CHOICE:
+        features.update(contexts=feature(tf.string, 1), continuations=feature(tf.string, 1),
+                        label=feature(tf.int32, 0))
+    elif kind == mappings.GENERATIVE_QA:
+        features.update(context=feature(tf.string, 0), answers=feature(tf.string, 1))
+    else:
+        features.update(context=feature(tf.string, 0), target=feature(tf.string, 0))
+    return features
+
+
+def _register_seqio(task: EvalTask) -> None:
+    """A seqio Task over the mapped examples (read lazily, when a dataset is built)."""
+    features = _seqio_features(task.kind)
+    signature = {k: tf.TensorSpec([None] * f.rank, f.dtype) for k, f in features.items()}
+
+    def dataset_fn(split: str, shuffle_files: bool, seed=None):
+        del shuffle_files, seed
+        examples = load_examples(task.name, split)
+        return tf.data.Dataset.from_generator(
+            lambda: ({k: e[k] for k in signature} for e in examples), output_signature=signature)
+
+    splits = [s for s in {task.eval_split, task.train_split} if s and task.source.has_split(s)]
+    seqio_name = SEQIO_PREFIX + task.name
+    seqio.TaskRegistry.remove(seqio_name)
+    seqio.TaskRegistry.add(seqio_name, source=seqio.FunctionDataSource(dataset_fn, splits=splits),
+                           preprocessors=[], output_features=features)
+
+
+def seqio_examples(name: str, split: str, limit: Optional[int] = None) -> list[dict]:
+    """A task split's examples read through its seqio Task (as plain Python)."""
+    task = seqio.TaskRegistry.get(SEQIO_PREFIX + name)
+    dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False,
+                               num_epochs=1, use_cached=False)
+    if limit:
+        dataset = dataset.take(limit)
+    return [sources._to_python(e) for e in dataset.as_numpy_iterator()]
+
+
+# --- gin -----------------------------------------------------------------------------
+
+arrow_source = gin.external_configurable(sources.ArrowSource, name="arrow_source", module="matlm")
+jsonl_source = gin.external_configurable(sources.JsonlSource, name="jsonl_source", module="matlm")
+tfds_source = gin.external_configurable(sources.TfdsSource, name="tfds_source", module="matlm")
+multiple_choice = gin.external_configurable(mappings.MultipleChoice, name="multiple_choice",
+                                            module="matlm")
+generative_qa = gin.external_configurable(mappings.GenerativeQA, name="generative_qa",
+                                          module="matlm")
+last_word = gin.external_configurable(mappings.LastWord, name="last_word", module="matlm")
+eval_task = gin.external_configurable(register_eval_task, name="eval_task", module="matlm")
+
+
+@gin.configurable("eval_suite", module="matlm")
+def eval_suite(offline: Sequence[str] = (), tfds: Sequence[str] = (),
+               extra: Sequence[str] = ()) -> list[str]:
+    """The registered task names. Gin evaluates each `@name/eval_task()` reference (which
+    registers it) when this is called: `configs/eval/offline.gin` binds `offline`,
+    `configs/eval/tfds.gin` binds `tfds`, your own gin file binds `extra`."""
+    return [*offline, *tfds, *extra]
