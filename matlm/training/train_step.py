@@ -103,7 +103,7 @@ def make_train_step(model_config: ModelConfig, objective: Objective, optimizer, 
         params = optax.apply_updates(state.params, updates)
         trained_G = jnp.zeros((len(objective.names),), jnp.float32).at[indices].set(1.0)
         metrics = {"loss": loss, "ce": ce_G, "trained": trained_G,
-                   "grad_norm": optax.global_norm(grads),
+                   "grad_norm": optax.tree.norm(grads),
                    "learning_rate": schedule(state.step)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -1,0 +1,183 @@
+"""The jitted train step across meshes, shard-local nesting, the objective, bad input."""
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from matlm.model import ModelConfig
+from matlm.model.layout import logical_to_physical
+from matlm.training import mesh as mesh_lib
+from matlm.training.config import TrainConfig, TrainConfigError
+from matlm.training.objective import build_objective
+from matlm.training.optimizer import learning_rate_schedule, make_optimizer
+from matlm.training.train_step import init_state, make_train_step
+
+# Every shardable dim divisible by 8, so each mesh below really shards.
+MODEL = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=8, d_ff=256,
+                    ffn_nest_blocks=8, width_alignment=8)
+TRAIN = TrainConfig(steps=10, seq_len=16, global_batch_size=8, learning_rate=1e-2,
+                    warmup_steps=2)
+
+
+def synthetic_batch(seed=0, B=8, T=16, vocab=128):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (B, T + 1)).astype(np.int32)
+    segments = np.ones((B, T), np.int32)
+    segments[:, T // 2:] = 2  # Two packed documents per row.
+    positions = np.concatenate([np.arange(T // 2), np.arange(T - T // 2)])
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments,
+            "positions": np.tile(positions, (B, 1)).astype(np.int32),
+            "loss_mask": np.ones((B, T), np.float32)}
+
+
+def run_steps(mesh_shape, steps=3, devices=None, train=TRAIN, model=MODEL):
+    mesh = mesh_lib.make_mesh(mesh_shape, devices=devices)
+    optimizer = make_optimizer(train)
+    state = init_state(model, optimizer, mesh, seed=0)
+    step = make_train_step(model, build_objective(model, train), optimizer,
+                           learning_rate_schedule(train), mesh, train.microbatches)
+    losses = []
+    for i in range(steps):
+        state, metrics = step(state, mesh_lib.global_batch(synthetic_batch(i), mesh))
+        losses.append(jax.device_get(metrics["ce"]))
+    return np.array(losses), state
+
+
+def test_eight_fake_devices_are_available():
+    assert jax.device_count() == 8, "conftest sets XLA_FLAGS before JAX starts"
+
+
+@pytest.fixture(scope="module")
+def one_device_run():
+    return run_steps((1, 1, 1), devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2), (1, 1, 8), (1, 8, 1)])
+def test_sharded_meshes_match_one_device(mesh_shape, one_device_run):
+    reference, ref_state = one_device_run
+    losses, state = run_steps(mesh_shape)
+    np.testing.assert_allclose(losses, reference, rtol=2e-5, atol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                         rtol=1e-4, atol=1e-5),
+                 state.params, ref_state.params)
+    assert reference[0].min() != reference[-1].min()  # It trained.
+
+
+def test_parameters_really_are_sharded():
+    _, state = run_steps((1, 2, 4), steps=1)
+    wi = state.params["layer_0"]["ffn"]["wi_gate"]  # [embed→fsdp, mlp→tensor]
+    assert wi.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert wi.addressable_shards[0].data.shape == (64 // 2, 256 // 4)
+    mu = state.opt_state[1][0].mu["layer_0"]["ffn"]["wi_gate"]  # Adam moment: same sharding.
+    assert mu.sharding.spec == wi.sharding.spec
+
+
+@pytest.mark.parametrize("blocks, spread", [(8, True), (1, False)])
+def test_every_granularity_spreads_over_all_tensor_shards(blocks, spread):
+    """With shard-local nesting, each tensor shard holds width/T units of every
+    granularity; with one plain prefix, S lives on the first shard only."""
+    model = dataclasses.replace(MODEL, ffn_nest_blocks=blocks)
+    mesh = mesh_lib.make_mesh((1, 1, 8))
+    state = init_state(model, make_optimizer(TRAIN), mesh, seed=0)
+    wi = state.params["layer_0"]["ffn"]["wi_up"]
+    shard_cols = {}
+    for shard in wi.addressable_shards:  # Which stored columns each device holds.
+        cols = shard.index[1]
+        shard_cols[shard.device.id] = set(range(cols.start or 0, cols.stop or wi.shape[1]))
+    assert len(shard_cols) == 8
+    perm = logical_to_physical(model.d_ff, blocks)
+    for name, width in model.granularities.by_name.items():
+        used = set(perm[:width].tolist())  # Stored columns granularity `name` uses.
+        per_shard = sorted(len(used & cols) for cols in shard_cols.values())
+        if spread:
+            assert per_shard == [width // 8] * 8, (name, per_shard)
+        elif width < model.d_ff:
+            assert per_shard[0] == 0, (name, per_shard)  # Some shard holds none of it.
+
+
+def test_gradient_accumulation_matches_one_big_batch(one_device_run):
+    one, _ = one_device_run
+    accumulated, _ = run_steps((1, 1, 1), devices=jax.devices()[:1],
+                               train=dataclasses.replace(TRAIN, microbatches=4))
+    np.testing.assert_allclose(accumulated, one, rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_granularities_follow_seed_and_step():
+    train = dataclasses.replace(TRAIN, granularity_mode="sample", sample_k=2,
+                                sample_probabilities=(0.4, 0.3, 0.2, 0.1))
+    objective = build_objective(MODEL, train)
+    picks = np.array([np.asarray(objective.indices(s)) for s in range(2000)])
+    assert all(len(set(p)) == 2 for p in picks)  # k distinct granularities per step.
+    jitted = jax.jit(objective.indices)
+    np.testing.assert_array_equal(picks[:50], [np.asarray(jitted(s)) for s in range(50)])
+    counts = np.bincount(picks[:, 0], minlength=4) / len(picks)
+    np.testing.assert_allclose(counts, [0.4, 0.3, 0.2, 0.1], atol=0.04)  # First draw ~ p.
+    other_seed = build_objective(MODEL, dataclasses.replace(train, seed=1))
+    assert any((np.asarray(other_seed.indices(s)) != picks[s]).any() for s in range(20))
+    # Another process with another device count computes the same choices.
+    code = ("import jax, numpy as np, dataclasses\n"
+            "from tests.test_train_step import MODEL, TRAIN\n"
+            "from matlm.training.objective import build_objective\n"
+            "t = dataclasses.replace(TRAIN, granularity_mode='sample', sample_k=2,"
+            " sample_probabilities=(0.4, 0.3, 0.2, 0.1))\n"
+            "o = build_objective(MODEL, t)\n"
+            "print(jax.device_count(), [np.asarray(o.indices(s)).tolist() for s in range(50)])")
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=3",
+           "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"3 {picks[:50].tolist()}"
+
+
+def test_sampled_step_trains_exactly_the_sampled_granularities():
+    train = dataclasses.replace(TRAIN, granularity_mode="sample", sample_k=1)
+    objective = build_objective(MODEL, train)
+    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    optimizer = make_optimizer(train)
+    state = init_state(MODEL, optimizer, mesh, seed=0)
+    step = make_train_step(MODEL, objective, optimizer, learning_rate_schedule(train), mesh)
+    for i in range(6):
+        expected = np.zeros(4)
+        expected[np.asarray(objective.indices(i))] = 1
+        state, metrics = step(state, mesh_lib.global_batch(synthetic_batch(i), mesh))
+        np.testing.assert_array_equal(jax.device_get(metrics["trained"]), expected)
+        assert (jax.device_get(metrics["ce"]) > 0).sum() == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(granularity_weights=(1.0, 1.0)), "do not match the 4 granularities"),
+    (dict(granularities=("S", "XXL")), "'XXL'"),
+    (dict(granularity_mode="sample", sample_k=5), "sample_k=5 exceeds"),
+    (dict(granularity_mode="sample", sample_probabilities=(0.5, 0.5)), "must be 4"),
+    (dict(granularity_mode="sample", sample_k=2, granularity_weights=(1.0,)),
+     "sample_k=2 slots"),
+])
+def test_objective_errors_name_the_problem(kwargs, message):
+    with pytest.raises(TrainConfigError, match=message):
+        build_objective(MODEL, dataclasses.replace(TRAIN, **kwargs))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(global_batch_size=10, microbatches=3), "not divisible by microbatches"),
+    (dict(seq_len=1), "seq_len must be ≥ 2"),
+    (dict(mesh_shape=(-1, -1, 1)), "at most one -1"),
+    (dict(decay="step"), "unknown decay"),
+])
+def test_train_config_errors(kwargs, message):
+    with pytest.raises(TrainConfigError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_mesh_errors():
+    with pytest.raises(mesh_lib.MeshError, match=r"does not divide the 8 available devices"):
+        mesh_lib.make_mesh((3, 1, 1))
+    with pytest.raises(mesh_lib.MeshError, match="uses 4 devices but 8 are available"):
+        mesh_lib.make_mesh((2, 2, 1))
+    mesh = mesh_lib.make_mesh((4, 2, 1))
+    with pytest.raises(mesh_lib.MeshError, match=r"not divisible by data×fsdp = 8"):
+        mesh_lib.check_batch_fits(mesh, global_batch_size=12, microbatches=1)
