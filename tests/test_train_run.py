@@ -1,0 +1,170 @@
+"""End-to-end training runs on the real default text: learning, exact resume,
+preemption, corrupt checkpoints, and bad input rejected before any work."""
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from matlm.cli.main import main as matlm_main
+from matlm.model import ModelConfig
+from matlm.training.checkpointing import CheckpointError, load_checkpoint_for_inference
+from matlm.training.config import TrainConfig
+from matlm.training.trainer import TrainingError, train
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = ModelConfig(vocab_size=2048, d_model=64, n_layers=2, n_heads=4, d_ff=256,
+                    width_alignment=8)
+# One device: these tests are about the loop, not sharding (test_train_step covers that).
+TRAIN = TrainConfig(steps=8, seq_len=64, global_batch_size=8, learning_rate=3e-3,
+                    warmup_steps=4, log_every=1, eval_every=0, eval_batches=2,
+                    checkpoint_every=4, mesh_shape=(1, 1, 1))
+
+
+@pytest.fixture(scope="module")
+def data_config():
+    from matlm import data
+    return data.DataConfig(task="matlm_wiki")
+
+
+@pytest.fixture
+def one_device(monkeypatch):
+    # The trainer builds its mesh from jax.devices(); use the first of the 8 fake ones.
+    import matlm.training.mesh as mesh_lib
+    original = mesh_lib.make_mesh
+    monkeypatch.setattr(mesh_lib, "make_mesh",
+                        lambda shape, devices=None: original(shape, devices or jax.devices()[:1]))
+
+
+def run(tmp, data_config, vocab, model=MODEL, stop_at=None, **train_kw):
+    return train(model, data_config, dataclasses.replace(TRAIN, **train_kw), tmp, vocab=vocab,
+                 show_progress=False, stop_at=stop_at)
+
+
+def train_losses(model_dir):
+    lines = [json.loads(l) for l in (Path(model_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {l["step"]: l["train/loss"] for l in lines if "train/loss" in l}
+
+
+@pytest.mark.usefixtures("one_device")
+def test_loss_drops_on_real_text(tmp_path, data_config, wiki_vocab):
+    result = run(tmp_path, data_config, wiki_vocab, steps=40, eval_batches=4)
+    (_, first), (last_step, last) = result.eval_history[0], result.eval_history[-1]
+    assert last_step == 40
+    for name in ("S", "M", "L", "XL"):
+        assert last[name] < first[name] - 1.0, (name, first[name], last[name])
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [l for l in lines if "train/loss" in l]
+    assert {"train/S/loss", "train/XL/loss", "perf/mfu", "perf/tokens_per_s",
+            "train/grad_norm", "train/learning_rate"} <= set(logged[-1])
+    assert 0 < logged[-1]["perf/mfu"] < 1
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.usefixtures("one_device")
+def test_resume_equals_a_continuous_run_bitwise(tmp_path, data_config, wiki_vocab):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(straight, data_config, wiki_vocab)
+    stopped = run(split, data_config, wiki_vocab, stop_at=4)  # "Killed" at step 4 ...
+    assert stopped.interrupted and stopped.final_step == 4
+    resumed = run(split, data_config, wiki_vocab)  # ... and resumed.
+    assert resumed.final_step == 8
+    assert train_losses(split) == train_losses(straight)  # Same trajectory, bit for bit.
+    a = load_checkpoint_for_inference(straight).params
+    b = load_checkpoint_for_inference(split).params
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+@pytest.mark.usefixtures("one_device")
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, data_config,
+                                                                wiki_vocab, capsys):
+    run(tmp_path, data_config, wiki_vocab)  # Checkpoints at 4 and 8.
+    newest = tmp_path / "checkpoints" / "8"
+    biggest = max((p for p in (newest / "params").rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    result = run(tmp_path, data_config, wiki_vocab, steps=10)
+    out = capsys.readouterr().out
+    assert "checkpoints/8 is incomplete or corrupt" in out and "resumed from" in out
+    assert "(step 4)" in out
+    assert (tmp_path / "checkpoints" / "8.corrupt").is_dir()  # Kept, not deleted.
+    assert result.final_step == 10
+
+
+def _tree_digest(path: Path) -> dict:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.usefixtures("one_device")
+def test_model_dir_of_a_different_model_is_refused_untouched(tmp_path, data_config,
+                                                             wiki_vocab):
+    run(tmp_path, data_config, wiki_vocab, steps=4)
+    before = _tree_digest(tmp_path)
+    other = dataclasses.replace(MODEL, d_model=128)
+    with pytest.raises(CheckpointError, match=r"different model \(d_model: saved 64, now 128"):
+        run(tmp_path, data_config, wiki_vocab, model=other, steps=8)
+    assert _tree_digest(tmp_path) == before
+
+
+@pytest.mark.usefixtures("one_device")
+def test_nan_loss_stops_with_step_and_granularity(tmp_path, data_config, wiki_vocab):
+    with pytest.raises(TrainingError, match=r"non-finite loss at step \d+ \(granularity S"):
+        run(tmp_path, data_config, wiki_vocab, steps=8, learning_rate=1e30, warmup_steps=0,
+            checkpoint_every=1, clip_grad_norm=1e30)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    assert steps, "the last good checkpoint remains"
+    params = load_checkpoint_for_inference(tmp_path, steps[-1]).params
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gin.TrainConfig.stepz=3"], "TrainConfig.stepz"),
+    (["--gin.TrainConfig.mesh_shape=(3, 1, 1)"], "does not divide the 8 available devices"),
+    (["--gin.TrainConfig.mesh_shape=(4, 2, 1)", "--gin.TrainConfig.global_batch_size=12"],
+     "not divisible by data×fsdp = 8"),
+    (["--gin.TrainConfig.granularity_weights=(1.0, 1.0)"], "do not match the 4 granularities"),
+])
+def test_bad_input_is_rejected_before_any_work(tmp_path, flags, message, capsys):
+    model_dir = tmp_path / "run"
+    assert matlm_main(["train", f"--model_dir={model_dir}", *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not model_dir.exists()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, wiki_vocab):
+    model_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "matlm.cli.main", "train", f"--model_dir={model_dir}",
+           "--no_progress", "--gin.TrainConfig.steps=1000", "--gin.TrainConfig.log_every=1",
+           "--gin.TrainConfig.checkpoint_every=1000", "--gin.TrainConfig.mesh_shape=(1,1,1)",
+           "--gin.TrainConfig.seq_len=32", "--gin.TrainConfig.global_batch_size=4",
+           "--gin.TrainConfig.eval_batches=1", "--gin.ModelConfig.vocab_size=2048",
+           f"--gin.DataConfig.vocab_path='{wiki_vocab.sentencepiece_model_file}'"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = model_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(train_losses(model_dir)) >= 3:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    saved = [int(p.name) for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1
+    last_logged = max(train_losses(model_dir))
+    assert saved[0] >= last_logged >= 3  # The step it was at, not an old one.
+    assert f"SIGTERM: saving step {saved[0]}" in out
