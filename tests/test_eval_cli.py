@@ -1,0 +1,148 @@
+"""`matlm eval` end to end on a tiny saved checkpoint, its bad-input errors (each named,
+each before any model work), the missing-data error, and the trainer's in-loop hook."""
+import json
+
+import jax
+import pytest
+
+from matlm.cli.main import main
+from matlm.model import ModelConfig, init_params
+from matlm.model.counting import param_count
+
+CONFIG = ModelConfig(vocab_size=2048, d_model=32, n_layers=4, n_heads=2, d_ff=128)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, wiki_vocab):
+    from matlm.training.checkpointing import save_for_inference
+    model_dir = tmp_path_factory.mktemp("model")
+    save_for_inference(model_dir, CONFIG, init_params(CONFIG, jax.random.key(0)), 5,
+                       wiki_vocab.sentencepiece_model_file,
+                       {"task": "matlm_wiki"})
+    return model_dir
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    """Fails the test if parameters are loaded or a scorer is built."""
+    from matlm.evaluation import scoring
+    from matlm.training import checkpointing
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("model work started before the input was validated")
+    monkeypatch.setattr(checkpointing, "load_checkpoint_for_inference", forbidden)
+    monkeypatch.setattr(scoring, "SubmodelScorer", forbidden)
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_missing_and_empty_checkpoint_dir(tmp_path, capsys, no_model_work, eval_tasks):
+    err = _error(capsys, ["eval", f"--checkpoint_dir={tmp_path}/nope"])
+    assert "nope" in err and "does not exist" in err
+    err = _error(capsys, ["eval", f"--checkpoint_dir={tmp_path}"])
+    assert "run_config.json" in err and "not a matlm model dir" in err
+
+
+def test_unknown_task(checkpoint, capsys, no_model_work, eval_tasks):
+    err = _error(capsys, ["eval", f"--checkpoint_dir={checkpoint}", "--tasks=copa,helaswag"])
+    assert "unknown task 'helaswag'" in err and "hellaswag" in err
+
+
+def test_field_mapping_that_does_not_match_the_data(checkpoint, capsys, no_model_work, eval_tasks):
+    err = _error(capsys, ["eval", f"--checkpoint_dir={checkpoint}", "--tasks=piqa",
+                          "--gin.piqa/multiple_choice.context='Q: {gaol}'"])
+    assert "task 'piqa'" in err and "field 'gaol' is not in the data" in err and "goal" in err
+
+
+def test_empty_split_of_a_gin_defined_task(checkpoint, tmp_path, capsys, no_model_work, eval_tasks):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "mine.gin").write_text(
+        "eval_suite.extra = [@mine/eval_task()]\n"
+        "mine/eval_task.name = 'mine'\n"
+        "mine/eval_task.source = @mine/jsonl_source()\n"
+        f"mine/jsonl_source.splits = {{'validation': '{tmp_path}/empty.jsonl'}}\n"
+        "mine/eval_task.mapping = @mine/generative_qa()\n"
+        "mine/generative_qa.context = 'Q: {q}'\n"
+        "mine/generative_qa.answers_field = 'a'\n")
+    err = _error(capsys, ["eval", f"--checkpoint_dir={checkpoint}", "--tasks=mine",
+                          f"--gin_file={tmp_path}/mine.gin"])
+    assert "task 'mine' split 'validation' has no examples" in err
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--widths=S,M", "width vector has 2 entries but the model has 4 layers"),
+    ("--widths=S,M,L,XXL", "unknown granularity 'XXL'"),
+    ("--widths=200", "exceeds d_ff=128"),
+    ("--granularities=S,XXL", "unknown granularity 'XXL'"),
+])
+def test_widths_invalid_for_the_checkpoint(checkpoint, capsys, no_model_work, eval_tasks,
+                                           flag, message):
+    err = _error(capsys, ["eval", f"--checkpoint_dir={checkpoint}", "--tasks=copa", flag])
+    assert message in err and "S=16, M=32, L=64, XL=128" in err
+
+
+def test_missing_eval_data_names_the_setup_command(monkeypatch, tmp_path, eval_tasks, wiki_vocab):
+    from matlm.evaluation import EvalDataMissingError, runner, tasks
+    monkeypatch.setenv("MATLM_CACHE_DIR", str(tmp_path))
+    tasks.load_examples.cache_clear()
+    with pytest.raises(EvalDataMissingError, match="matlm setup-eval-data") as info:
+        runner.prepare(["copa"], wiki_vocab, runner.EvalOptions())
+    assert str(tmp_path / "eval_data") in str(info.value)
+    monkeypatch.undo()
+    tasks.load_examples.cache_clear()
+
+
+def test_setup_is_idempotent(eval_tasks):
+    from matlm.evaluation import setup_data
+    directory = setup_data.eval_data_dir()
+    before = (directory / ".complete").stat().st_mtime_ns
+    assert setup_data.setup_eval_data() == directory  # No download, no rewrite.
+    assert (directory / ".complete").stat().st_mtime_ns == before
+    for folder in setup_data.DATA_FOLDERS:
+        assert any((directory / folder).rglob("*")), folder
+
+
+@pytest.mark.slow
+def test_eval_end_to_end(checkpoint, tmp_path, capsys, eval_tasks):
+    out = tmp_path / "out"
+    assert main(["eval", f"--checkpoint_dir={checkpoint}", "--tasks=loss,copa,lambada,nq_open",
+                 "--max_examples=4", "--widths=S,XL,M,L", "--widths=mixnmatch:2",
+                 f"--output_dir={out}", "--no_progress", "--max_len=512"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    names = ["S", "M", "L", "XL", "S,XL,M,L"]
+    assert list(results["submodels"])[:5] == names and len(results["submodels"]) == 7
+    for name, sub in results["submodels"].items():
+        assert sub["params"] == param_count(CONFIG, sub["widths"])
+    assert set(results["tasks"]) == {"loss:matlm_wiki", "copa", "lambada", "nq_open"}
+    copa = results["tasks"]["copa"]["metrics"]
+    assert copa["XL"]["answer_agreement"] == 1.0 and copa["S"]["examples"] == 4
+    assert set(results["tasks"]["nq_open"]["metrics"]["M"]) >= {"exact_match", "f1"}
+    assert results["tasks"]["loss:matlm_wiki"]["metrics"]["XL"]["greedy_agreement"] == 1.0
+    assert results["step"] == 5
+    # One compile per bucket and function for all 7 submodels (masked path).
+    assert results["compiled_functions"] <= 6
+    table = (out / "results.md").read_text()
+    for text in ("copa", "lambada", "average accuracy", "S,XL,M,L", "bits/byte"):
+        assert text in table and text in printed
+    assert (out / "average_accuracy_vs_params.png").stat().st_size > 1000
+    assert (out / "loss_matlm_wiki_vs_params.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_in_loop_eval_reuses_compiled_functions(wiki_vocab, eval_tasks):
+    from matlm.evaluation import in_loop, in_loop_eval
+    params = init_params(CONFIG, jax.random.key(0))
+    widths = {"S": (16,) * 4, "XL": (128,) * 4}
+    first = in_loop_eval(params, CONFIG, wiki_vocab, ["loss", "copa"], 4, widths)
+    assert first["eval/copa/XL/answer_agreement"] == 1.0
+    assert {"eval/loss:matlm_wiki/S/loss", "eval/copa/S/acc"} <= set(first)
+    scorer = next(iter(in_loop._SCORERS.values()))
+    compiled = scorer.compiled_count()
+    other = init_params(CONFIG, jax.random.key(1))
+    second = in_loop_eval(other, CONFIG, wiki_vocab, ["loss", "copa"], 4, widths)
+    assert scorer.compiled_count() == compiled  # New parameters, no recompiling.
+    assert second["eval/loss:matlm_wiki/S/loss"] != first["eval/loss:matlm_wiki/S/loss"]
