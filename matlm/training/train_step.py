@@ -73,7 +73,8 @@ def make_train_step(model_config: ModelConfig, objective: Objective, optimizer, 
     """`train_step(state, batch) -> (state, metrics)`, jitted once with in/out shardings.
 
     metrics: `loss` (the weighted objective), `ce` [g] (CE of each granularity, 0 where
-    not trained this step), `trained` [g] (1 where trained), `grad_norm`, `learning_rate`.
+    not trained this step), `trained` [g] (1 where trained), `grad_norm`, `param_norm`
+    (after the update), `learning_rate`.
     """
     model = MatLM(model_config)
     shardings = state_shardings(model_config, optimizer, mesh)
@@ -104,6 +105,8 @@ def make_train_step(model_config: ModelConfig, objective: Objective, optimizer, 
         trained_G = jnp.zeros((len(objective.names),), jnp.float32).at[indices].set(1.0)
         metrics = {"loss": loss, "ce": ce_G, "trained": trained_G,
                    "grad_norm": optax.tree.norm(grads),
+                   # Also guards checkpoints: a non-finite update is caught before saving.
+                   "param_norm": optax.tree.norm(params),
                    "learning_rate": schedule(state.step)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -195,55 +195,63 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
                     unit="step", dynamic_ncols=True)
     window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
     interrupted = False
-    with _StopFlag() as stop:
-        for step in range(start, train_config.steps):
-            batch = mesh_lib.global_batch(next(batches), mesh)
-            state, metrics = train_step(state, batch)
-            metrics = jax.device_get(metrics)
-            trained = metrics["trained"] > 0
-            bad = [n for n, t, ce in zip(objective.names, trained, metrics["ce"])
-                   if t and not np.isfinite(ce)]
-            if bad or not np.isfinite(metrics["loss"]):
-                raise TrainingError(
-                    f"non-finite loss at step {step + 1} (granularity "
-                    f"{', '.join(bad) or 'joint'}); stopped. The last good checkpoint "
-                    f"{checkpointer.steps()[-1] if checkpointer.steps() else 'none'} is kept "
-                    "— lower the learning rate or check the data, then resume.")
-            done = step + 1
-            window_steps += 1
-            window_flops += tokens_per_step * float(flops_per_token[trained].sum())
-            progress.update(1)
-            if done % train_config.log_every == 0 or done == train_config.steps:
-                elapsed = time.perf_counter() - window_start
-                scalars = {"train/loss": float(metrics["loss"]),
-                           "train/grad_norm": float(metrics["grad_norm"]),
-                           "train/learning_rate": float(metrics["learning_rate"]),
-                           "perf/step_time_s": elapsed / window_steps,
-                           "perf/tokens_per_s": tokens_per_step * window_steps / elapsed,
-                           "perf/mfu": window_flops / elapsed / (peak * jax.device_count())}
-                scalars |= {f"train/{n}/loss": float(ce) for n, t, ce in
-                            zip(objective.names, trained, metrics["ce"]) if t}
-                writer.write(done, scalars)
-                progress.set_postfix(loss=f"{scalars['train/loss']:.3f}",
-                                     tok_s=f"{scalars['perf/tokens_per_s']:.0f}",
-                                     mfu=f"{scalars['perf/mfu']:.1%}")
-                window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
-            if train_config.eval_every and done % train_config.eval_every == 0 \
-                    and done < train_config.steps:
-                run_eval(done)
-            if done % train_config.checkpoint_every == 0:
-                save(done)
-            if stop.signal or done == stop_at:
-                progress.write(f"{stop.signal or 'stop_at'}: saving step {done} and exiting")
-                save(done)
-                interrupted = True
-                break
-    progress.close()
-    final = int(state.step)
-    if not interrupted:
-        save(final)
-        if not history or history[-1][0] != final:
-            run_eval(final)
-    checkpointer.wait()
-    writer.close()
+    try:
+        with _StopFlag() as stop:
+            for step in range(start, train_config.steps):
+                batch = mesh_lib.global_batch(next(batches), mesh)
+                state, metrics = train_step(state, batch)
+                metrics = jax.device_get(metrics)
+                trained = metrics["trained"] > 0
+                bad = [n for n, t, ce in zip(objective.names, trained, metrics["ce"])
+                       if t and not np.isfinite(ce)]
+                what = "loss" if bad or not np.isfinite(metrics["loss"]) else (
+                    "parameters" if not np.isfinite(metrics["param_norm"]) else None)
+                if what:
+                    trained_names = [n for n, t in zip(objective.names, trained) if t]
+                    raise TrainingError(
+                        f"non-finite {what} at step {step + 1} (granularity "
+                        f"{', '.join(bad or trained_names)}); stopped before saving it. The "
+                        f"last good checkpoint ({checkpointer.steps()[-1] if checkpointer.steps() else 'none'}) "
+                        "is kept: lower the learning rate or check the data, then resume.")
+                done = step + 1
+                window_steps += 1
+                window_flops += tokens_per_step * float(flops_per_token[trained].sum())
+                progress.update(1)
+                if done % train_config.log_every == 0 or done == train_config.steps:
+                    elapsed = time.perf_counter() - window_start
+                    scalars = {"train/loss": float(metrics["loss"]),
+                               "train/grad_norm": float(metrics["grad_norm"]),
+                               "train/param_norm": float(metrics["param_norm"]),
+                               "train/learning_rate": float(metrics["learning_rate"]),
+                               "perf/step_time_s": elapsed / window_steps,
+                               "perf/tokens_per_s": tokens_per_step * window_steps / elapsed,
+                               "perf/mfu": window_flops / elapsed / (peak * jax.device_count())}
+                    scalars |= {f"train/{n}/loss": float(ce) for n, t, ce in
+                                zip(objective.names, trained, metrics["ce"]) if t}
+                    writer.write(done, scalars)
+                    progress.set_postfix(loss=f"{scalars['train/loss']:.3f}",
+                                         tok_s=f"{scalars['perf/tokens_per_s']:.0f}",
+                                         mfu=f"{scalars['perf/mfu']:.1%}")
+                    window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
+                if train_config.eval_every and done % train_config.eval_every == 0 \
+                        and done < train_config.steps:
+                    run_eval(done)
+                if done % train_config.checkpoint_every == 0:
+                    save(done)
+                if stop.signal or done == stop_at:
+                    progress.write(f"{stop.signal or 'stop_at'}: saving step {done} and exiting")
+                    save(done)
+                    interrupted = True
+                    break
+        progress.close()
+        final = int(state.step)
+        if not interrupted:
+            save(final)
+            if not history or history[-1][0] != final:
+                run_eval(final)
+    finally:
+        # Also on errors: let in-flight async saves finish so no half-written step is
+        # left behind, and flush the metrics.
+        checkpointer.wait()
+        writer.close()
     return TrainResult(final_step=final, eval_history=history, interrupted=interrupted)
