@@ -136,3 +136,21 @@ print(MatLM(c).apply({'params': p}, jnp.zeros((1, 4), jnp.int32), widths=(32, 64
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert "(1, 4, 256)" in out.stdout
+
+
+RUN_CONFIGS = sorted((REPO / "configs" / "runs").glob("*.gin"))
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.stem)
+def test_every_run_config_validates(path):
+    from matlm import data
+    from matlm.gin_config import train_config_from_gin
+    from matlm.training.objective import build_objective
+    parse_gin([str(path)], finalize=False)
+    model_config, train_config = model_config_from_gin(), train_config_from_gin()
+    objective = build_objective(model_config, train_config)
+    assert abs(sum(objective.weights) - 1) < 1e-9  # Mean of the granularities' losses.
+    assert data.data_config_from_gin().task in data.registered_names()
+    tensor = train_config.mesh_shape[2]
+    if tensor > 1:  # Shard-local nesting needs whole nesting blocks per tensor shard.
+        assert model_config.ffn_nest_blocks % tensor == 0

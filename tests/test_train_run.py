@@ -135,6 +135,7 @@ def test_nan_loss_stops_with_step_and_granularity(tmp_path, data_config, wiki_vo
     (["--gin.TrainConfig.mesh_shape=(4, 2, 1)", "--gin.TrainConfig.global_batch_size=12"],
      "not divisible by data×fsdp = 8"),
     (["--gin.TrainConfig.granularity_weights=(1.0, 1.0)"], "do not match the 4 granularities"),
+    (["--gin.TrainConfig.mesh_shape=(1, 1, 8)"], "ffn_nest_blocks to be a multiple of 8"),
 ])
 def test_bad_input_is_rejected_before_any_work(tmp_path, flags, message, capsys):
     model_dir = tmp_path / "run"

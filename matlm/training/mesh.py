@@ -47,6 +47,17 @@ def check_batch_fits(mesh, global_batch_size: int, microbatches: int) -> None:
                         f"{jax.process_count()} processes")
 
 
+def check_shard_local_nesting(mesh, ffn_nest_blocks: int) -> None:
+    """Under tensor parallelism every tensor shard must hold whole nesting blocks, or the
+    small granularities would sit on the first shards only (idle chips, no speed-up)."""
+    tensor = mesh.shape["tensor"]
+    if tensor > 1 and ffn_nest_blocks % tensor:
+        raise MeshError(
+            f"tensor parallelism over {tensor} shards needs ModelConfig.ffn_nest_blocks to be "
+            f"a multiple of {tensor} (it is {ffn_nest_blocks}): with one plain prefix the "
+            "small granularities would live on the first shards only")
+
+
 def _fit(spec: P, shape, mesh) -> P:
     """Drops mesh axes from dimensions they do not divide (those stay replicated), so a
     tiny model still runs on a big mesh; real configs divide evenly."""

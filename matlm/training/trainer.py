@@ -127,6 +127,7 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
     objective = build_objective(model_config, train_config)
     mesh = mesh_lib.make_mesh(train_config.mesh_shape)
     mesh_lib.check_batch_fits(mesh, train_config.global_batch_size, train_config.microbatches)
+    mesh_lib.check_shard_local_nesting(mesh, model_config.ffn_nest_blocks)
     check_model_dir(model_dir, model_config)
     vocab = vocab if vocab is not None else data_config.vocabulary()
     if vocab.vocab_size > model_config.vocab_size:
