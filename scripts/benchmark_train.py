@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Benchmark the MatFormer train step: joint (all granularities) vs XL-only vs masked
+joint vs a dense model, with this machine's matmul peak measured in the same run.
+
+Each variant is a full optimizer step (forward, backward, AdamW update) on one device.
+Runs are interleaved and the best of `--steps` kept, so a noisy neighbour slows every
+variant alike. The last line is one JSON object for scripts.
+
+  python scripts/benchmark_train.py   # issue-4 shape: d512, 8 layers, d_ff 2048, seq 256, batch 8
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tabulate import tabulate
+
+sys.path.insert(0, os.path.dirname(__file__))
+from benchmark_model import matmul_peak_gflops, time_interleaved  # noqa: E402
+
+from matlm.model import ModelConfig  # noqa: E402
+from matlm.model.counting import train_flops_per_token  # noqa: E402
+from matlm.model.reference import dense_forward  # noqa: E402
+from matlm.training import mesh as mesh_lib  # noqa: E402
+from matlm.training.config import TrainConfig  # noqa: E402
+from matlm.training.objective import build_objective, token_losses  # noqa: E402
+from matlm.training.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
+from matlm.training.train_step import init_state, make_train_step  # noqa: E402
+
+
+def dense_train_step(config, optimizer):
+    """The same optimizer step around the plain dense decoder (matlm.model.reference)."""
+    def step(state, batch):
+        def loss_fn(params):
+            logits = dense_forward(config, params, batch["inputs"], batch["segment_ids"],
+                                   batch["positions"])
+            ce, _ = token_losses(logits, batch["targets"])
+            return (ce * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state), {"loss": loss}
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for flag, default in [("d_model", 512), ("n_layers", 8), ("n_heads", 8), ("d_ff", 2048),
+                          ("seq_len", 256), ("batch", 8), ("vocab", 8192), ("steps", 5)]:
+        parser.add_argument(f"--{flag}", type=int, default=default)
+    args = parser.parse_args()
+    config = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers,
+                         n_heads=args.n_heads, d_ff=args.d_ff)
+    train = TrainConfig(steps=1000, seq_len=args.seq_len, global_batch_size=args.batch,
+                        mesh_shape=(1, 1, 1))
+    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    optimizer, schedule = make_optimizer(train), learning_rate_schedule(train)
+    joint = build_objective(config, train)
+    xl_only = build_objective(config, dataclasses.replace(train, granularities=("XL",)))
+    # Traced-width (masked) FFNs: the same joint objective, full FLOPs for every granularity.
+    masked = dataclasses.replace(joint, widths=tuple(jnp.asarray(w, jnp.int32)
+                                                     for w in joint.widths))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, args.vocab, (args.batch, args.seq_len + 1)).astype(np.int32)
+    batch = mesh_lib.global_batch({
+        "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+        "segment_ids": np.ones((args.batch, args.seq_len), np.int32),
+        "positions": np.tile(np.arange(args.seq_len), (args.batch, 1)).astype(np.int32),
+        "loss_mask": np.ones((args.batch, args.seq_len), np.float32)}, mesh)
+
+    steps = {name: make_train_step(config, objective, optimizer, schedule, mesh, donate=False)
+             for name, objective in [("joint", joint), ("xl_only", xl_only),
+                                     ("masked_joint", masked)]}
+    steps["dense"] = dense_train_step(config, optimizer)
+    state = init_state(config, optimizer, mesh, seed=0)
+    # Each variant gets its own state (donation would otherwise invalidate a shared one).
+    states = {name: jax.tree.map(jnp.copy, state) for name in steps}
+
+    def runner(name):
+        def run(_):
+            states[name], metrics = steps[name](states[name], batch)
+            return metrics["loss"]
+        return run
+
+    peak = matmul_peak_gflops()
+    times = time_interleaved({name: runner(name) for name in steps}, (None,), args.steps)
+    n_tokens = args.batch * args.seq_len
+    full = train_flops_per_token(config, args.seq_len)
+    flops = {"joint": sum(train_flops_per_token(config, args.seq_len, w) for w in joint.widths),
+             "xl_only": full, "masked_joint": len(joint.widths) * full, "dense": full}
+    rows = []
+    for name in ("joint", "xl_only", "masked_joint", "dense"):
+        gflops = flops[name] * n_tokens / times[name] / 1e9
+        rows.append([name, f"{times[name] * 1e3:.0f}", f"{n_tokens / times[name]:,.0f}",
+                     f"{gflops:.1f}", f"{gflops / peak:.0%}"])
+    print(f"device: {jax.devices()[0].device_kind}; fp32 matmul peak {peak:.1f} GFLOP/s "
+          f"(2048³, best of 5)")
+    print(f"shape: d_model={args.d_model} layers={args.n_layers} heads={args.n_heads} "
+          f"d_ff={args.d_ff} seq={args.seq_len} batch={args.batch} vocab={args.vocab}; "
+          f"best of {args.steps} interleaved optimizer steps")
+    print(tabulate(rows, headers=["train step", "ms", "tokens/s", "GFLOP/s", "of peak"],
+                   tablefmt="simple_outline", disable_numparse=True))
+    time_ratio = times["joint"] / times["masked_joint"]
+    flop_ratio = flops["joint"] / flops["masked_joint"]
+    print(f"sliced joint / masked joint: time {time_ratio:.3f}, FLOPs {flop_ratio:.3f} "
+          f"(target: time within 5 % of FLOPs)")
+    mfu = lambda name: flops[name] * n_tokens / times[name] / 1e9 / peak
+    print(json.dumps({
+        "joint_tokens_per_s": round(n_tokens / times["joint"], 1),
+        "xl_only_tokens_per_s": round(n_tokens / times["xl_only"], 1),
+        "masked_joint_tokens_per_s": round(n_tokens / times["masked_joint"], 1),
+        "dense_tokens_per_s": round(n_tokens / times["dense"], 1),
+        "peak_gflops": round(peak, 1), "mfu_joint": round(mfu("joint"), 4),
+        "mfu_xl": round(mfu("xl_only"), 4),
+        "sliced_over_masked_time": round(time_ratio, 4),
+        "sliced_over_masked_flops": round(flop_ratio, 4)}))
+
+
+if __name__ == "__main__":
+    main()
