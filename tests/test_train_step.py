@@ -181,3 +181,21 @@ def test_mesh_errors():
     mesh = mesh_lib.make_mesh((4, 2, 1))
     with pytest.raises(mesh_lib.MeshError, match=r"not divisible by data×fsdp = 8"):
         mesh_lib.check_batch_fits(mesh, global_batch_size=12, microbatches=1)
+
+
+def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
+    from matlm.training.checkpointing import RunCheckpointer
+    from matlm.training.train_step import abstract_state
+    _, state = run_steps((8, 1, 1), steps=2)
+    checkpointer = RunCheckpointer(tmp_path, keep=2)
+    checkpointer.save(2, state, {"step": 2}, {"step": 2})
+    checkpointer.wait()
+    other_mesh = mesh_lib.make_mesh((1, 2, 4))
+    target = abstract_state(MODEL, make_optimizer(TRAIN), other_mesh)
+    params, opt_state, data_state, meta, step = RunCheckpointer(tmp_path).restore_latest(target)
+    assert step == 2 and data_state == {"step": 2}
+    wi = params["layer_0"]["ffn"]["wi_gate"]
+    assert wi.sharding.mesh.shape == other_mesh.shape
+    assert wi.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 (state.params, state.opt_state), (params, opt_state))
