@@ -171,3 +171,15 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, wiki_vocab):
     last_logged = max(train_losses(model_dir))
     assert saved[0] >= last_logged >= 3  # The step it was at, not an old one.
     assert f"SIGTERM: saving step {saved[0]}" in out
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_device", "eval_tasks")
+def test_downstream_tasks_are_scored_in_loop(tmp_path, data_config, wiki_vocab):
+    run(tmp_path, data_config, wiki_vocab, steps=4, eval_every=2,
+        downstream_eval_tasks=("copa",), downstream_eval_examples=4)
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    scored = {l["step"]: l for l in lines if "eval/copa/S/acc" in l}
+    assert sorted(scored) == [0, 2, 4]
+    for name in ("S", "M", "L", "XL"):
+        assert 0 <= scored[4][f"eval/copa/{name}/acc"] <= 100

@@ -48,6 +48,10 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100  # 0: only at the end.
     eval_batches: int = 0  # 0: the whole validation split.
+    # Downstream tasks (see `matlm eval`) scored at every eval, e.g. ("copa", "lambada"):
+    # `downstream_eval_examples` examples each, for every granularity, into TensorBoard.
+    downstream_eval_tasks: tuple = ()
+    downstream_eval_examples: int = 16
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     # Peak FLOP/s per device for MFU; None: a known accelerator's bf16 peak, or this
@@ -77,5 +81,5 @@ class TrainConfig:
                 f"mesh_shape must be (data, fsdp, tensor) with at most one -1, "
                 f"got {self.mesh_shape}")
         for name in ("granularities", "granularity_weights", "sample_probabilities",
-                     "mesh_shape"):
+                     "mesh_shape", "downstream_eval_tasks"):
             object.__setattr__(self, name, tuple(getattr(self, name)))

@@ -181,6 +181,11 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
                           train_config.eval_batches, mesh)
         writer.write(step, {f"eval/{n}/loss": v for n, v in losses.items()}
                      | {f"eval/{n}/perplexity": math.exp(min(v, 50)) for n, v in losses.items()})
+        if train_config.downstream_eval_tasks:
+            from matlm.evaluation import in_loop_eval
+            writer.write(step, in_loop_eval(
+                state.params, model_config, vocab, list(train_config.downstream_eval_tasks),
+                train_config.downstream_eval_examples, widths_by_name))
         history.append((step, losses))
         return losses
 
