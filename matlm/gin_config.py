@@ -40,9 +40,12 @@ def resolve_gin_file(path: str) -> Path:
         "Pass an existing path, e.g. --gin_file=configs/models/tiny.gin")
 
 
-def parse_gin(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
-              finalize: bool = True) -> None:
-    """Clears gin, then applies files and bindings, naming the culprit on error."""
+def parse_gin(gin_files: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
+    """Clears gin, then applies files and bindings, naming the culprit on error.
+
+    The config is not locked (`gin.finalize`): modules imported later (e.g. the eval
+    tasks, loaded lazily) must still be able to register their configurables.
+    """
     gin.clear_config()
     files = [resolve_gin_file(f) for f in gin_files]
     # Gin resolves `include` statements relative to these search paths.
@@ -60,8 +63,6 @@ def parse_gin(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
                 f"cannot apply gin binding {binding!r}: {e}. "
                 "Check the spelling against the configurable's fields "
                 "(e.g. ModelConfig.d_model=512).") from e
-    if finalize:
-        gin.finalize()
 
 
 def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:

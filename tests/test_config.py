@@ -146,7 +146,7 @@ def test_every_run_config_validates(path):
     from matlm import data
     from matlm.gin_config import train_config_from_gin
     from matlm.training.objective import build_objective
-    parse_gin([str(path)], finalize=False)
+    parse_gin([str(path)])
     model_config, train_config = model_config_from_gin(), train_config_from_gin()
     objective = build_objective(model_config, train_config)
     assert abs(sum(objective.weights) - 1) < 1e-9  # Mean of the granularities' losses.

@@ -23,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop_at", type=int, default=None,
                         help="save and stop at this step without changing the schedule "
                              "(split a run into several jobs); rerun to resume")
+    parser.add_argument("--multihost", action="store_true",
+                        help="call jax.distributed.initialize() first (automatic on TPU pods "
+                             "and SLURM; elsewhere give the three flags below)")
+    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
@@ -38,8 +44,19 @@ def loss_table(model_config, result) -> str:
                     tablefmt="simple_outline", disable_numparse=True)
 
 
+def initialize_multihost(args) -> None:
+    """Joins the job's other processes (before anything touches a device)."""
+    import jax
+    kwargs = {k: getattr(args, k) for k in ("coordinator_address", "num_processes", "process_id")
+              if getattr(args, k) is not None}
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; no-op else.
+    jax.distributed.initialize(**kwargs)
+
+
 def run(args, gin_bindings) -> int:
-    parse_gin(args.gin_file or [DEFAULT_GIN], gin_bindings, finalize=False)
+    parse_gin(args.gin_file or [DEFAULT_GIN], gin_bindings)
+    if args.multihost:
+        initialize_multihost(args)
     from matlm import data  # Registers data configurables (imports TensorFlow).
     from matlm.training.trainer import train
 

@@ -7,6 +7,7 @@ and returns normally (exit 0), so a preempted job resumes exactly where it stopp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -136,10 +137,19 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
             f"{model_config.vocab_size}: set ModelConfig.vocab_size ≥ {vocab.vocab_size}")
     host, hosts = jax.process_index(), jax.process_count()
 
-    def make_eval_iterator():
+    def make_eval_iterator(pad_to=None):
         return data_config.eval_iterator(train_config.seq_len, train_config.global_batch_size,
-                                         vocab, host_index=host, num_hosts=hosts)
-    next(iter(make_eval_iterator()))  # Fails now on an empty or missing split.
+                                         vocab, host_index=host, num_hosts=hosts,
+                                         pad_to_num_batches=pad_to)
+    local_eval_batches = make_eval_iterator().num_batches  # Fails now on a bad split.
+    if not local_eval_batches:
+        raise TrainingError(f"the eval split {data_config.eval_split!r} of {data_config.task!r} "
+                            "is empty on this host; give a task with validation data")
+    if hosts > 1:
+        # Every host must run the same number of (collective) eval steps: pad to the max.
+        from jax.experimental import multihost_utils
+        most = int(np.max(multihost_utils.process_allgather(np.int32(local_eval_batches))))
+        make_eval_iterator = functools.partial(make_eval_iterator, pad_to=most)
 
     vocab_path = getattr(vocab, "sentencepiece_model_file", "") or ""
     _write_run_files(model_dir, model_config, data_config, train_config, vocab_path)
