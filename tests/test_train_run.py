@@ -183,3 +183,35 @@ def test_downstream_tasks_are_scored_in_loop(tmp_path, data_config, wiki_vocab):
     assert sorted(scored) == [0, 2, 4]
     for name in ("S", "M", "L", "XL"):
         assert 0 <= scored[4][f"eval/copa/{name}/acc"] <= 100
+
+
+@pytest.mark.slow
+def test_two_processes_train_together(tmp_path, wiki_vocab):
+    """Two JAX processes (gloo collectives on CPU, 2 devices each) form one 4-device data
+    mesh; each reads its own shard of the data; process 0 alone writes metrics."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model_dir = tmp_path / "run"
+    base = [sys.executable, "-m", "matlm.cli.main", "train", f"--model_dir={model_dir}",
+            "--no_progress", "--multihost", f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2", "--gin.TrainConfig.steps=4", "--gin.TrainConfig.log_every=1",
+            "--gin.TrainConfig.checkpoint_every=2", "--gin.TrainConfig.mesh_shape=(4,1,1)",
+            "--gin.TrainConfig.seq_len=32", "--gin.TrainConfig.global_batch_size=8",
+            "--gin.TrainConfig.eval_batches=2", "--gin.ModelConfig.vocab_size=2048",
+            f"--gin.DataConfig.vocab_path='{wiki_vocab.sentencepiece_model_file}'"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [subprocess.Popen(base + [f"--process_id={i}"], cwd=REPO, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert "mesh {'data': 4, 'fsdp': 1, 'tensor': 1}" in outs[0]
+    assert "validation loss per granularity" in outs[0]
+    losses = train_losses(model_dir)
+    assert sorted(losses) == [1, 2, 3, 4]  # Written once (process 0), not twice.
+    assert sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir()
+                  if p.name.isdigit()) == [2, 4]
+    assert load_checkpoint_for_inference(model_dir).step == 4
