@@ -116,6 +116,13 @@ def test_model_dir_of_a_different_model_is_refused_untouched(tmp_path, data_conf
 
 
 @pytest.mark.usefixtures("one_device")
+def test_resume_with_a_different_data_shape_is_refused(tmp_path, data_config, wiki_vocab):
+    run(tmp_path, data_config, wiki_vocab, steps=4, stop_at=2)
+    with pytest.raises(CheckpointError, match=r"seq_len: checkpoint 64, now 32"):
+        run(tmp_path, data_config, wiki_vocab, steps=4, seq_len=32)
+
+
+@pytest.mark.usefixtures("one_device")
 def test_nan_loss_stops_with_step_and_granularity(tmp_path, data_config, wiki_vocab):
     run(tmp_path, data_config, wiki_vocab, steps=4)  # A good checkpoint at step 4.
     with pytest.raises(TrainingError,

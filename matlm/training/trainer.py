@@ -84,6 +84,19 @@ def check_model_dir(model_dir: Path, model_config: ModelConfig) -> None:
             "Nothing was changed; use a new --model_dir or the saved model config.")
 
 
+def check_data_state_matches(data_state: dict, data_config, train_config: TrainConfig,
+                             hosts: int) -> None:
+    """Resuming replays the saved pipeline: its shape and task must be this run's."""
+    expected = {"task": data_config.task, "seq_len": train_config.seq_len,
+                "global_batch_size": train_config.global_batch_size, "num_hosts": hosts}
+    diffs = [f"{k}: checkpoint {data_state.get(k)!r}, now {v!r}"
+             for k, v in expected.items() if data_state.get(k) != v]
+    if diffs:
+        raise CheckpointError(
+            f"cannot resume: the checkpoint's data pipeline differs ({'; '.join(diffs)}). "
+            "Resume with the original settings, or start a new --model_dir.")
+
+
 def _write_run_files(model_dir: Path, model_config, data_config, train_config, vocab_path):
     if jax.process_index() != 0:
         return
@@ -130,7 +143,10 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
     mesh_lib.check_batch_fits(mesh, train_config.global_batch_size, train_config.microbatches)
     mesh_lib.check_shard_local_nesting(mesh, model_config.ffn_nest_blocks)
     check_model_dir(model_dir, model_config)
-    vocab = vocab if vocab is not None else data_config.vocabulary()
+    if vocab is None:
+        # A resumed run keeps the vocabulary it started with (copied into the model dir).
+        own = model_dir / "vocab.model"
+        vocab = data_lib.load_vocabulary(str(own)) if own.exists() else data_config.vocabulary()
     if vocab.vocab_size > model_config.vocab_size:
         raise CheckpointError(
             f"the vocabulary has {vocab.vocab_size} ids but the model only "
@@ -167,6 +183,7 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
                                              host_index=host, num_hosts=hosts)
     else:
         params, opt_state, data_state, meta, step = restored
+        check_data_state_matches(data_state, data_config, train_config, hosts)
         state = type(target)(step=jax.device_put(np.int32(step), target.step.sharding),
                              params=params, opt_state=opt_state)
         batches = data_lib.restore_batch_iterator(data_state, vocab, host_index=host)
