@@ -74,9 +74,10 @@ class Attention(nn.Module):
         wo = _param(self, "wo", (H, E, D), ("heads", "kv", "embed"), _dense_init(H * E))
         x_BTD = x_BTD.astype(dtype)
         B, T = x_BTD.shape[:2]
-        # Projections as plain 2-D matmuls (one contracting dim): XLA:CPU runs their
-        # backward pass markedly faster than multi-axis einsums.
-        project = lambda w, n: (x_BTD @ w.reshape(D, n * E).astype(dtype)).reshape(B, T, n, E)
+        # Projections as plain 2-D matmuls over flattened tokens (see NestedFFN: XLA:CPU's
+        # backward pass is much faster than for multi-axis einsums).
+        x_ND = x_BTD.reshape(B * T, D)
+        project = lambda w, n: (x_ND @ w.reshape(D, n * E).astype(dtype)).reshape(B, T, n, E)
         q_BTHE, k_BTKE, v_BTKE = project(wq, H), project(wk, K), project(wv, K)
         q_BTHE = apply_rope(q_BTHE, positions_BT, cfg.rope_theta)
         k_BTKE = apply_rope(k_BTKE, positions_BT, cfg.rope_theta)
@@ -89,7 +90,7 @@ class Attention(nn.Module):
                                 jnp.finfo(jnp.float32).min)
         probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(dtype)
         out_BTHE = jnp.einsum("bhts,bshe->bthe", probs_BHTS, v_BTHE)
-        return out_BTHE.reshape(B, T, H * E) @ wo.reshape(H * E, D).astype(dtype)
+        return (out_BTHE.reshape(B * T, H * E) @ wo.reshape(H * E, D).astype(dtype)).reshape(B, T, D)
 
 
 def activate(name: str, gate, up=None):
@@ -125,7 +126,6 @@ class NestedFFN(nn.Module):
         wi = [_param(self, n, (D, F), ("embed", "mlp"), _dense_init(D)) for n in names]
         wo = _param(self, "wo", (F, D), ("mlp", "embed"), _dense_init(F))
         N = cfg.ffn_nest_blocks
-        mask_F = None
         if width is None or (isinstance(width, int) and width == F):
             pass  # Full width: no slicing at all.
         elif isinstance(width, int):
@@ -137,13 +137,18 @@ class NestedFFN(nn.Module):
             wi = [cut(w, axis=1) for w in wi]
             wo = cut(wo, axis=0)
         else:
+            # Masking wo's rows equals masking the hidden units ((h·m) @ wo = h @ (m·wo))
+            # and zeroes the gradients of unused units in wi and wo alike, but touches
+            # d_ff × d_model weights instead of tokens × d_ff activations.
             mask_F = (jnp.arange(F) % (F // N)) < width // N
-        x_BTD = x_BTD.astype(dtype)
-        pre_BTF = [jnp.einsum("btd,df->btf", x_BTD, w.astype(dtype)) for w in wi]
-        h_BTF = activate(cfg.activation, *pre_BTF)
-        if mask_F is not None:
-            h_BTF = jnp.where(mask_F, h_BTF, 0).astype(dtype)
-        return jnp.einsum("btf,fd->btd", h_BTF, wo.astype(dtype))
+            wo = jnp.where(mask_F[:, None], wo, 0)
+        # 2-D matmuls over flattened tokens: with a 3-D einsum, XLA:CPU computes the kernel
+        # gradients by physically transposing the [B, T, F] activations first (slow).
+        B, T = x_BTD.shape[:2]
+        x_ND = x_BTD.astype(dtype).reshape(B * T, D)
+        pre_NF = [x_ND @ w.astype(dtype) for w in wi]
+        h_NF = activate(cfg.activation, *pre_NF)
+        return (h_NF @ wo.astype(dtype)).reshape(B, T, D)
 
 
 class Block(nn.Module):
