@@ -77,12 +77,12 @@ def main():
         "positions": np.tile(np.arange(args.seq_len), (args.batch, 1)).astype(np.int32),
         "loss_mask": np.ones((args.batch, args.seq_len), np.float32)}, mesh)
 
-    steps = {name: make_train_step(config, objective, optimizer, schedule, mesh, donate=False)
+    steps = {name: make_train_step(config, objective, optimizer, schedule, mesh)
              for name, objective in [("joint", joint), ("xl_only", xl_only),
                                      ("masked_joint", masked)]}
     steps["dense"] = dense_train_step(config, optimizer)
     state = init_state(config, optimizer, mesh, seed=0)
-    # Each variant gets its own state (donation would otherwise invalidate a shared one).
+    # Each variant gets its own state, donated and replaced every step as in the trainer.
     states = {name: jax.tree.map(jnp.copy, state) for name in steps}
 
     def runner(name):
