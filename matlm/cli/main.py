@@ -2,14 +2,17 @@
 
 Each subcommand module defines `add_arguments(parser)` and `run(args, gin_bindings)`.
 Modules are imported lazily so that, e.g., `matlm info` never imports TensorFlow.
+Bad input (a ValueError) is printed as one line with exit code 2; set MATLM_DEBUG=1 for
+the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from matlm.gin_config import ConfigError, split_gin_flags
+from matlm.gin_config import split_gin_flags
 
 SUBCOMMANDS = {
     "eval": ("matlm.cli.eval", "Evaluate submodels of a checkpoint: held-out loss, one-shot tasks, consistency."),
@@ -36,10 +39,9 @@ def main(argv=None) -> int:
         bindings, rest = split_gin_flags(argv)
         args = parser.parse_args(rest)
         return modules[args.command].run(args, bindings) or 0
-    except ConfigError as e:
-        print(f"matlm {argv[0] if argv else ''}: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # Validation errors from configs, widths, data.
+    except ValueError as e:  # Bad input: gin (ConfigError), configs, widths, data, checkpoints.
+        if os.environ.get("MATLM_DEBUG"):
+            raise  # Full traceback on request.
         print(f"matlm {argv[0] if argv else ''}: error: {e}", file=sys.stderr)
         return 2
 

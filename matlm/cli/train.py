@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 
 from tabulate import tabulate
 
@@ -58,15 +59,19 @@ def run(args, gin_bindings) -> int:
     if args.multihost:
         initialize_multihost(args)
     from matlm import data  # Registers data configurables (imports TensorFlow).
-    from matlm.training.trainer import train
+    from matlm.training.trainer import TrainingError, train
 
     model_config = model_config_from_gin()
     train_config = train_config_from_gin()
     if args.steps is not None:
         train_config = dataclasses.replace(train_config, steps=args.steps)
     data_config = data.data_config_from_gin()
-    result = train(model_config, data_config, train_config, args.model_dir,
-                   show_progress=not args.no_progress, stop_at=args.stop_at)
+    try:
+        result = train(model_config, data_config, train_config, args.model_dir,
+                       show_progress=not args.no_progress, stop_at=args.stop_at)
+    except TrainingError as e:  # E.g. a non-finite loss: the message says what to do.
+        print(f"matlm train: error: {e}", file=sys.stderr)
+        return 1
     if result.interrupted:
         print(f"stopped at step {result.final_step}; checkpoint saved in {args.model_dir}. "
               "Run the same command to resume.")
