@@ -41,6 +41,12 @@ def checkpoints_dir(model_dir) -> Path:
     return Path(model_dir).absolute() / "checkpoints"
 
 
+def _manager(model_dir, **options) -> ocp.CheckpointManager:
+    """The Orbax manager of a model dir's checkpoints (one place for the item layout)."""
+    return ocp.CheckpointManager(checkpoints_dir(model_dir), item_names=ITEMS,
+                                 options=ocp.CheckpointManagerOptions(**options))
+
+
 def model_config_to_dict(config: ModelConfig) -> dict:
     return dataclasses.asdict(config)
 
@@ -59,10 +65,8 @@ class RunCheckpointer:
 
     def __init__(self, model_dir, keep: int = 3, async_save: bool = True):
         self.directory = checkpoints_dir(model_dir)
-        self.manager = ocp.CheckpointManager(
-            self.directory, item_names=ITEMS,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=async_save))
+        self.manager = _manager(model_dir, max_to_keep=keep, create=True,
+                                enable_async_checkpointing=async_save)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -143,10 +147,7 @@ def load_checkpoint_for_inference(model_dir, step: Optional[int] = None,
     run_config = read_run_config(model_dir)
     model_config = model_config_from_dict(run_config["model"])
     ckpt_dir = checkpoints_dir(model_dir)
-    manager = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS,
-                                    options=ocp.CheckpointManagerOptions(read_only=True,
-                                                                         create=False)) \
-        if ckpt_dir.is_dir() else None
+    manager = _manager(model_dir, read_only=True, create=False) if ckpt_dir.is_dir() else None
     steps = sorted(manager.all_steps()) if manager else []
     if not steps:
         raise CheckpointError(f"{model_dir} holds no complete checkpoint under {ckpt_dir}")
@@ -183,9 +184,7 @@ def save_for_inference(model_dir, model_config: ModelConfig, params, step: int,
     (model_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
     if vocab_path:
         shutil.copyfile(vocab_path, model_dir / "vocab.model")
-    manager = ocp.CheckpointManager(checkpoints_dir(model_dir), item_names=ITEMS,
-                                    options=ocp.CheckpointManagerOptions(
-                                        create=True, enable_async_checkpointing=False))
+    manager = _manager(model_dir, create=True, enable_async_checkpointing=False)
     if step in manager.all_steps():
         raise CheckpointError(f"{checkpoints_dir(model_dir) / str(step)} already exists")
     manager.save(step, args=ocp.args.Composite(

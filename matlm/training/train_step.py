@@ -7,9 +7,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
-from matlm.model import MatLM, ModelConfig, abstract_params, logical_axes
+from matlm.model import MatLM, ModelConfig, abstract_params, init_params, logical_axes
 from matlm.training import mesh as mesh_lib
 from matlm.training.objective import Objective, granularity_loss, joint_loss
 
@@ -24,9 +24,7 @@ class TrainState:
 def state_shardings(model_config: ModelConfig, optimizer, mesh) -> TrainState:
     """Shardings of every leaf of the train state: parameters by the rule table,
     optimizer moments like their parameters, scalars replicated."""
-    boxed = abstract_params(model_config)
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          flax.linen.meta.unbox(boxed))
+    shapes = flax.linen.meta.unbox(abstract_params(model_config))
     params = mesh_lib.param_shardings(logical_axes(model_config), shapes, mesh)
     opt_shapes = jax.eval_shape(optimizer.init, shapes)
     opt = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, params,
@@ -45,8 +43,7 @@ def abstract_state(model_config: ModelConfig, optimizer, mesh) -> TrainState:
 
 def init_state_fn(model_config: ModelConfig, optimizer):
     def init(rng):
-        params = flax.linen.meta.unbox(
-            MatLM(model_config).init(rng, jnp.zeros((1, 8), jnp.int32))["params"])
+        params = init_params(model_config, rng)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=optimizer.init(params))
     return init

@@ -192,9 +192,8 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
 
     train_step = make_train_step(model_config, objective, optimizer, schedule, mesh,
                                  train_config.microbatches)
-    widths_by_name = dict(zip(model_config.granularities.names,
-                              (model_config.granularities.uniform(n)
-                               for n in model_config.granularities.names)))
+    spec = model_config.granularities
+    widths_by_name = {name: spec.uniform(name) for name in spec.names}
     eval_step = make_eval_step(model_config, widths_by_name, mesh)
     writer = MetricsWriter(model_dir, enabled=host == 0)
     peak, peak_source = peak_flops_per_device(train_config.peak_flops_per_device)
