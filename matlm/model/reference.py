@@ -16,7 +16,7 @@ from matlm.model.config import ModelConfig
 
 def slice_params(params, widths):
     """Cuts every layer's FFN kernels to their first `widths[i]` hidden units."""
-    out = jax.tree.map(lambda x: x, params)
+    out = dict(params)  # Only the FFN entries are replaced below.
     for i, m in enumerate(widths):
         ffn = dict(out[f"layer_{i}"]["ffn"])
         for name in ffn:
