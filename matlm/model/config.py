@@ -38,6 +38,10 @@ class ModelConfig:
     norm_eps: float = 1e-6
     compute_dtype: str = "float32"  # Parameters are always stored in float32.
     remat_policy: str = "none"
+    # Causal attention in query blocks of this many positions, each against only the
+    # keys up to its end: skips the masked upper triangle (T/blk blocks save about
+    # (1 - 1/blocks)/2 of the score and mixing work). 0 = one [T, T] block.
+    attention_query_block: int = 128
     granularity_names: tuple = ("S", "M", "L", "XL")
     granularity_widths: tuple = ()  # () → d_ff/8, d_ff/4, d_ff/2, d_ff.
     width_alignment: int = 1  # 128 for TPU lanes, 64 for GPUs in real configs.
@@ -69,6 +73,9 @@ class ModelConfig:
              f"unknown compute_dtype {self.compute_dtype!r}; choose one of {DTYPES}")
         need(self.remat_policy in REMAT_POLICIES,
              f"unknown remat_policy {self.remat_policy!r}; choose one of {REMAT_POLICIES}")
+        need(isinstance(self.attention_query_block, int) and self.attention_query_block >= 0,
+             f"attention_query_block must be a non-negative integer (0 = no blocking), got "
+             f"{self.attention_query_block!r}")
         need(self.head_size % 2 == 0, f"head_dim={self.head_size} must be even for RoPE")
         need(isinstance(self.ffn_nest_blocks, int) and self.ffn_nest_blocks > 0
              and self.d_ff % self.ffn_nest_blocks == 0,

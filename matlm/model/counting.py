@@ -3,8 +3,11 @@
 Used by `matlm info`, the trainer's MFU, and width-search tools. FLOPs count the
 matrix multiplies (2 per multiply-add) as the model executes them: the projections,
 the FFN at the width actually computed, the logits, and the attention scores and
-value mixing over the full T×T score matrix (the causal mask does not skip work in
-this implementation). Element-wise work (norms, softmax, RoPE) is not counted.
+value mixing over the key ranges actually computed: attention runs in causal query
+blocks (`ModelConfig.attention_query_block`), each against the keys up to its own
+end, so the skipped upper triangle is not counted (with one block it is the full
+T×T). MFU from these counts is never flattered by work that was not done.
+Element-wise work (norms, softmax, RoPE) is not counted.
 Training FLOPs are 3× forward (backward = 2× forward).
 """
 from __future__ import annotations
@@ -38,8 +41,17 @@ def non_embedding_param_count(config: ModelConfig, widths: Sequence[int] | None 
     return param_count(config, widths) - embed
 
 
+def attended_keys_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Mean number of keys a query's score and mixing matmuls cover, over `seq_len`
+    positions: query block [s, e) is computed against keys [0, e)."""
+    block = config.attention_query_block or seq_len
+    pairs = sum((min(s + block, seq_len) - s) * min(s + block, seq_len)
+                for s in range(0, seq_len, block))
+    return pairs / seq_len
+
+
 def forward_flops_per_token(config: ModelConfig, seq_len: int,
-                            widths: Sequence[int] | None = None) -> int:
+                            widths: Sequence[int] | None = None) -> float:
     """Matmul FLOPs of one forward pass, per token, for sequences of `seq_len`.
 
     For the masked path pass the stored widths (`config.ffn_dims`): masking does not
@@ -48,11 +60,12 @@ def forward_flops_per_token(config: ModelConfig, seq_len: int,
     widths = config.ffn_dims if widths is None else widths
     D, V = config.d_model, config.vocab_size
     H, E = config.n_heads, config.head_size
-    attn = 2 * _attn_proj_params(config) + 2 * 2 * seq_len * H * E  # proj + QK^T + PV
+    keys = attended_keys_per_token(config, seq_len)
+    attn = 2 * _attn_proj_params(config) + 2 * 2 * keys * H * E  # proj + QK^T + PV
     ffn = sum(2 * _ffn_kernels(config) * D * m for m in widths)
     return config.n_layers * attn + ffn + 2 * D * V
 
 
 def train_flops_per_token(config: ModelConfig, seq_len: int,
-                          widths: Sequence[int] | None = None) -> int:
+                          widths: Sequence[int] | None = None) -> float:
     return 3 * forward_flops_per_token(config, seq_len, widths)

@@ -12,6 +12,7 @@ from typing import Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from matlm.model.config import ModelConfig
 
@@ -39,23 +40,56 @@ class RMSNorm(nn.Module):
         return (x32 * scale).astype(x.dtype)
 
 
-def apply_rope(x_BTNE, positions_BT, theta: float):
+def rope_tables(positions_BT, head_size: int, theta: float):
+    """(sin, cos) of the rotary angles, [B, T, 1, E/2] each, looked up per token.
+
+    Positions are offsets within a packed segment, so they are < T. The table over
+    [0, T) is computed in numpy at trace time and embedded as a constant: computed
+    under jit, XLA fuses sin/cos into every consumer and recomputes them per head,
+    per layer and again in the backward pass (on CPU, costlier than the rotation).
+    """
+    half = head_size // 2
+    T = positions_BT.shape[1]
+    freq_F = theta ** (-np.arange(half, dtype=np.float64) / half)
+    angle_PF = np.arange(T, dtype=np.float64)[:, None] * freq_F
+    sin_BTF = jnp.take(jnp.asarray(np.sin(angle_PF), jnp.float32), positions_BT, axis=0)
+    cos_BTF = jnp.take(jnp.asarray(np.cos(angle_PF), jnp.float32), positions_BT, axis=0)
+    return sin_BTF[:, :, None, :], cos_BTF[:, :, None, :]
+
+
+def apply_rope(x_BTNE, tables):
     """Rotary embeddings on the two halves of the head dimension (GPT-NeoX layout)."""
-    half = x_BTNE.shape[-1] // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle_BT1F = (positions_BT[..., None].astype(jnp.float32) * freq)[:, :, None, :]
-    sin, cos = jnp.sin(angle_BT1F), jnp.cos(angle_BT1F)
+    sin, cos = tables
     x1, x2 = jnp.split(x_BTNE.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BTNE.dtype)
 
 
-def attention_mask(segment_ids_BT):
-    """Causal and block-diagonal by segment: packed documents never see each other."""
+def attention_bias(segment_ids_BT):
+    """Additive mask, 0 where a query may attend and -1e30 elsewhere: causal and
+    block-diagonal by segment (packed documents never see each other). Built once per
+    forward and shared by every layer."""
     T = segment_ids_BT.shape[1]
     causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
     same_doc_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    return causal_TT[None] & same_doc_BTT
+    bias_BTT = jnp.where(causal_TT[None] & same_doc_BTT, 0.0, -1e30).astype(jnp.float32)
+    return jax.lax.optimization_barrier(bias_BTT)
+
+
+def _softmax_mix(q_BHTE, k_BHSE, v_BHSE, bias_BTS, dtype):
+    """softmax(q kᵀ + bias) v for one query block, in float32 where it matters.
+
+    The normalisation is deferred past the mixing matmul: dividing the [T, E] output
+    instead of the [T, S] probabilities saves a pass over the largest tensor. The row
+    max only stabilises exp() and cancels out, so it carries no gradient.
+    """
+    scores_BHTS = jnp.einsum("bhte,bhse->bhts", q_BHTE, k_BHSE).astype(jnp.float32)
+    scores_BHTS = scores_BHTS + bias_BTS[:, None]
+    max_BHT1 = jax.lax.stop_gradient(scores_BHTS.max(axis=-1, keepdims=True))
+    unnorm_BHTS = jnp.exp(scores_BHTS - max_BHT1)
+    denom_BHT1 = unnorm_BHTS.sum(axis=-1, keepdims=True)
+    out_BHTE = jnp.einsum("bhts,bhse->bhte", unnorm_BHTS.astype(dtype), v_BHSE)
+    return (out_BHTE.astype(jnp.float32) / denom_BHT1).astype(dtype)
 
 
 class Attention(nn.Module):
@@ -64,7 +98,7 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask_BTT):
+    def __call__(self, x_BTD, rope, bias_BTT):
         cfg = self.config
         D, H, K, E = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_size
         dtype = jnp.dtype(cfg.compute_dtype)
@@ -79,8 +113,9 @@ class Attention(nn.Module):
         x_ND = x_BTD.reshape(B * T, D)
         project = lambda w, n: (x_ND @ w.reshape(D, n * E).astype(dtype)).reshape(B, T, n, E)
         q_BTHE, k_BTKE, v_BTKE = project(wq, H), project(wk, K), project(wv, K)
-        q_BTHE = apply_rope(q_BTHE, positions_BT, cfg.rope_theta)
-        k_BTKE = apply_rope(k_BTKE, positions_BT, cfg.rope_theta)
+        # The 1/sqrt(E) scale rides on q (fused into RoPE) rather than on the [T, S] scores.
+        q_BTHE = apply_rope(q_BTHE, rope) * jnp.asarray(E ** -0.5, dtype)
+        k_BTKE = apply_rope(k_BTKE, rope)
         # Grouped KV heads are repeated to the query heads: on CPU the 4-D layout's
         # backward pass is ~2× faster than a 5-D grouped einsum (benchmark_model.py).
         k_BTHE = jnp.repeat(k_BTKE, H // K, axis=2) if K != H else k_BTKE
@@ -88,11 +123,17 @@ class Attention(nn.Module):
         # Heads-major layout for the score and mixing matmuls: on CPU the forward pass is
         # ~2.5× faster than contracting in the [B, T, H, E] layout (benchmark_train.py).
         q_BHTE, k_BHTE, v_BHTE = (a.transpose(0, 2, 1, 3) for a in (q_BTHE, k_BTHE, v_BTHE))
-        logits_BHTS = jnp.einsum("bhte,bhse->bhts", q_BHTE, k_BHTE) * E ** -0.5
-        logits_BHTS = jnp.where(mask_BTT[:, None], logits_BHTS.astype(jnp.float32),
-                                jnp.finfo(jnp.float32).min)
-        probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(dtype)
-        out_BTHE = jnp.einsum("bhts,bhse->bhte", probs_BHTS, v_BHTE).transpose(0, 2, 1, 3)
+        # Causal: query block [start, end) needs keys [0, end) only, so the masked upper
+        # triangle is skipped block by block (static slices, unrolled).
+        T_blk = cfg.attention_query_block or T
+        out_blocks = []
+        for start in range(0, T, T_blk):
+            end = min(start + T_blk, T)
+            out_blocks.append(_softmax_mix(q_BHTE[:, :, start:end], k_BHTE[:, :, :end],
+                                           v_BHTE[:, :, :end], bias_BTT[:, start:end, :end],
+                                           dtype))
+        out_BHTE = out_blocks[0] if len(out_blocks) == 1 else jnp.concatenate(out_blocks, axis=2)
+        out_BTHE = out_BHTE.transpose(0, 2, 1, 3)
         return (out_BTHE.reshape(B * T, H * E) @ wo.reshape(H * E, D).astype(dtype)).reshape(B, T, D)
 
 
@@ -162,10 +203,10 @@ class Block(nn.Module):
     static_width: int | None = None  # Static FFN width for the slicing path.
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask_BTT, traced_width=None):
+    def __call__(self, x_BTD, rope, bias_BTT, traced_width=None):
         cfg = self.config
         h = RMSNorm(cfg.norm_eps, name="attn_norm")(x_BTD)
-        x_BTD = x_BTD + Attention(cfg, name="attn")(h, positions_BT, mask_BTT).astype(x_BTD.dtype)
+        x_BTD = x_BTD + Attention(cfg, name="attn")(h, rope, bias_BTT).astype(x_BTD.dtype)
         h = RMSNorm(cfg.norm_eps, name="ffn_norm")(x_BTD)
         width = self.static_width if traced_width is None else traced_width
         return x_BTD + NestedFFN(cfg, self.d_ff, name="ffn")(h, width).astype(x_BTD.dtype)

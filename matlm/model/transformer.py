@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from matlm.model.config import ModelConfig
-from matlm.model.layers import Block, RMSNorm, _param, attention_mask
+from matlm.model.layers import Block, RMSNorm, _param, attention_bias, rope_tables
 
 _REMAT_POLICIES = {
     "full": None,  # Recompute everything in the backward pass.
@@ -46,7 +46,9 @@ class MatLM(nn.Module):
         embedding_VD = _param(self, "embedding", (cfg.vocab_size, cfg.d_model),
                               ("vocab", "embed"), nn.initializers.normal(stddev=1.0))
         x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
-        mask_BTT = attention_mask(segment_ids_BT)
+        # Shared by every layer: computed (and materialised) once per forward.
+        bias_BTT = attention_bias(segment_ids_BT)
+        rope = rope_tables(positions_BT, cfg.head_size, cfg.rope_theta)
 
         block_cls = Block
         if cfg.remat_policy != "none":
@@ -54,7 +56,7 @@ class MatLM(nn.Module):
         for i, d_ff in enumerate(cfg.ffn_dims):
             static = None if widths is None or traced else int(widths[i])
             block = block_cls(cfg, d_ff=d_ff, static_width=static, name=f"layer_{i}")
-            x_BTD = block(x_BTD, positions_BT, mask_BTT, widths[i] if traced else None)
+            x_BTD = block(x_BTD, rope, bias_BTT, widths[i] if traced else None)
 
         x_BTD = RMSNorm(cfg.norm_eps, name="final_norm")(x_BTD)
         dtype = jnp.dtype(cfg.compute_dtype)
@@ -62,9 +64,10 @@ class MatLM(nn.Module):
         x_ND = x_BTD.astype(dtype).reshape(B * T, cfg.d_model)
         if cfg.tie_embeddings:
             # Contract against the [V, D] table directly (no transposed copy), scaled so
-            # logits start O(1) with unit-variance embeddings.
+            # logits start O(1) with unit-variance embeddings; the scale is applied to the
+            # [N, D] input, V/D times fewer multiplies than on the [N, V] logits.
+            x_ND = x_ND * jnp.asarray(cfg.d_model ** -0.5, dtype)
             logits_NV = jnp.einsum("nd,vd->nv", x_ND, embedding_VD.astype(dtype))
-            logits_NV = logits_NV * cfg.d_model ** -0.5
         else:
             out_DV = _param(self, "unembedding", (cfg.d_model, cfg.vocab_size),
                             ("embed", "vocab"), nn.initializers.normal(cfg.d_model ** -0.5))
