@@ -35,5 +35,5 @@ setup(
     python_requires=">=3.11",
     install_requires=CORE + DATA,
     extras_require={"test": TEST},
-    entry_points={"console_scripts": ["matlm=matlm.cli.main:main"]},
+    entry_points={"console_scripts": ["matlm=matlm.cli.main:console_main"]},
 )

@@ -11,6 +11,10 @@ Random parameters: speed does not depend on what the model learnt.
 """
 from __future__ import annotations
 
+from matlm.runtime import reexec_with_hugepage_malloc
+
+reexec_with_hugepage_malloc()  # Before anything allocates: see matlm/runtime.py.
+
 import argparse
 import time
 

@@ -15,6 +15,10 @@ Also measures this machine's fp32 matmul peak so the figures can be read as MFU.
 """
 from __future__ import annotations
 
+from matlm.runtime import reexec_with_hugepage_malloc
+
+reexec_with_hugepage_malloc()  # Before anything allocates: see matlm/runtime.py.
+
 import argparse
 import json
 import time
@@ -28,20 +32,25 @@ from matlm.model.counting import train_flops_per_token
 from matlm.model.reference import dense_forward
 
 
-def time_interleaved(fns: dict, args: tuple, reps: int) -> dict:
-    """Best-of-`reps` seconds per call for each function, after one warm-up call each.
+def time_interleaved(fns: dict, args: tuple, reps: int, block: int = 1) -> dict:
+    """Best-of-`reps × block` seconds per call for each function, after one warm-up
+    call each.
 
-    Runs are interleaved (A, B, C, A, B, C, ...) and the minimum kept, so a noisy
-    neighbour on a shared machine slows every variant alike instead of skewing a ratio.
+    Runs are interleaved in rounds (A, B, C, A, B, C, ...) and the minimum kept, so a
+    noisy neighbour on a shared machine slows every variant alike instead of skewing a
+    ratio. With `block` > 1 each turn makes that many calls back to back, as a training
+    loop does: switching executables every call makes the allocator hand out fresh
+    (page-faulting) temporary buffers, which a loop running one step does not pay.
     """
     for fn in fns.values():
         jax.block_until_ready(fn(*args))
     times = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - start)
+            for _ in range(block):
+                start = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                times[name].append(time.perf_counter() - start)
     return {name: min(ts) for name, ts in times.items()}
 
 

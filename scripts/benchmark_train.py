@@ -3,17 +3,24 @@
 joint vs a dense model, with this machine's matmul peak measured in the same run.
 
 Each variant is a full optimizer step (forward, backward, AdamW update) on one device.
-Runs are interleaved and the best of `--steps` kept, so a noisy neighbour slows every
-variant alike. The last line is one JSON object for scripts.
+Variants are interleaved in rounds (`--steps` rounds of `--block` back-to-back steps) and
+the best kept, so a noisy neighbour slows every variant alike. The last line is one JSON
+object for scripts. The script re-executes itself once with huge-page malloc (see
+matlm/runtime.py), as the `matlm` command does.
 
   python scripts/benchmark_train.py   # issue-4 shape: d512, 8 layers, d_ff 2048, seq 256, batch 8
 """
 from __future__ import annotations
 
+from matlm.runtime import reexec_with_hugepage_malloc
+
+reexec_with_hugepage_malloc()  # Before anything allocates: see matlm/runtime.py.
+
 import argparse
 import dataclasses
 import json
 import os
+import resource
 import sys
 
 import jax
@@ -53,8 +60,11 @@ def dense_train_step(config, optimizer):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag, default in [("d_model", 512), ("n_layers", 8), ("n_heads", 8), ("d_ff", 2048),
-                          ("seq_len", 256), ("batch", 8), ("vocab", 8192), ("steps", 5)]:
+                          ("seq_len", 256), ("batch", 8), ("vocab", 8192), ("steps", 4)]:
         parser.add_argument(f"--{flag}", type=int, default=default)
+    parser.add_argument("--block", type=int, default=2,
+                        help="optimizer steps per variant per round, back to back as in a "
+                             "training loop (timed rounds: --steps)")
     # GELU (two FFN kernels) is the shape the targets were set for: FLOP ratio ≈ 0.72.
     parser.add_argument("--activation", default="gelu", choices=("gelu", "swiglu", "geglu"))
     args = parser.parse_args()
@@ -96,8 +106,12 @@ def main():
     a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
     matmul = jax.jit(lambda a: a @ a)
     standalone_peak = matmul_peak_gflops()
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     times = time_interleaved({"matmul": lambda _: matmul(a),
-                              **{name: runner(name) for name in steps}}, (None,), args.steps)
+                              **{name: runner(name) for name in steps}}, (None,), args.steps,
+                             block=args.block)
+    faults_per_call = ((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
+                       / ((len(steps) + 1) * (args.steps * args.block + 1)))
     peak = max(standalone_peak, 2 * 2048 ** 3 / times.pop("matmul") / 1e9)
     n_tokens = args.batch * args.seq_len
     full = train_flops_per_token(config, args.seq_len)
@@ -113,7 +127,11 @@ def main():
     print(f"shape: d_model={args.d_model} layers={args.n_layers} heads={args.n_heads} "
           f"d_ff={args.d_ff} ({args.activation}) seq={args.seq_len} batch={args.batch} "
           f"vocab={args.vocab}; "
-          f"best of {args.steps} interleaved optimizer steps")
+          f"best of {args.steps} rounds × {args.block} back-to-back optimizer steps, "
+          f"variants interleaved")
+    huge = "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
+    print(f"malloc: {'transparent huge pages' if huge else '4 KiB pages'} "
+          f"({faults_per_call:,.0f} minor page faults per call; matlm/runtime.py)")
     print(tabulate(rows, headers=["train step", "ms", "tokens/s", "GFLOP/s", "of peak"],
                    tablefmt="simple_outline", disable_numparse=True))
     time_ratio = times["joint"] / times["masked_joint"]
@@ -129,7 +147,7 @@ def main():
         "peak_gflops": round(peak, 1), "mfu_joint": round(mfu("joint"), 4),
         "mfu_xl": round(mfu("xl_only"), 4),
         "sliced_over_masked_time": round(time_ratio, 4),
-        "sliced_over_masked_flops": round(flop_ratio, 4)}))
+        "sliced_over_masked_flops": round(flop_ratio, 4), "huge_pages": huge}))
 
 
 if __name__ == "__main__":

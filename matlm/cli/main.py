@@ -46,5 +46,12 @@ def main(argv=None) -> int:
         return 2
 
 
+def console_main() -> int:
+    """The `matlm` program: process-level settings first (matlm.runtime), then `main`."""
+    from matlm.runtime import reexec_with_hugepage_malloc
+    reexec_with_hugepage_malloc()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
