@@ -68,7 +68,8 @@ def next_token_loss(logits_BTV, tokens_BT):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     for flag, default in [("d_model", 512), ("n_layers", 8), ("n_heads", 8), ("d_ff", 2048),
-                          ("seq_len", 256), ("batch", 8), ("vocab", 8192), ("reps", 5)]:
+                          ("seq_len", 256), ("batch", 8), ("vocab", 8192), ("reps", 4),
+                          ("block", 2)]:
         parser.add_argument(f"--{flag}", type=int, default=default)
     args = parser.parse_args()
     config = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers,
@@ -94,7 +95,7 @@ def main():
     peak = matmul_peak_gflops()
     t = time_interleaved({"dense": dense, "nested_full": nested_full,
                           "sliced_joint": sliced_joint, "masked_joint": masked_joint},
-                         (params,), args.reps)
+                         (params,), args.reps, block=args.block)
     n_tokens = args.batch * args.seq_len
     flops = {
         "dense": train_flops_per_token(config, args.seq_len) * n_tokens,
@@ -109,7 +110,7 @@ def main():
     print(f"devices: {jax.devices()}  matmul peak (fp32 {2048}³): {peak:.1f} GFLOP/s")
     print(f"shape: d_model={args.d_model} layers={args.n_layers} heads={args.n_heads} "
           f"d_ff={args.d_ff} seq={args.seq_len} batch={args.batch} vocab={args.vocab}")
-    print(f"best of {args.reps} interleaved runs per variant")
+    print(f"best of {args.reps} interleaved rounds × {args.block} back-to-back runs per variant")
     print(tabulate(rows, headers=["fwd+bwd", "ms/step", "GFLOP/step", "GFLOP/s", "of peak"],
                    tablefmt="simple_outline", disable_numparse=True))
     nested_over_dense = t["nested_full"] / t["dense"]
