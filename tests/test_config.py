@@ -68,6 +68,7 @@ def test_invalid_width_vectors_are_named(value, message):
     (dict(compute_dtype="float16"), "unknown compute_dtype"),
     (dict(d_ff=0), "d_ff must be a positive integer"),
     (dict(granularity_widths=(32, 16, 128, 256)), "strictly increasing"),
+    (dict(attention_query_block=-64), "attention_query_block must be a non-negative integer"),
 ])
 def test_invalid_model_configs_are_named(kwargs, message):
     with pytest.raises((ModelConfigError, GranularityError), match=message):
