@@ -43,8 +43,9 @@ class RMSNorm(nn.Module):
 def rope_tables(positions_BT, head_size: int, theta: float):
     """(sin, cos) of the rotary angles, [B, T, 1, E/2] each, looked up per token.
 
-    Positions are offsets within a packed segment, so they are < T. The table over
-    [0, T) is computed in numpy at trace time and embedded as a constant: computed
+    Positions are offsets within a packed segment, so they are < T (a larger one reads
+    NaN, jnp.take's fill mode, never a wrong angle). The table over [0, T) is
+    computed in numpy at trace time and embedded as a constant: computed
     under jit, XLA fuses sin/cos into every consumer and recomputes them per head,
     per layer and again in the backward pass (on CPU, costlier than the rotation).
     """
@@ -72,8 +73,7 @@ def attention_bias(segment_ids_BT):
     T = segment_ids_BT.shape[1]
     causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
     same_doc_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    bias_BTT = jnp.where(causal_TT[None] & same_doc_BTT, 0.0, -1e30).astype(jnp.float32)
-    return jax.lax.optimization_barrier(bias_BTT)
+    return jnp.where(causal_TT[None] & same_doc_BTT, 0.0, -1e30).astype(jnp.float32)
 
 
 def _softmax_mix(q_BHTE, k_BHSE, v_BHSE, bias_BTS, dtype):

@@ -46,7 +46,7 @@ class MatLM(nn.Module):
         embedding_VD = _param(self, "embedding", (cfg.vocab_size, cfg.d_model),
                               ("vocab", "embed"), nn.initializers.normal(stddev=1.0))
         x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
-        # Shared by every layer: computed (and materialised) once per forward.
+        # Shared by every layer: computed once per forward.
         bias_BTT = attention_bias(segment_ids_BT)
         rope = rope_tables(positions_BT, cfg.head_size, cfg.rope_theta)
 
