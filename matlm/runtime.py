@@ -5,7 +5,7 @@ Transparent huge pages for malloc. XLA:CPU allocates each step's temporary buffe
 afresh (3 GB for the benchmark_train shape), and glibc serves large blocks with fresh
 mmap'd pages, so every step takes ~800,000 minor page faults (4 KiB each) to touch
 them again. With `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35) malloc asks
-for transparent huge pages (2 MiB): ~2,000 faults per step and about 5 % faster steps
+for transparent huge pages (2 MiB): ~2,300 faults per step and about 6 % faster steps
 on a 2-core CPU (see the README's performance notes). Kernels whose THP mode is
 `madvise` need the tunable; `always` already gives huge pages; `never` cannot.
 Set MATLM_NO_HUGEPAGES=1 to leave the process alone.

@@ -117,6 +117,12 @@ class ModelConfig:
                                alignment=self.width_alignment,
                                nest_blocks=self.ffn_nest_blocks)
 
+    def attention_blocks(self, seq_len: int) -> tuple[tuple[int, int], ...]:
+        """The causal query blocks [start, end) over `seq_len` positions; each attends to
+        keys [0, end). The one definition the attention layer and the FLOP counts share."""
+        block = self.attention_query_block or seq_len
+        return tuple((start, min(start + block, seq_len)) for start in range(0, seq_len, block))
+
     def resolve_widths(self, value) -> tuple[int, ...]:
         """A validated per-layer width vector (see GranularitySpec.resolve), checked
         against each layer's stored width as well."""

@@ -44,9 +44,7 @@ def non_embedding_param_count(config: ModelConfig, widths: Sequence[int] | None 
 def attended_keys_per_token(config: ModelConfig, seq_len: int) -> float:
     """Mean number of keys a query's score and mixing matmuls cover, over `seq_len`
     positions: query block [s, e) is computed against keys [0, e)."""
-    block = config.attention_query_block or seq_len
-    pairs = sum((min(s + block, seq_len) - s) * min(s + block, seq_len)
-                for s in range(0, seq_len, block))
+    pairs = sum((end - start) * end for start, end in config.attention_blocks(seq_len))
     return pairs / seq_len
 
 

@@ -125,13 +125,9 @@ class Attention(nn.Module):
         q_BHTE, k_BHTE, v_BHTE = (a.transpose(0, 2, 1, 3) for a in (q_BTHE, k_BTHE, v_BTHE))
         # Causal: query block [start, end) needs keys [0, end) only, so the masked upper
         # triangle is skipped block by block (static slices, unrolled).
-        T_blk = cfg.attention_query_block or T
-        out_blocks = []
-        for start in range(0, T, T_blk):
-            end = min(start + T_blk, T)
-            out_blocks.append(_softmax_mix(q_BHTE[:, :, start:end], k_BHTE[:, :, :end],
-                                           v_BHTE[:, :, :end], bias_BTT[:, start:end, :end],
-                                           dtype))
+        out_blocks = [_softmax_mix(q_BHTE[:, :, start:end], k_BHTE[:, :, :end],
+                                   v_BHTE[:, :, :end], bias_BTT[:, start:end, :end], dtype)
+                      for start, end in cfg.attention_blocks(T)]
         out_BHTE = out_blocks[0] if len(out_blocks) == 1 else jnp.concatenate(out_blocks, axis=2)
         out_BTHE = out_BHTE.transpose(0, 2, 1, 3)
         return (out_BTHE.reshape(B * T, H * E) @ wo.reshape(H * E, D).astype(dtype)).reshape(B, T, D)
