@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from matlm.runtime import reexec_with_hugepage_malloc
 
-reexec_with_hugepage_malloc()  # Before anything allocates: see matlm/runtime.py.
+if __name__ == "__main__":  # Run as a script, not when imported (tests, other benchmarks).
+    reexec_with_hugepage_malloc()  # Before anything allocates: see matlm/runtime.py.
 
 import argparse
 import json

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 from matlm.runtime import reexec_with_hugepage_malloc
 
-reexec_with_hugepage_malloc()  # Before anything allocates: see matlm/runtime.py.
+if __name__ == "__main__":  # Run as a script, not when imported (tests, other benchmarks).
+    reexec_with_hugepage_malloc()  # Before anything allocates: see matlm/runtime.py.
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import resource
+import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +36,12 @@ from tabulate import tabulate
 sys.path.insert(0, os.path.dirname(__file__))
 from benchmark_model import matmul_peak_gflops, time_interleaved  # noqa: E402
 
-from matlm.model import ModelConfig  # noqa: E402
+from matlm.model import MatLM, ModelConfig  # noqa: E402
 from matlm.model.counting import train_flops_per_token  # noqa: E402
 from matlm.model.reference import dense_forward  # noqa: E402
 from matlm.training import mesh as mesh_lib  # noqa: E402
 from matlm.training.config import TrainConfig  # noqa: E402
-from matlm.training.objective import build_objective, token_losses  # noqa: E402
+from matlm.training.objective import build_objective, granularity_loss, token_losses  # noqa: E402
 from matlm.training.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
 from matlm.training.train_step import init_state, make_train_step  # noqa: E402
 
@@ -57,6 +61,46 @@ def dense_train_step(config, optimizer):
     return jax.jit(step, donate_argnums=(0,))
 
 
+def torch_eager_reference(torch_python, config, train, objective, params, batch, tokens,
+                          rounds):
+    """Time scripts/torch_reference_train.py (PyTorch eager, a loop over the widths) on the
+    same model, parameters and tokens, after checking that its first-step losses match
+    matlm's. Returns (best step seconds, torch's matmul peak, report) or raises SystemExit."""
+    if config.gated or not config.tie_embeddings or config.ffn_nest_blocks != 1 \
+            or config.num_kv_heads != config.n_heads:
+        raise SystemExit("--torch_python: the PyTorch reference implements the GELU, tied-"
+                         "embedding, multi-head, ffn_nest_blocks=1 model only")
+    model = MatLM(config)
+    matlm_losses = [float(jax.jit(lambda p, b, w=w: granularity_loss(model, p, b, w, 0.0)[1])(
+        params, batch)) for w in objective.widths]
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    spec = {"n_layers": config.n_layers, "n_heads": config.n_heads,
+            "widths": [list(map(int, w)) for w in objective.widths],
+            "weights": list(objective.weights), "rope_theta": config.rope_theta,
+            "norm_eps": config.norm_eps, "learning_rate": train.learning_rate,
+            "adam_b1": train.adam_b1, "adam_b2": train.adam_b2, "adam_eps": train.adam_eps,
+            "weight_decay": train.weight_decay, "clip_grad_norm": train.clip_grad_norm}
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = os.path.join(tmp, "reference.npz")
+        np.savez(npz, tokens=tokens, **flat)
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                              "torch_reference_train.py")
+        proc = subprocess.run([torch_python, script, "--npz", npz, "--spec", json.dumps(spec),
+                               "--steps", str(rounds)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"the PyTorch reference failed ({torch_python}):\n{proc.stderr[-2000:]}")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Same model, same parameters, same tokens: the losses agree to float32 rounding, or
+    # the comparison would be between different computations.
+    worst = max(abs(a - b) / abs(b) for a, b in zip(report["losses"], matlm_losses))
+    if worst > 1e-4:
+        raise SystemExit(f"the PyTorch reference computes a different model: first-step "
+                         f"losses {report['losses']} vs matlm {matlm_losses}")
+    report["max_relative_loss_difference"] = worst
+    return min(report["step_times"]), report["peak_gflops"], report
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag, default in [("d_model", 512), ("n_layers", 8), ("n_heads", 8), ("d_ff", 2048),
@@ -67,7 +111,13 @@ def main():
                              "training loop (timed rounds: --steps)")
     # GELU (two FFN kernels) is the shape the targets were set for: FLOP ratio ≈ 0.72.
     parser.add_argument("--activation", default="gelu", choices=("gelu", "swiglu", "geglu"))
+    parser.add_argument("--torch_python", default=None,
+                        help="a Python interpreter with torch: also time the PyTorch eager "
+                             "reference (scripts/torch_reference_train.py) on the same model "
+                             "(default: this interpreter if it has torch, else skipped)")
     args = parser.parse_args()
+    if args.torch_python is None and importlib.util.find_spec("torch") is not None:
+        args.torch_python = sys.executable
     config = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers,
                          n_heads=args.n_heads, d_ff=args.d_ff, activation=args.activation)
     train = TrainConfig(steps=1000, seq_len=args.seq_len, global_batch_size=args.batch,
@@ -117,11 +167,22 @@ def main():
     full = train_flops_per_token(config, args.seq_len)
     flops = {"joint": sum(train_flops_per_token(config, args.seq_len, w) for w in joint.widths),
              "xl_only": full, "masked_joint": len(joint.widths) * full, "dense": full}
+    torch_report = None
+    if args.torch_python:
+        # After the JAX rounds, in its own process: it cannot be interleaved with them.
+        times["torch_eager"], torch_peak, torch_report = torch_eager_reference(
+            args.torch_python, config, train, joint, state.params, batch, tokens,
+            args.steps * args.block)
+        flops["torch_eager"] = flops["joint"]
     rows = []
-    for name in ("joint", "xl_only", "masked_joint", "dense"):
+    for name in ("joint", "xl_only", "masked_joint", "dense", "torch_eager"):
+        if name not in times:
+            continue
+        # Each framework against its own matmul peak (torch: MKL's 2048³ sgemm).
+        own_peak = torch_peak if name == "torch_eager" else peak
         gflops = flops[name] * n_tokens / times[name] / 1e9
         rows.append([name, f"{times[name] * 1e3:.0f}", f"{n_tokens / times[name]:,.0f}",
-                     f"{gflops:.1f}", f"{gflops / peak:.0%}"])
+                     f"{gflops:.1f}", f"{gflops / own_peak:.0%}"])
     print(f"device: {jax.devices()[0].device_kind}; fp32 matmul peak {peak:.1f} GFLOP/s "
           f"(2048³: the better of standalone and interleaved with the steps)")
     print(f"shape: d_model={args.d_model} layers={args.n_layers} heads={args.n_heads} "
@@ -139,6 +200,25 @@ def main():
     print(f"sliced joint / masked joint: time {time_ratio:.3f}, FLOPs {flop_ratio:.3f} "
           f"(target: time at most 5 % above FLOPs — slicing saves what it should)")
     mfu = lambda name: flops[name] * n_tokens / times[name] / 1e9 / peak
+    extra = {}
+    if torch_report:
+        print(f"torch_eager: PyTorch {torch_report['torch_version']} eager on "
+              f"{torch_report['threads']} threads, a loop over the {len(joint.widths)} widths "
+              f"(scripts/torch_reference_train.py), best of {len(torch_report['step_times'])} "
+              f"steps, run after the JAX rounds; fp32 matmul peak {torch_peak:.1f} GFLOP/s; "
+              f"first-step losses match matlm's to "
+              f"{torch_report['max_relative_loss_difference']:.1e} (relative)")
+        print(f"matlm joint step vs PyTorch eager: "
+              f"{times['torch_eager'] / times['joint']:.2f}× the tokens/s")
+        extra = {"torch_eager_tokens_per_s": round(n_tokens / times["torch_eager"], 1),
+                 "torch_peak_gflops": round(torch_peak, 1),
+                 "mfu_torch_eager": round(flops["joint"] * n_tokens / times["torch_eager"]
+                                          / 1e9 / torch_peak, 4),
+                 "joint_over_torch_eager_tokens_per_s": round(
+                     times["torch_eager"] / times["joint"], 3)}
+    else:
+        print("torch_eager: skipped (no torch here; pass --torch_python PYTHON with an "
+              "interpreter that has torch to time the PyTorch eager reference)")
     print(json.dumps({
         "joint_tokens_per_s": round(n_tokens / times["joint"], 1),
         "xl_only_tokens_per_s": round(n_tokens / times["xl_only"], 1),
@@ -147,7 +227,7 @@ def main():
         "peak_gflops": round(peak, 1), "mfu_joint": round(mfu("joint"), 4),
         "mfu_xl": round(mfu("xl_only"), 4),
         "sliced_over_masked_time": round(time_ratio, 4),
-        "sliced_over_masked_flops": round(flop_ratio, 4), "huge_pages": huge}))
+        "sliced_over_masked_flops": round(flop_ratio, 4), "huge_pages": huge, **extra}))
 
 
 if __name__ == "__main__":
