@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from matlm.model import MatLM, ModelConfig, init_params, param_count
-from matlm.model.counting import forward_flops_per_token
+from matlm.model.counting import forward_flops_per_token, joint_forward_flops_per_token
 from matlm.model.layout import ffn_to_contiguous
 from matlm.model.reference import dense_forward, slice_params
+from matlm.model.streams import stream_plan
 
 # Causal query blocks of 5 over T = 12 (blocks 5, 5, 2) cross the packed-document
 # boundaries of `_batch`; one variant runs attention as a single [T, T] block.
@@ -177,3 +178,87 @@ def test_counts_match_the_real_parameter_tree_and_executed_matmuls(name):
         # Float only because blocked attention averages keys per token: equal to rounding.
         assert _dot_flops(jaxpr.jaxpr) == pytest.approx(
             T * forward_flops_per_token(config, T, widths), rel=1e-12)
+
+
+def _joint_vectors(config):
+    """Uniform granularities, Mix'n'Match vectors sharing their first layer(s) with them
+    and with each other, and a duplicate."""
+    spec = config.granularities
+    s, xl = spec.uniform("S"), spec.uniform("XL")
+    shares_one = (s[0],) + xl[1:]
+    shares_two = s[:2] + xl[2:]
+    return [spec.uniform(n) for n in spec.names] + [shares_one, shares_two, s]
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_joint_pass_equals_each_submodel_alone(name):
+    config = VARIANTS[name]
+    params = init_params(config, jax.random.key(0))
+    tokens, segments, positions = _batch(config)
+    vectors = _joint_vectors(config)
+    joint = MatLM(config).apply({"params": params}, tokens, segments, positions,
+                                joint_widths=vectors)
+    assert len(joint) == len(vectors)
+    for widths, got in zip(vectors, joint):
+        want = MatLM(config).apply({"params": params}, tokens, segments, positions,
+                                   widths=widths)
+        # Shared FFN hidden units are summed segment by segment: float32 reassociation.
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=str(widths))
+
+
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_joint_pass_gradients_equal_separate_passes(policy):
+    config = dataclasses.replace(VARIANTS["gelu_gqa_untied"], remat_policy=policy)
+    params = init_params(config, jax.random.key(0))
+    tokens, segments, positions = _batch(config)
+    vectors = _joint_vectors(config)
+    weights = jnp.arange(1.0, len(vectors) + 1)  # Distinct λ: each cotangent counts.
+
+    def objective(logits):
+        return sum(w * jnp.mean(jax.nn.log_softmax(l)[..., 0]) for w, l in zip(weights, logits))
+
+    joint = jax.grad(lambda p: objective(MatLM(config).apply(
+        {"params": p}, tokens, segments, positions, joint_widths=vectors)))(params)
+    separate = jax.grad(lambda p: objective([MatLM(config).apply(
+        {"params": p}, tokens, segments, positions, widths=w) for w in vectors]))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 joint, separate)
+
+
+@pytest.mark.parametrize("name", ["swiglu_mha_tied", "swiglu_4_nest_blocks", "gelu_gqa_untied"])
+def test_joint_counts_match_executed_matmuls(name):
+    config = VARIANTS[name]
+    T = 12
+    tokens = jnp.zeros((1, T), jnp.int32)
+    params = init_params(config, jax.random.key(0))
+    vectors = _joint_vectors(config)
+    jaxpr = jax.make_jaxpr(lambda p: MatLM(config).apply(
+        {"params": p}, tokens, joint_widths=vectors))(params)
+    counted = T * joint_forward_flops_per_token(config, T, vectors)
+    assert _dot_flops(jaxpr.jaxpr) == pytest.approx(counted, rel=1e-12)
+    separate = T * sum(forward_flops_per_token(config, T, w) for w in vectors)
+    assert counted < separate  # Sharing saves work, and the count shows it.
+
+
+def test_stream_plan():
+    # Uniform granularities: one stream into layer 0 (four widths), then four streams.
+    layers, final = stream_plan([(1, 1, 1), (2, 2, 2), (4, 4, 4)])
+    assert layers[0] == (((0, 1, 2), (1, 2, 4)),)
+    assert layers[1] == (((0,), (1,)), ((1,), (2,)), ((2,), (4,)))
+    assert final == ((0,), (1,), (2,))
+    # Vectors agreeing on layers 0-1 share those layers whole; duplicates share a stream.
+    layers, final = stream_plan([(1, 1, 1), (1, 1, 4), (1, 1, 1)])
+    assert layers[0] == layers[1] == (((0, 1, 2), (1,)),)
+    assert layers[2] == (((0, 1, 2), (1, 4)),)
+    assert final == ((0, 2), (1,))
+    with pytest.raises(ValueError, match="at least one"):
+        stream_plan([])
+    with pytest.raises(ValueError, match="different lengths"):
+        stream_plan([(1, 2), (1, 2, 3)])
+
+
+def test_joint_widths_refuse_a_wrong_layer_count():
+    params = init_params(BASE, jax.random.key(0))
+    tokens, _, _ = _batch(BASE)
+    with pytest.raises(ValueError, match="2 widths for 3 layers"):
+        MatLM(BASE).apply({"params": params}, tokens, joint_widths=[(8, 8), (16, 16)])

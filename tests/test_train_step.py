@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from matlm.model import ModelConfig
+from matlm.model import MatLM, ModelConfig, init_params
 from matlm.model.layout import logical_to_physical
 from matlm.training import mesh as mesh_lib
 from matlm.training.config import TrainConfig, TrainConfigError
-from matlm.training.objective import build_objective
+from matlm.training.objective import build_objective, granularity_loss, joint_loss
 from matlm.training.optimizer import learning_rate_schedule, make_optimizer
 from matlm.training.train_step import init_state, make_train_step
 
@@ -147,6 +147,31 @@ def test_sampled_step_trains_exactly_the_sampled_granularities():
         state, metrics = step(state, mesh_lib.global_batch(synthetic_batch(i), mesh))
         np.testing.assert_array_equal(jax.device_get(metrics["trained"]), expected)
         assert (jax.device_get(metrics["ce"]) > 0).sum() == 1
+
+
+def test_joint_loss_over_shared_streams_equals_granularities_one_by_one():
+    # Training all granularities runs one pass sharing layer 0 (matlm.model.streams); it
+    # must optimise exactly Σ λ_i · loss_i of the submodels run separately.
+    train = dataclasses.replace(TRAIN, granularity_weights=(0.1, 0.2, 0.3, 0.4), z_loss=1e-3)
+    objective = build_objective(MODEL, train)
+    params = init_params(MODEL, jax.random.key(0))
+    batch = jax.tree.map(jax.numpy.asarray, synthetic_batch(0))
+    model = MatLM(MODEL)
+    indices = objective.indices(0)
+
+    def separate(params):
+        parts = [granularity_loss(model, params, batch, w, objective.z_loss)
+                 for w in objective.widths]
+        total = sum(lam * loss for lam, (loss, _) in zip(objective.weights, parts))
+        return total, jax.numpy.stack([ce for _, ce in parts])
+
+    (total, ce), grads = jax.value_and_grad(
+        lambda p: joint_loss(model, objective, p, batch, indices), has_aux=True)(params)
+    (want_total, want_ce), want_grads = jax.value_and_grad(separate, has_aux=True)(params)
+    np.testing.assert_allclose(total, want_total, rtol=1e-5)
+    np.testing.assert_allclose(ce, want_ce, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 grads, want_grads)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -7,7 +7,8 @@ value mixing over the key ranges actually computed: attention runs in causal que
 blocks (`ModelConfig.attention_query_block`), each against the keys up to its own
 end, so the skipped upper triangle is not counted (with one block it is the full
 T×T). MFU from these counts is never flattered by work that was not done.
-Element-wise work (norms, softmax, RoPE) is not counted.
+A joint pass over several submodels counts its shared streams once
+(`joint_forward_flops_per_token`). Element-wise work (norms, softmax, RoPE) is not counted.
 Training FLOPs are 3× forward (backward = 2× forward).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from matlm.model.config import ModelConfig
+from matlm.model.streams import stream_plan
 
 
 def _ffn_kernels(config: ModelConfig) -> int:
@@ -48,6 +50,11 @@ def attended_keys_per_token(config: ModelConfig, seq_len: int) -> float:
     return pairs / seq_len
 
 
+def _attention_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    keys = attended_keys_per_token(config, seq_len)
+    return 2 * _attn_proj_params(config) + 2 * 2 * keys * config.n_heads * config.head_size
+
+
 def forward_flops_per_token(config: ModelConfig, seq_len: int,
                             widths: Sequence[int] | None = None) -> float:
     """Matmul FLOPs of one forward pass, per token, for sequences of `seq_len`.
@@ -57,13 +64,31 @@ def forward_flops_per_token(config: ModelConfig, seq_len: int,
     """
     widths = config.ffn_dims if widths is None else widths
     D, V = config.d_model, config.vocab_size
-    H, E = config.n_heads, config.head_size
-    keys = attended_keys_per_token(config, seq_len)
-    attn = 2 * _attn_proj_params(config) + 2 * 2 * keys * H * E  # proj + QK^T + PV
     ffn = sum(2 * _ffn_kernels(config) * D * m for m in widths)
-    return config.n_layers * attn + ffn + 2 * D * V
+    return config.n_layers * _attention_flops_per_token(config, seq_len) + ffn + 2 * D * V
+
+
+def joint_forward_flops_per_token(config: ModelConfig, seq_len: int,
+                                  widths_per_submodel: Sequence[Sequence[int]]) -> float:
+    """Matmul FLOPs per token of one joint forward pass over several static-width
+    submodels (`MatLM(..., joint_widths=...)`), which shares residual streams
+    (matlm.model.streams): per layer, attention once per stream and the FFN once per
+    stream at its widest width; logits once per final stream. At most the sum of the
+    submodels' `forward_flops_per_token`."""
+    layers, final_streams = stream_plan(widths_per_submodel)
+    D, V = config.d_model, config.vocab_size
+    attn = _attention_flops_per_token(config, seq_len)
+    total = 2 * D * V * len(final_streams)
+    for plan in layers:
+        total += sum(attn + 2 * _ffn_kernels(config) * D * max(widths) for _, widths in plan)
+    return total
 
 
 def train_flops_per_token(config: ModelConfig, seq_len: int,
                           widths: Sequence[int] | None = None) -> float:
     return 3 * forward_flops_per_token(config, seq_len, widths)
+
+
+def joint_train_flops_per_token(config: ModelConfig, seq_len: int,
+                                widths_per_submodel: Sequence[Sequence[int]]) -> float:
+    return 3 * joint_forward_flops_per_token(config, seq_len, widths_per_submodel)

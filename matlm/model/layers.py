@@ -158,7 +158,11 @@ class NestedFFN(nn.Module):
     d_ff: int  # Stored width of this layer's kernels.
 
     @nn.compact
-    def __call__(self, x_BTD, width: Width | None = None):
+    def __call__(self, x_BTD, width: Width | None = None,
+                 prefix_widths: tuple[int, ...] | None = None):
+        """The FFN at `width`; or, given ascending static `prefix_widths`, a tuple with
+        its output at each of them, sharing the hidden units they have in common
+        (matlm.model.streams)."""
         cfg = self.config
         D, F = cfg.d_model, self.d_ff
         dtype = jnp.dtype(cfg.compute_dtype)
@@ -166,16 +170,33 @@ class NestedFFN(nn.Module):
         wi = [_param(self, n, (D, F), ("embed", "mlp"), _dense_init(D)) for n in names]
         wo = _param(self, "wo", (F, D), ("mlp", "embed"), _dense_init(F))
         N = cfg.ffn_nest_blocks
+
+        def units(w, axis, start, stop):
+            """Units [start, stop) of the nesting order: the same range of each of the N
+            blocks (N = 1: a plain slice)."""
+            blocks = w.reshape(w.shape[:axis] + (N, F // N) + w.shape[axis + 1:])
+            kept = jax.lax.slice_in_dim(blocks, start // N, stop // N, axis=axis + 1)
+            return kept.reshape(w.shape[:axis] + (stop - start,) + w.shape[axis + 1:])
+
+        B, T = x_BTD.shape[:2]
+        x_ND = x_BTD.astype(dtype).reshape(B * T, D)
+        if prefix_widths is not None:
+            # Segment [start, stop) adds units start..stop-1: out(stop) = out(start) + its
+            # contribution, so every width costs what the widest alone does.
+            outputs, out_ND, start = [], None, 0
+            for stop in prefix_widths:
+                pre_NF = [x_ND @ units(w, 1, start, stop).astype(dtype) for w in wi]
+                part_ND = activate(cfg.activation, *pre_NF) @ units(wo, 0, start, stop).astype(dtype)
+                out_ND = part_ND if out_ND is None else out_ND + part_ND
+                outputs.append(out_ND.reshape(B, T, D))
+                start = stop
+            return tuple(outputs)
         if width is None or (isinstance(width, int) and width == F):
             pass  # Full width: no slicing at all.
         elif isinstance(width, int):
             # Each of the N blocks keeps its first width/N units (N = 1: a plain prefix).
-            def cut(w, axis):
-                blocks = w.reshape(w.shape[:axis] + (N, F // N) + w.shape[axis + 1:])
-                kept = jax.lax.dynamic_slice_in_dim(blocks, 0, width // N, axis=axis + 1)
-                return kept.reshape(w.shape[:axis] + (width,) + w.shape[axis + 1:])
-            wi = [cut(w, axis=1) for w in wi]
-            wo = cut(wo, axis=0)
+            wi = [units(w, 1, 0, width) for w in wi]
+            wo = units(wo, 0, 0, width)
         else:
             # Masking wo's rows equals masking the hidden units ((h·m) @ wo = h @ (m·wo))
             # and zeroes the gradients of unused units in wi and wo alike, but touches
@@ -184,25 +205,40 @@ class NestedFFN(nn.Module):
             wo = jnp.where(mask_F[:, None], wo, 0)
         # 2-D matmuls over flattened tokens: with a 3-D einsum, XLA:CPU computes the kernel
         # gradients by physically transposing the [B, T, F] activations first (slow).
-        B, T = x_BTD.shape[:2]
-        x_ND = x_BTD.astype(dtype).reshape(B * T, D)
         pre_NF = [x_ND @ w.astype(dtype) for w in wi]
         h_NF = activate(cfg.activation, *pre_NF)
         return (h_NF @ wo.astype(dtype)).reshape(B, T, D)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)); x + ffn(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)); x + ffn(norm(x)).
+
+    With `stream_widths` it runs shared residual streams (matlm.model.streams): the input
+    is a tuple of streams, stream s is wanted at the ascending widths stream_widths[s],
+    and the output is a tuple with, per stream, one output per width.
+    """
 
     config: ModelConfig
     d_ff: int
     static_width: int | None = None  # Static FFN width for the slicing path.
+    stream_widths: tuple[tuple[int, ...], ...] | None = None
 
     @nn.compact
     def __call__(self, x_BTD, rope, bias_BTT, traced_width=None):
         cfg = self.config
-        h = RMSNorm(cfg.norm_eps, name="attn_norm")(x_BTD)
-        x_BTD = x_BTD + Attention(cfg, name="attn")(h, rope, bias_BTT).astype(x_BTD.dtype)
-        h = RMSNorm(cfg.norm_eps, name="ffn_norm")(x_BTD)
+        attn_norm, ffn_norm = (RMSNorm(cfg.norm_eps, name=n) for n in ("attn_norm", "ffn_norm"))
+        attention, ffn = Attention(cfg, name="attn"), NestedFFN(cfg, self.d_ff, name="ffn")
+
+        def attend(x):
+            return x + attention(attn_norm(x), rope, bias_BTT).astype(x.dtype)
+
+        if self.stream_widths is not None:
+            outputs = []
+            for x, widths in zip(x_BTD, self.stream_widths, strict=True):
+                x = attend(x)
+                outs = ffn(ffn_norm(x), prefix_widths=widths)
+                outputs.append(tuple(x + out.astype(x.dtype) for out in outs))
+            return tuple(outputs)
+        x_BTD = attend(x_BTD)
         width = self.static_width if traced_width is None else traced_width
-        return x_BTD + NestedFFN(cfg, self.d_ff, name="ffn")(h, width).astype(x_BTD.dtype)
+        return x_BTD + ffn(ffn_norm(x_BTD), width).astype(x_BTD.dtype)

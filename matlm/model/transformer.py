@@ -5,7 +5,10 @@
 - `widths=(m_0, ..., m_{L-1})` python ints: static widths, kernels sliced (training,
   exported submodels);
 - `widths=jnp.array([...], int32)` traced: masked FFNs, so one compiled function
-  evaluates any Mix'n'Match width vector.
+  evaluates any Mix'n'Match width vector;
+- `joint_widths=(widths_0, widths_1, ...)`: several static-width submodels in one pass,
+  a tuple of logits, sharing the layers where their inputs agree (the joint training
+  objective; matlm.model.streams).
 Layers are unrolled (not scanned): Mix'n'Match widths differ per layer, and static
 slices of different sizes cannot share one scanned body.
 """
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 
 from matlm.model.config import ModelConfig
 from matlm.model.layers import Block, RMSNorm, _param, attention_bias, rope_tables
+from matlm.model.streams import stream_plan
 
 _REMAT_POLICIES = {
     "full": None,  # Recompute everything in the backward pass.
@@ -31,8 +35,11 @@ class MatLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None,
-                 widths: Sequence[int] | jax.Array | None = None):
-        """Returns float32 logits [B, T, vocab]."""
+                 widths: Sequence[int] | jax.Array | None = None,
+                 joint_widths: Sequence[Sequence[int]] | None = None):
+        """Returns float32 logits [B, T, vocab]; with `joint_widths` (static width vectors
+        of several submodels), a tuple of them, one per submodel, computed over shared
+        residual streams (matlm.model.streams)."""
         cfg = self.config
         B, T = tokens_BT.shape
         if segment_ids_BT is None:
@@ -42,6 +49,8 @@ class MatLM(nn.Module):
         traced = widths is not None and not isinstance(widths, (tuple, list))
         if widths is not None and not traced and len(widths) != cfg.n_layers:
             raise ValueError(f"{len(widths)} widths for {cfg.n_layers} layers")
+        if joint_widths is not None and widths is not None:
+            raise ValueError("pass widths (one submodel) or joint_widths (several), not both")
 
         embedding_VD = _param(self, "embedding", (cfg.vocab_size, cfg.d_model),
                               ("vocab", "embed"), nn.initializers.normal(stddev=1.0))
@@ -53,26 +62,50 @@ class MatLM(nn.Module):
         block_cls = Block
         if cfg.remat_policy != "none":
             block_cls = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy])
-        for i, d_ff in enumerate(cfg.ffn_dims):
-            static = None if widths is None or traced else int(widths[i])
-            block = block_cls(cfg, d_ff=d_ff, static_width=static, name=f"layer_{i}")
-            x_BTD = block(x_BTD, rope, bias_BTT, widths[i] if traced else None)
-
-        x_BTD = RMSNorm(cfg.norm_eps, name="final_norm")(x_BTD)
-        dtype = jnp.dtype(cfg.compute_dtype)
-        # Flattened tokens: 2-D matmuls are much faster in XLA:CPU's backward pass.
-        x_ND = x_BTD.astype(dtype).reshape(B * T, cfg.d_model)
-        if cfg.tie_embeddings:
-            # Contract against the [V, D] table directly (no transposed copy), scaled so
-            # logits start O(1) with unit-variance embeddings; the scale is applied to the
-            # [N, D] input, V/D times fewer multiplies than on the [N, V] logits.
-            x_ND = x_ND * jnp.asarray(cfg.d_model ** -0.5, dtype)
-            logits_NV = jnp.einsum("nd,vd->nv", x_ND, embedding_VD.astype(dtype))
+        if joint_widths is None:
+            for i, d_ff in enumerate(cfg.ffn_dims):
+                static = None if widths is None or traced else int(widths[i])
+                block = block_cls(cfg, d_ff=d_ff, static_width=static, name=f"layer_{i}")
+                x_BTD = block(x_BTD, rope, bias_BTT, widths[i] if traced else None)
+            streams, final_members = (x_BTD,), None
         else:
-            out_DV = _param(self, "unembedding", (cfg.d_model, cfg.vocab_size),
-                            ("embed", "vocab"), nn.initializers.normal(cfg.d_model ** -0.5))
-            logits_NV = x_ND @ out_DV.astype(dtype)
-        return logits_NV.reshape(B, T, cfg.vocab_size).astype(jnp.float32)
+            layers, final_members = stream_plan(joint_widths)
+            if len(layers) != cfg.n_layers:
+                raise ValueError(f"{len(layers)} widths for {cfg.n_layers} layers")
+            streams = (x_BTD,)
+            for i, (d_ff, plan) in enumerate(zip(cfg.ffn_dims, layers)):
+                block = block_cls(cfg, d_ff=d_ff, stream_widths=tuple(w for _, w in plan),
+                                  name=f"layer_{i}")
+                streams = tuple(x for split in block(streams, rope, bias_BTT) for x in split)
+
+        final_norm = RMSNorm(cfg.norm_eps, name="final_norm")
+        dtype = jnp.dtype(cfg.compute_dtype)
+        if cfg.tie_embeddings:
+            table = embedding_VD
+        else:
+            table = _param(self, "unembedding", (cfg.d_model, cfg.vocab_size),
+                           ("embed", "vocab"), nn.initializers.normal(cfg.d_model ** -0.5))
+
+        def logits(x_BTD):
+            # Flattened tokens: 2-D matmuls are much faster in XLA:CPU's backward pass.
+            x_ND = final_norm(x_BTD).astype(dtype).reshape(B * T, cfg.d_model)
+            if cfg.tie_embeddings:
+                # Contract against the [V, D] table directly (no transposed copy), scaled
+                # so logits start O(1) with unit-variance embeddings; the scale is applied
+                # to the [N, D] input, V/D times fewer multiplies than on the [N, V] logits.
+                x_ND = x_ND * jnp.asarray(cfg.d_model ** -0.5, dtype)
+                logits_NV = jnp.einsum("nd,vd->nv", x_ND, table.astype(dtype))
+            else:
+                logits_NV = x_ND @ table.astype(dtype)
+            return logits_NV.reshape(B, T, cfg.vocab_size).astype(jnp.float32)
+
+        if final_members is None:
+            return logits(streams[0])
+        by_submodel = {}
+        for x, members in zip(streams, final_members, strict=True):
+            stream_logits = logits(x)  # Identical width vectors share one stream.
+            by_submodel.update((m, stream_logits) for m in members)
+        return tuple(by_submodel[m] for m in range(len(joint_widths)))
 
 
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8):

@@ -21,7 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 from matlm.model import ModelConfig
-from matlm.model.counting import param_count, train_flops_per_token
+from matlm.model.counting import (joint_train_flops_per_token, param_count,
+                                  train_flops_per_token)
 from matlm.training import mesh as mesh_lib
 from matlm.training.checkpointing import (CheckpointError, RunCheckpointer,
                                           model_config_to_dict, read_run_config)
@@ -200,6 +201,11 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
     tokens_per_step = train_config.global_batch_size * train_config.seq_len
     flops_per_token = np.array([train_flops_per_token(model_config, train_config.seq_len, w)
                                 for w in objective.widths], dtype=np.float64)
+    # Training every granularity runs one joint pass that shares streams (MFU counts the
+    # FLOPs executed); sampled granularities run one after another.
+    joint_flops_per_token = (joint_train_flops_per_token(model_config, train_config.seq_len,
+                                                         objective.widths)
+                             if objective.mode == "all" else None)
     meta = {"model": model_config_to_dict(model_config), "seed": train_config.seed}
 
     def run_eval(step):
@@ -247,7 +253,9 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
                         "is kept: lower the learning rate or check the data, then resume.")
                 done = step + 1
                 window_steps += 1
-                window_flops += tokens_per_step * float(flops_per_token[trained].sum())
+                window_flops += tokens_per_step * (
+                    joint_flops_per_token if joint_flops_per_token is not None
+                    else float(flops_per_token[trained].sum()))
                 progress.update(1)
                 if done % train_config.log_every == 0 or done == train_config.steps:
                     elapsed = time.perf_counter() - window_start
