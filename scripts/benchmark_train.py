@@ -8,7 +8,13 @@ the best kept, so a noisy neighbour slows every variant alike. The last line is 
 object for scripts. The script re-executes itself once with huge-page malloc (see
 matlm/runtime.py), as the `matlm` command does.
 
+With torch available (here, or in the interpreter given by `--torch_python`) it also
+times scripts/torch_reference_train.py, the same joint step in PyTorch eager (a loop
+over the widths), on the same parameters and tokens, after checking that its first-step
+losses equal matlm's.
+
   python scripts/benchmark_train.py   # issue-4 shape: d512, 8 layers, d_ff 2048, seq 256, batch 8
+  python scripts/benchmark_train.py --torch_python /path/to/venv-with-torch/bin/python
 """
 from __future__ import annotations
 
@@ -155,6 +161,18 @@ def main():
     # steps (same conditions), so that MFU is never flattered by a slow peak reading.
     a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
     matmul = jax.jit(lambda a: a @ a)
+    # The PyTorch reference runs in its own process, so it cannot be interleaved with the
+    # JAX rounds: it runs before and after them, half its steps each time, and keeps the
+    # best, so a machine load that drifts during the run hits both sides alike.
+    torch_runs = []
+
+    def run_torch_reference():
+        if args.torch_python:
+            torch_runs.append(torch_eager_reference(
+                args.torch_python, config, train, joint, state.params, batch, tokens,
+                max(1, args.steps * args.block // 2)))
+
+    run_torch_reference()
     standalone_peak = matmul_peak_gflops()
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     times = time_interleaved({"matmul": lambda _: matmul(a),
@@ -163,6 +181,7 @@ def main():
     faults_per_call = ((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
                        / ((len(steps) + 1) * (args.steps * args.block + 1)))
     peak = max(standalone_peak, 2 * 2048 ** 3 / times.pop("matmul") / 1e9)
+    run_torch_reference()
     n_tokens = args.batch * args.seq_len
     full = train_flops_per_token(config, args.seq_len)
     # Executed FLOPs: the joint step shares residual streams (at least layer 0) across
@@ -171,11 +190,11 @@ def main():
     flops = {"joint": joint_train_flops_per_token(config, args.seq_len, joint.widths),
              "xl_only": full, "masked_joint": len(joint.widths) * full, "dense": full}
     torch_report = None
-    if args.torch_python:
-        # After the JAX rounds, in its own process: it cannot be interleaved with them.
-        times["torch_eager"], torch_peak, torch_report = torch_eager_reference(
-            args.torch_python, config, train, joint, state.params, batch, tokens,
-            args.steps * args.block)
+    if torch_runs:
+        times["torch_eager"] = min(seconds for seconds, _, _ in torch_runs)
+        torch_peak = max(peak for _, peak, _ in torch_runs)
+        torch_report = dict(torch_runs[0][2], step_times=[
+            t for _, _, report in torch_runs for t in report["step_times"]])
         flops["torch_eager"] = separate
     rows = []
     for name in ("joint", "xl_only", "masked_joint", "dense", "torch_eager"):
@@ -208,7 +227,8 @@ def main():
         print(f"torch_eager: PyTorch {torch_report['torch_version']} eager on "
               f"{torch_report['threads']} threads, a loop over the {len(joint.widths)} widths "
               f"(scripts/torch_reference_train.py), best of {len(torch_report['step_times'])} "
-              f"steps, run after the JAX rounds; fp32 matmul peak {torch_peak:.1f} GFLOP/s; "
+              f"steps run before and after the JAX rounds; its own fp32 matmul peak (2048³) "
+              f"{torch_peak:.1f} GFLOP/s; "
               f"first-step losses match matlm's to "
               f"{torch_report['max_relative_loss_difference']:.1e} (relative)")
         print(f"matlm joint step vs PyTorch eager: "
