@@ -10,6 +10,7 @@ from matlm.cli.main import main as matlm_main
 from matlm.gin_config import ConfigError, model_config_from_gin, parse_gin
 from matlm.model import (GranularityError, GranularitySpec, ModelConfig, ModelConfigError,
                          abstract_params, param_count)
+from matlm.model.counting import forward_flops_per_token, joint_forward_flops_per_token
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CONFIGS = sorted((REPO / "configs" / "models").glob("*.gin"))
@@ -109,6 +110,10 @@ def test_info_prints_the_table(capsys):
         assert f"│ {name} " in out and f"{count:,}" in out
     assert f"{param_count(config, (1280, 10240)):,}" in out  # The mix S,XL.
     assert f"{param_count(config, (640, 640)):,}" in out
+    vectors = [config.granularities.uniform(n) for n in config.granularities.names]
+    saving = (joint_forward_flops_per_token(config, 2048, vectors)
+              / sum(forward_flops_per_token(config, 2048, w) for w in vectors))
+    assert saving < 1 and f"{saving:.3f} of the granularities run one by one" in out
 
 
 def test_info_reports_bad_input_with_exit_code_2(capsys):

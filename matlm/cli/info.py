@@ -11,7 +11,8 @@ from tabulate import tabulate
 
 from matlm.gin_config import model_config_from_gin, parse_gin
 from matlm.model import ModelConfig, abstract_params
-from matlm.model.counting import forward_flops_per_token, param_count
+from matlm.model.counting import (forward_flops_per_token, joint_forward_flops_per_token,
+                                  param_count)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,4 +83,18 @@ def run(args, gin_bindings) -> int:
     for k, widths in enumerate(width_vectors, 1):
         if len(set(widths)) > 1:
             print(f"mix{k} widths: {','.join(map(str, widths))}")
+    print(joint_step_line(config, args.seq_len))
     return 0
+
+
+def joint_step_line(config: ModelConfig, seq_len: int) -> str:
+    """FLOPs of the joint pass that trains every granularity (granularity_mode='all'),
+    which shares residual streams, against the granularities run one by one."""
+    spec = config.granularities
+    vectors = [spec.uniform(name) for name in spec.names]
+    joint = joint_forward_flops_per_token(config, seq_len, vectors)
+    separate = sum(forward_flops_per_token(config, seq_len, w) for w in vectors)
+    return (f"joint pass over {', '.join(spec.names)} (training with every granularity, "
+            f"shared residual streams): {_human(joint)} fwd FLOPs/token = "
+            f"{joint / forward_flops_per_token(config, seq_len):.3f} × full, "
+            f"{joint / separate:.3f} of the granularities run one by one")
