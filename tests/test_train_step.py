@@ -14,7 +14,7 @@ from matlm.training import mesh as mesh_lib
 from matlm.training.config import TrainConfig, TrainConfigError
 from matlm.training.objective import build_objective, granularity_loss, joint_loss
 from matlm.training.optimizer import learning_rate_schedule, make_optimizer
-from matlm.training.train_step import init_state, make_train_step
+from matlm.training.train_step import init_state, make_eval_step, make_train_step
 
 # Every shardable dim divisible by 8, so each mesh below really shards.
 MODEL = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=8, d_ff=256,
@@ -172,6 +172,22 @@ def test_joint_loss_over_shared_streams_equals_granularities_one_by_one():
     np.testing.assert_allclose(ce, want_ce, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  grads, want_grads)
+
+
+def test_eval_step_equals_each_submodel_alone():
+    spec = MODEL.granularities
+    widths_by_name = {**{n: spec.uniform(n) for n in spec.names}, "mix": (64, 256)}
+    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    params = init_params(MODEL, jax.random.key(0))
+    batch = synthetic_batch(0)
+    batch["loss_mask"][:, -3:] = 0  # Masked tokens count in neither sum nor count.
+    got = make_eval_step(MODEL, widths_by_name, mesh)(params, mesh_lib.global_batch(batch, mesh))
+    device_batch = jax.tree.map(jax.numpy.asarray, batch)
+    for name, widths in widths_by_name.items():
+        _, ce = granularity_loss(MatLM(MODEL), params, device_batch, widths, 0.0)
+        total, count = got[name]
+        assert float(count) == batch["loss_mask"].sum()
+        np.testing.assert_allclose(float(total) / float(count), float(ce), rtol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding
 
 from matlm.model import MatLM, ModelConfig, abstract_params, init_params, logical_axes
 from matlm.training import mesh as mesh_lib
-from matlm.training.objective import Objective, granularity_loss, joint_loss
+from matlm.training.objective import Objective, joint_loss, logits_loss
 
 
 @flax.struct.dataclass
@@ -117,11 +117,16 @@ def make_eval_step(model_config: ModelConfig, widths_by_name: dict, mesh):
     """`eval_step(params, batch) -> {name: (sum CE, token count)}` for every submodel."""
     model = MatLM(model_config)
 
+    names = list(widths_by_name)
+
     def eval_step(params, batch):
+        # One pass over shared residual streams (matlm.model.streams), as in training.
+        logits = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
+                             batch["positions"], joint_widths=[widths_by_name[n] for n in names])
+        count = batch["loss_mask"].sum()
         out = {}
-        for name, widths in widths_by_name.items():
-            _, ce = granularity_loss(model, params, batch, widths, 0.0)
-            count = batch["loss_mask"].sum()
+        for name, submodel_logits in zip(names, logits):
+            _, ce = logits_loss(submodel_logits, batch, 0.0)
             out[name] = (ce * count, count)
         return out
 
