@@ -109,21 +109,17 @@ def joint_loss(model: MatLM, objective: Objective, params, batch, indices):
     g = len(objective.names)
     ce_G = jnp.zeros((g,), jnp.float32)
     total = 0.0
-    static = all(isinstance(widths, (tuple, list)) for widths in objective.widths)
-    if objective.mode == "all" and static:
-        # One pass over shared residual streams: layers whose input is the same for
-        # several granularities (at least layer 0) run once (matlm.model.streams).
-        logits_G = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
-                               batch["positions"], joint_widths=objective.widths)
-        for i, logits in enumerate(logits_G):
-            loss, ce = logits_loss(logits, batch, objective.z_loss)
-            total += objective.weights[i] * loss
-            ce_G = ce_G.at[i].set(ce)
-        return total, ce_G
     if objective.mode == "all":
-        # Traced (masked) widths: one submodel after another.
-        for i, widths in enumerate(objective.widths):
-            loss, ce = granularity_loss(model, params, batch, widths, objective.z_loss)
+        if all(isinstance(widths, (tuple, list)) for widths in objective.widths):
+            # One pass over shared residual streams: layers whose input is the same for
+            # several granularities (at least layer 0) run once (matlm.model.streams).
+            logits_G = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
+                                   batch["positions"], joint_widths=objective.widths)
+            losses = [logits_loss(logits, batch, objective.z_loss) for logits in logits_G]
+        else:  # Traced (masked) widths: one submodel after another.
+            losses = [granularity_loss(model, params, batch, widths, objective.z_loss)
+                      for widths in objective.widths]
+        for i, (loss, ce) in enumerate(losses):
             total += objective.weights[i] * loss
             ce_G = ce_G.at[i].set(ce)
         return total, ce_G
