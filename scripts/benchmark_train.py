@@ -47,7 +47,7 @@ from matlm.model.counting import joint_train_flops_per_token, train_flops_per_to
 from matlm.model.reference import dense_forward  # noqa: E402
 from matlm.training import mesh as mesh_lib  # noqa: E402
 from matlm.training.config import TrainConfig  # noqa: E402
-from matlm.training.objective import build_objective, granularity_loss, token_losses  # noqa: E402
+from matlm.training.objective import build_objective, logits_loss, token_losses  # noqa: E402
 from matlm.training.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
 from matlm.training.train_step import init_state, make_train_step  # noqa: E402
 
@@ -67,44 +67,57 @@ def dense_train_step(config, optimizer):
     return jax.jit(step, donate_argnums=(0,))
 
 
-def torch_eager_reference(torch_python, config, train, objective, params, batch, tokens,
-                          rounds):
-    """Time scripts/torch_reference_train.py (PyTorch eager, a loop over the widths) on the
-    same model, parameters and tokens, after checking that its first-step losses match
-    matlm's. Returns (best step seconds, torch's matmul peak, report) or raises SystemExit."""
-    if config.gated or not config.tie_embeddings or config.ffn_nest_blocks != 1 \
-            or config.num_kv_heads != config.n_heads:
-        raise SystemExit("--torch_python: the PyTorch reference implements the GELU, tied-"
-                         "embedding, multi-head, ffn_nest_blocks=1 model only")
-    model = MatLM(config)
-    matlm_losses = [float(jax.jit(lambda p, b, w=w: granularity_loss(model, p, b, w, 0.0)[1])(
-        params, batch)) for w in objective.widths]
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    spec = {"n_layers": config.n_layers, "n_heads": config.n_heads,
+class TorchEagerReference:
+    """scripts/torch_reference_train.py (PyTorch eager, a loop over the widths) on the same
+    model, parameters and tokens as matlm. The inputs are written and matlm's first-step
+    losses computed once; each `run` times the reference in a fresh process and checks
+    that its first-step losses match matlm's (SystemExit if not)."""
+
+    def __init__(self, torch_python, config, train, objective, params, batch, tokens):
+        if config.gated or not config.tie_embeddings or config.ffn_nest_blocks != 1 \
+                or config.num_kv_heads != config.n_heads:
+            raise SystemExit("--torch_python: the PyTorch reference implements the GELU, "
+                             "tied-embedding, multi-head, ffn_nest_blocks=1 model only")
+        self.torch_python = torch_python
+        logits_G = jax.jit(lambda p, b: MatLM(config).apply(
+            {"params": p}, b["inputs"], b["segment_ids"], b["positions"],
+            joint_widths=objective.widths))(params, batch)
+        self.matlm_losses = [float(logits_loss(logits, batch, 0.0)[1]) for logits in logits_G]
+        self.spec = {
+            "n_layers": config.n_layers, "n_heads": config.n_heads,
             "widths": [list(map(int, w)) for w in objective.widths],
             "weights": list(objective.weights), "rope_theta": config.rope_theta,
             "norm_eps": config.norm_eps, "learning_rate": train.learning_rate,
             "adam_b1": train.adam_b1, "adam_b2": train.adam_b2, "adam_eps": train.adam_eps,
             "weight_decay": train.weight_decay, "clip_grad_norm": train.clip_grad_norm}
-    with tempfile.TemporaryDirectory() as tmp:
-        npz = os.path.join(tmp, "reference.npz")
-        np.savez(npz, tokens=tokens, **flat)
+        flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+                for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+        self._tmp = tempfile.TemporaryDirectory()
+        self.npz = os.path.join(self._tmp.name, "reference.npz")
+        np.savez(self.npz, tokens=tokens, **flat)
+
+    def run(self, steps):
+        """(best step seconds, torch's matmul peak, report) of `steps` timed steps."""
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                               "torch_reference_train.py")
-        proc = subprocess.run([torch_python, script, "--npz", npz, "--spec", json.dumps(spec),
-                               "--steps", str(rounds)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"the PyTorch reference failed ({torch_python}):\n{proc.stderr[-2000:]}")
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    # Same model, same parameters, same tokens: the losses agree to float32 rounding, or
-    # the comparison would be between different computations.
-    worst = max(abs(a - b) / abs(b) for a, b in zip(report["losses"], matlm_losses))
-    if worst > 1e-4:
-        raise SystemExit(f"the PyTorch reference computes a different model: first-step "
-                         f"losses {report['losses']} vs matlm {matlm_losses}")
-    report["max_relative_loss_difference"] = worst
-    return min(report["step_times"]), report["peak_gflops"], report
+        proc = subprocess.run([self.torch_python, script, "--npz", self.npz,
+                               "--spec", json.dumps(self.spec), "--steps", str(steps)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"the PyTorch reference failed ({self.torch_python}):\n"
+                             f"{proc.stderr[-2000:]}")
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        # Same model, same parameters, same tokens: the losses agree to float32 rounding,
+        # or the comparison would be between different computations.
+        worst = max(abs(a - b) / abs(b) for a, b in zip(report["losses"], self.matlm_losses))
+        if worst > 1e-4:
+            raise SystemExit(f"the PyTorch reference computes a different model: first-step "
+                             f"losses {report['losses']} vs matlm {self.matlm_losses}")
+        report["max_relative_loss_difference"] = worst
+        return min(report["step_times"]), report["peak_gflops"], report
+
+    def close(self):
+        self._tmp.cleanup()
 
 
 def main():
@@ -165,12 +178,12 @@ def main():
     # JAX rounds: it runs before and after them, half its steps each time, and keeps the
     # best, so a machine load that drifts during the run hits both sides alike.
     torch_runs = []
+    reference = (TorchEagerReference(args.torch_python, config, train, joint, state.params,
+                                     batch, tokens) if args.torch_python else None)
 
     def run_torch_reference():
-        if args.torch_python:
-            torch_runs.append(torch_eager_reference(
-                args.torch_python, config, train, joint, state.params, batch, tokens,
-                max(1, args.steps * args.block // 2)))
+        if reference:
+            torch_runs.append(reference.run(max(1, args.steps * args.block // 2)))
 
     run_torch_reference()
     standalone_peak = matmul_peak_gflops()
@@ -182,6 +195,8 @@ def main():
                        / ((len(steps) + 1) * (args.steps * args.block + 1)))
     peak = max(standalone_peak, 2 * 2048 ** 3 / times.pop("matmul") / 1e9)
     run_torch_reference()
+    if reference:
+        reference.close()
     n_tokens = args.batch * args.seq_len
     full = train_flops_per_token(config, args.seq_len)
     # Executed FLOPs: the joint step shares residual streams (at least layer 0) across

@@ -13,7 +13,7 @@ pytest.importorskip("torch")
 import jax  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "scripts"))
-from benchmark_train import torch_eager_reference  # noqa: E402
+from benchmark_train import TorchEagerReference  # noqa: E402
 
 from matlm.model import ModelConfig  # noqa: E402
 from matlm.training import mesh as mesh_lib  # noqa: E402
@@ -41,9 +41,9 @@ def _inputs(config):
 
 def test_reference_losses_match_matlm():
     params, batch, tokens = _inputs(CONFIG)
-    seconds, peak, report = torch_eager_reference(
-        sys.executable, CONFIG, TRAIN, build_objective(CONFIG, TRAIN), params, batch, tokens,
-        rounds=1)
+    seconds, peak, report = TorchEagerReference(
+        sys.executable, CONFIG, TRAIN, build_objective(CONFIG, TRAIN), params, batch,
+        tokens).run(1)
     assert len(report["losses"]) == len(CONFIG.granularities.names)
     assert report["max_relative_loss_difference"] < 1e-5
     # Narrower submodels are different models: their losses are not all equal.
@@ -57,5 +57,5 @@ def test_reference_refuses_a_mismatched_comparison():
     # benchmark must refuse to compare the two timings.
     other_tokens = (tokens + 1) % CONFIG.vocab_size
     with pytest.raises(SystemExit, match="different model"):
-        torch_eager_reference(sys.executable, CONFIG, TRAIN, build_objective(CONFIG, TRAIN),
-                              params, batch, other_tokens, rounds=1)
+        TorchEagerReference(sys.executable, CONFIG, TRAIN, build_objective(CONFIG, TRAIN),
+                            params, batch, other_tokens).run(1)
