@@ -178,36 +178,31 @@ class NestedFFN(nn.Module):
             kept = jax.lax.slice_in_dim(blocks, start // N, stop // N, axis=axis + 1)
             return kept.reshape(w.shape[:axis] + (stop - start,) + w.shape[axis + 1:])
 
+        # 2-D matmuls over flattened tokens: with a 3-D einsum, XLA:CPU computes the kernel
+        # gradients by physically transposing the [B, T, F] activations first (slow).
         B, T = x_BTD.shape[:2]
         x_ND = x_BTD.astype(dtype).reshape(B * T, D)
-        if prefix_widths is not None:
-            # Segment [start, stop) adds units start..stop-1: out(stop) = out(start) + its
-            # contribution, so every width costs what the widest alone does.
-            outputs, out_ND, start = [], None, 0
-            for stop in prefix_widths:
-                pre_NF = [x_ND @ units(w, 1, start, stop).astype(dtype) for w in wi]
-                part_ND = activate(cfg.activation, *pre_NF) @ units(wo, 0, start, stop).astype(dtype)
-                out_ND = part_ND if out_ND is None else out_ND + part_ND
-                outputs.append(out_ND.reshape(B, T, D))
-                start = stop
-            return tuple(outputs)
-        if width is None or (isinstance(width, int) and width == F):
-            pass  # Full width: no slicing at all.
-        elif isinstance(width, int):
-            # Each of the N blocks keeps its first width/N units (N = 1: a plain prefix).
-            wi = [units(w, 1, 0, width) for w in wi]
-            wo = units(wo, 0, 0, width)
-        else:
+
+        def ffn(wi, wo):
+            pre_NF = [x_ND @ w.astype(dtype) for w in wi]
+            return activate(cfg.activation, *pre_NF) @ wo.astype(dtype)
+
+        if prefix_widths is None and not (width is None or isinstance(width, int)):
             # Masking wo's rows equals masking the hidden units ((h·m) @ wo = h @ (m·wo))
             # and zeroes the gradients of unused units in wi and wo alike, but touches
             # d_ff × d_model weights instead of tokens × d_ff activations.
             mask_F = (jnp.arange(F) % (F // N)) < width // N
-            wo = jnp.where(mask_F[:, None], wo, 0)
-        # 2-D matmuls over flattened tokens: with a 3-D einsum, XLA:CPU computes the kernel
-        # gradients by physically transposing the [B, T, F] activations first (slow).
-        pre_NF = [x_ND @ w.astype(dtype) for w in wi]
-        h_NF = activate(cfg.activation, *pre_NF)
-        return (h_NF @ wo.astype(dtype)).reshape(B, T, D)
+            return ffn(wi, jnp.where(mask_F[:, None], wo, 0)).reshape(B, T, D)
+        # Static widths: each of the N blocks keeps its first width/N units (N = 1: a plain
+        # prefix). Segment [start, stop) adds units start..stop-1, out(stop) = out(start) +
+        # its contribution, so several widths cost what the widest alone does.
+        outputs, out_ND, start = [], None, 0
+        for stop in prefix_widths or (F if width is None else width,):
+            part_ND = ffn([units(w, 1, start, stop) for w in wi], units(wo, 0, start, stop))
+            out_ND = part_ND if out_ND is None else out_ND + part_ND
+            outputs.append(out_ND.reshape(B, T, D))
+            start = stop
+        return tuple(outputs) if prefix_widths is not None else outputs[0]
 
 
 class Block(nn.Module):
