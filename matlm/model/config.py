@@ -10,6 +10,8 @@ ACTIVATIONS = ("gelu", "relu", "geglu", "swiglu")
 GATED_ACTIVATIONS = ("geglu", "swiglu")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots_saveable")
+# "auto": splash on TPU, cuDNN on GPU (bfloat16), blocked XLA on CPU (matlm.model.attention).
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
 class ModelConfigError(ValueError):
@@ -42,6 +44,9 @@ class ModelConfig:
     # keys up to its end: skips the masked upper triangle (T/blk blocks save about
     # (1 - 1/blocks)/2 of the score and mixing work). 0 = one [T, T] block.
     attention_query_block: int = 128
+    # Attention kernel (matlm.model.attention): "auto" picks the platform's fused kernel
+    # (splash on TPU, cuDNN on GPU) and the blocked XLA path (the test oracle) on CPU.
+    attention_impl: str = "auto"
     granularity_names: tuple = ("S", "M", "L", "XL")
     granularity_widths: tuple = ()  # () → d_ff/8, d_ff/4, d_ff/2, d_ff.
     width_alignment: int = 1  # 128 for TPU lanes, 64 for GPUs in real configs.
@@ -76,6 +81,12 @@ class ModelConfig:
         need(isinstance(self.attention_query_block, int) and self.attention_query_block >= 0,
              f"attention_query_block must be a non-negative integer (0 = no blocking), got "
              f"{self.attention_query_block!r}")
+        need(self.attention_impl in ATTENTION_IMPLS,
+             f"unknown attention_impl {self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
+        need(self.attention_impl != "cudnn" or self.compute_dtype == "bfloat16",
+             "attention_impl='cudnn' runs cuDNN's fused kernel, which takes 16-bit inputs "
+             f"only; set compute_dtype='bfloat16' (it is {self.compute_dtype!r}) or "
+             "attention_impl='auto'")
         need(self.head_size % 2 == 0, f"head_dim={self.head_size} must be even for RoPE")
         need(isinstance(self.ffn_nest_blocks, int) and self.ffn_nest_blocks > 0
              and self.d_ff % self.ffn_nest_blocks == 0,

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from matlm.model.config import ModelConfig
+# Re-exported: attention_bias lived here before the attention interface.
+from matlm.model.attention import AttentionMask, attend, attention_bias  # noqa: F401
 
 # A static width (python int → slice, no FLOPs on unused units) or a traced scalar
 # (mask → one compiled function serves any width).
@@ -66,39 +68,15 @@ def apply_rope(x_BTNE, tables):
     return out.astype(x_BTNE.dtype)
 
 
-def attention_bias(segment_ids_BT):
-    """Additive mask, 0 where a query may attend and -1e30 elsewhere: causal and
-    block-diagonal by segment (packed documents never see each other). Built once per
-    forward and shared by every layer."""
-    T = segment_ids_BT.shape[1]
-    causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
-    same_doc_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    return jnp.where(causal_TT[None] & same_doc_BTT, 0.0, -1e30).astype(jnp.float32)
-
-
-def _softmax_mix(q_BHTE, k_BHSE, v_BHSE, bias_BTS, dtype):
-    """softmax(q kᵀ + bias) v for one query block, in float32 where it matters.
-
-    The normalisation is deferred past the mixing matmul: dividing the [T, E] output
-    instead of the [T, S] probabilities saves a pass over the largest tensor. The row
-    max only stabilises exp() and cancels out, so it carries no gradient.
-    """
-    scores_BHTS = jnp.einsum("bhte,bhse->bhts", q_BHTE, k_BHSE).astype(jnp.float32)
-    scores_BHTS = scores_BHTS + bias_BTS[:, None]
-    max_BHT1 = jax.lax.stop_gradient(scores_BHTS.max(axis=-1, keepdims=True))
-    unnorm_BHTS = jnp.exp(scores_BHTS - max_BHT1)
-    denom_BHT1 = unnorm_BHTS.sum(axis=-1, keepdims=True)
-    out_BHTE = jnp.einsum("bhts,bhse->bhte", unnorm_BHTS.astype(dtype), v_BHSE)
-    return (out_BHTE.astype(jnp.float32) / denom_BHT1).astype(dtype)
-
-
 class Attention(nn.Module):
-    """Causal multi-head attention with grouped / multi-query KV heads and RoPE."""
+    """Causal multi-head attention with grouped / multi-query KV heads and RoPE; the
+    score/mix core is `matlm.model.attention.attend` (the kernel that
+    `ModelConfig.attention_impl` picks). `mask` is an opaque AttentionMask."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, rope, bias_BTT):
+    def __call__(self, x_BTD, rope, mask: AttentionMask):
         cfg = self.config
         D, H, K, E = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_size
         dtype = jnp.dtype(cfg.compute_dtype)
@@ -116,20 +94,7 @@ class Attention(nn.Module):
         # The 1/sqrt(E) scale rides on q (fused into RoPE) rather than on the [T, S] scores.
         q_BTHE = apply_rope(q_BTHE, rope) * jnp.asarray(E ** -0.5, dtype)
         k_BTKE = apply_rope(k_BTKE, rope)
-        # Grouped KV heads are repeated to the query heads: on CPU the 4-D layout's
-        # backward pass is ~2× faster than a 5-D grouped einsum (benchmark_model.py).
-        k_BTHE = jnp.repeat(k_BTKE, H // K, axis=2) if K != H else k_BTKE
-        v_BTHE = jnp.repeat(v_BTKE, H // K, axis=2) if K != H else v_BTKE
-        # Heads-major layout for the score and mixing matmuls: on CPU the forward pass is
-        # ~2.5× faster than contracting in the [B, T, H, E] layout (benchmark_train.py).
-        q_BHTE, k_BHTE, v_BHTE = (a.transpose(0, 2, 1, 3) for a in (q_BTHE, k_BTHE, v_BTHE))
-        # Causal: query block [start, end) needs keys [0, end) only, so the masked upper
-        # triangle is skipped block by block (static slices, unrolled).
-        out_blocks = [_softmax_mix(q_BHTE[:, :, start:end], k_BHTE[:, :, :end],
-                                   v_BHTE[:, :, :end], bias_BTT[:, start:end, :end], dtype)
-                      for start, end in cfg.attention_blocks(T)]
-        out_BHTE = out_blocks[0] if len(out_blocks) == 1 else jnp.concatenate(out_blocks, axis=2)
-        out_BTHE = out_BHTE.transpose(0, 2, 1, 3)
+        out_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, mask, cfg)  # matlm.model.attention
         return (out_BTHE.reshape(B * T, H * E) @ wo.reshape(H * E, D).astype(dtype)).reshape(B, T, D)
 
 

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from matlm.model.config import ModelConfig
-from matlm.model.layers import Block, RMSNorm, _param, attention_bias, rope_tables
+from matlm.model.attention import make_attention_mask
+from matlm.model.layers import Block, RMSNorm, _param, rope_tables
 from matlm.model.streams import stream_plan
 
 _REMAT_POLICIES = {
@@ -56,7 +57,7 @@ class MatLM(nn.Module):
                               ("vocab", "embed"), nn.initializers.normal(stddev=1.0))
         x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
         # Shared by every layer: computed once per forward.
-        bias_BTT = attention_bias(segment_ids_BT)
+        bias_BTT = make_attention_mask(segment_ids_BT, cfg)  # An opaque AttentionMask pytree.
         rope = rope_tables(positions_BT, cfg.head_size, cfg.rope_theta)
 
         block_cls = Block
