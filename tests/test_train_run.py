@@ -16,7 +16,7 @@ import pytest
 
 from matlm.cli.main import main as matlm_main
 from matlm.model import ModelConfig
-from matlm.training.checkpointing import CheckpointError, load_checkpoint_for_inference
+from matlm.training.model_dir import CheckpointError, load_checkpoint_for_inference
 from matlm.training.config import TrainConfig
 from matlm.training.trainer import TrainingError, train
 
@@ -44,9 +44,9 @@ def one_device(monkeypatch):
                         lambda shape, devices=None: original(shape, devices or jax.devices()[:1]))
 
 
-def run(tmp, data_config, vocab, model=MODEL, stop_at=None, **train_kw):
+def run(tmp, data_config, vocab, model=MODEL, stop_at=None, hooks=(), sync=False, **train_kw):
     return train(model, data_config, dataclasses.replace(TRAIN, **train_kw), tmp, vocab=vocab,
-                 show_progress=False, stop_at=stop_at)
+                 show_progress=False, stop_at=stop_at, hooks=hooks, sync=sync)
 
 
 def train_losses(model_dir):
@@ -81,6 +81,48 @@ def test_resume_equals_a_continuous_run_bitwise(tmp_path, data_config, wiki_voca
     a = load_checkpoint_for_inference(straight).params
     b = load_checkpoint_for_inference(split).params
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+@pytest.mark.usefixtures("one_device")
+def test_async_loop_logs_and_saves_what_the_train_step_computes(tmp_path, data_config,
+                                                                wiki_vocab):
+    """The trainer fetches metrics one step late; its metrics.jsonl rows and checkpoints
+    must still be exactly those of the train step run step by step and fetched at once."""
+    from matlm.training import mesh as mesh_lib
+    from matlm.training.objective import build_objective
+    from matlm.training.optimizer import learning_rate_schedule, make_optimizer
+    from matlm.training.train_step import init_state, make_train_step
+    run(tmp_path, data_config, wiki_vocab)  # 8 steps, log every step, saves at 4 and 8.
+
+    optimizer = make_optimizer(TRAIN)
+    mesh = mesh_lib.make_mesh(TRAIN.mesh_shape)
+    step_fn = make_train_step(MODEL, build_objective(MODEL, TRAIN), optimizer,
+                              learning_rate_schedule(TRAIN), mesh)
+    state = init_state(MODEL, optimizer, mesh, TRAIN.seed)
+    batches = data_config.train_iterator(TRAIN.seq_len, TRAIN.global_batch_size, wiki_vocab)
+    expected, params_at = {}, {}
+    for step in range(1, TRAIN.steps + 1):
+        state, metrics = step_fn(state, mesh_lib.global_batch(next(batches), mesh))
+        metrics = jax.device_get(metrics)
+        expected[step] = {"train/loss": float(metrics["loss"]),
+                          "train/grad_norm": float(metrics["grad_norm"]),
+                          "train/param_norm": float(metrics["param_norm"]),
+                          "train/learning_rate": float(metrics["learning_rate"]),
+                          **{f"train/{n}/loss": float(ce)
+                             for n, ce in zip(("S", "M", "L", "XL"), metrics["ce"])}}
+        if step in (4, 8):
+            params_at[step] = jax.device_get(state.params)
+
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = {l["step"]: {k: v for k, v in l.items() if k.startswith("train/")}
+              for l in lines if "train/loss" in l}
+    assert logged == expected  # Bit for bit, each row under its own step.
+    eval_steps = [l["step"] for l in lines if "eval/S/loss" in l]
+    assert eval_steps == [0, 8]
+    for step, params in params_at.items():
+        saved = load_checkpoint_for_inference(tmp_path, step).params
+        jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), y),
+                     saved, params)
 
 
 @pytest.mark.usefixtures("one_device")
@@ -183,8 +225,10 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, wiki_vocab):
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_device", "eval_tasks")
 def test_downstream_tasks_are_scored_in_loop(tmp_path, data_config, wiki_vocab):
+    from matlm.evaluation.in_loop import downstream_eval_hook
     run(tmp_path, data_config, wiki_vocab, steps=4, eval_every=2,
-        downstream_eval_tasks=("copa",), downstream_eval_examples=4)
+        downstream_eval_tasks=("copa",), downstream_eval_examples=4,
+        hooks=[downstream_eval_hook])
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     scored = {l["step"]: l for l in lines if "eval/copa/S/acc" in l}
     assert sorted(scored) == [0, 2, 4]

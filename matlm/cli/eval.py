@@ -64,16 +64,16 @@ def run(args, gin_bindings) -> int:
     from matlm.evaluation.errors import EvalError
     from matlm.evaluation.submodels import resolve_submodels
     from matlm.gin_config import parse_gin
-    from matlm.training.checkpointing import (CheckpointError, load_checkpoint_for_inference,
-                                              model_config_from_dict, read_run_config)
+    from matlm.training import model_dir as model_dir_lib
 
     start = time.time()
-    model_dir = Path(args.checkpoint_dir)
+    model_dir = model_dir_lib.ModelDir(args.checkpoint_dir)
     # 1. The checkpoint's own config (missing or empty dir: CheckpointError naming it).
-    if not model_dir.is_dir():
-        raise CheckpointError(f"checkpoint dir {str(model_dir)!r} does not exist")
-    run_config = read_run_config(model_dir)
-    config = model_config_from_dict(run_config["model"])
+    if not model_dir.path.is_dir():
+        raise model_dir_lib.CheckpointError(
+            f"checkpoint dir {args.checkpoint_dir!r} does not exist")
+    run_config = model_dir.read_run_config()
+    config = model_dir_lib.model_config_from_dict(run_config["model"])
     data_config = run_config.get("data") or {}
     # 2. Tasks (gin) and submodels, validated against that config.
     parse_gin([DEFAULT_GIN, *args.gin_file], gin_bindings)
@@ -85,9 +85,7 @@ def run(args, gin_bindings) -> int:
     if args.max_examples is not None and args.max_examples < 1:
         raise EvalError(f"--max_examples must be positive, got {args.max_examples}")
     # 3. Data: vocabulary, tasks, prompts (field mappings and empty splits fail here).
-    vocab_path = model_dir / "vocab.model"
-    vocab = (data.load_vocabulary(vocab_path) if vocab_path.is_file()
-             else data.DataConfig(**data_config).vocabulary())
+    vocab = model_dir.vocabulary(fallback=lambda: data.DataConfig(**data_config).vocabulary())
     options = runner.EvalOptions(
         num_shots=args.num_shots, seed=args.seed, max_examples=args.max_examples,
         batch_size=args.batch_size, max_len=args.max_len, masked=not args.sliced,
@@ -96,10 +94,10 @@ def run(args, gin_bindings) -> int:
         progress=not args.no_progress)
     plan = runner.prepare(names, vocab, options)
     # 4. Parameters, then the model.
-    loaded = load_checkpoint_for_inference(model_dir, args.step)
+    loaded = model_dir_lib.load_checkpoint_for_inference(model_dir, args.step)
     results = runner.run(plan, config, loaded.params, submodels, reference, vocab, options)
-    results.update(checkpoint=str(model_dir), step=loaded.step)
-    output_dir = Path(args.output_dir or model_dir / "eval" / str(loaded.step))
+    results.update(checkpoint=str(Path(args.checkpoint_dir)), step=loaded.step)
+    output_dir = Path(args.output_dir or model_dir.eval_dir(loaded.step))
     written = report.write_results(results, output_dir, plots=not args.no_plots)
     print(report.format_table(results))
     print(f"\n{len(submodels)} submodels x {len(plan)} tasks in {time.time() - start:.0f}s "

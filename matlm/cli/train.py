@@ -66,9 +66,14 @@ def run(args, gin_bindings) -> int:
     if args.steps is not None:
         train_config = dataclasses.replace(train_config, steps=args.steps)
     data_config = data.data_config_from_gin()
+    hooks = []
+    if train_config.downstream_eval_tasks:
+        # Training never imports evaluation: the downstream-eval hook is wired in here.
+        from matlm.evaluation.in_loop import downstream_eval_hook
+        hooks.append(downstream_eval_hook)
     try:
         result = train(model_config, data_config, train_config, args.model_dir,
-                       show_progress=not args.no_progress, stop_at=args.stop_at)
+                       show_progress=not args.no_progress, stop_at=args.stop_at, hooks=hooks)
     except TrainingError as e:  # E.g. a non-finite loss: the message says what to do.
         print(f"matlm train: error: {e}", file=sys.stderr)
         return 1

@@ -6,6 +6,10 @@
 
 Prepared tasks (tokenised prompts, loss batches) and the compiled scoring functions
 are cached across calls, so each call after the first only runs the model.
+
+`downstream_eval_hook` wraps it as a trainer hook (training never imports this package;
+`matlm train` passes the hook to `train(..., hooks=[downstream_eval_hook])` when
+`TrainConfig.downstream_eval_tasks` is set).
 """
 from __future__ import annotations
 
@@ -73,3 +77,24 @@ def in_loop_eval(params, model_config, vocab, tasks: Sequence[str], max_examples
                 if isinstance(value, (int, float)) and not math.isnan(value):
                     flat[f"eval/{task}/{sub}/{metric}"] = float(value)
     return flat
+
+
+def downstream_eval_hook(context):
+    """A hook factory for `matlm.training.trainer.train(hooks=...)`: scores
+    `TrainConfig.downstream_eval_tasks` (`downstream_eval_examples` examples each) for every
+    granularity at each validation eval (the start, every `eval_every` steps, the end) and
+    writes the metrics to the run's metrics.jsonl and TensorBoard."""
+    from matlm.training.hooks import DOWNSTREAM_EVAL_HOOK, Hook
+    train_config = context.train_config
+    if not train_config.downstream_eval_tasks:
+        raise ValueError("downstream_eval_hook needs TrainConfig.downstream_eval_tasks, "
+                         "e.g. --gin.TrainConfig.downstream_eval_tasks=\"('copa',)\"")
+
+    def score(info):
+        context.writer.write(info.step, in_loop_eval(
+            info.state.params, context.model_config, context.vocab,
+            list(train_config.downstream_eval_tasks), train_config.downstream_eval_examples,
+            context.widths_by_name))
+
+    return Hook(score, train_config.eval_every, at_start=True, at_end=True,
+                name=DOWNSTREAM_EVAL_HOOK)

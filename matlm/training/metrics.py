@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -42,25 +41,32 @@ def peak_flops_per_device(configured: float | None) -> tuple[float, str]:
 
 
 class MetricsWriter:
-    """Writes scalars to TensorBoard and one JSON object per call to metrics.jsonl."""
+    """Writes scalars to TensorBoard and one JSON object per call to metrics.jsonl.
+
+    The files are opened on the first write, so creating a writer touches nothing (the
+    trainer builds it while it is still validating its inputs)."""
 
     def __init__(self, model_dir, enabled: bool = True):
+        from matlm.training.model_dir import as_model_dir
         self.enabled = enabled
-        self._tb = None
-        if enabled:
-            from tensorboardX import SummaryWriter  # Light: no TensorFlow needed.
-            self._tb = SummaryWriter(str(Path(model_dir) / "tensorboard"))
-            self._jsonl = open(Path(model_dir) / "metrics.jsonl", "a")
+        self._model_dir = as_model_dir(model_dir)
+        self._tb = self._jsonl = None
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
             return
+        if self._jsonl is None:
+            from tensorboardX import SummaryWriter  # Light: no TensorFlow needed.
+            self._model_dir.path.mkdir(parents=True, exist_ok=True)
+            self._tb = SummaryWriter(str(self._model_dir.tensorboard))
+            self._jsonl = open(self._model_dir.metrics_file, "a")
         for name, value in scalars.items():
             self._tb.add_scalar(name, value, step)
         self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self._jsonl.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self._jsonl is not None:
             self._tb.close()
             self._jsonl.close()
+            self._tb = self._jsonl = None

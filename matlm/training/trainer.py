@@ -1,20 +1,18 @@
-"""The trainer loop: validate → restore or init → step, log, eval, checkpoint → report.
+"""The training loop: `Trainer` (dispatch steps, fetch metrics one step behind, check them,
+fire hooks) and `train()` (validate → restore or init → the run's hooks → loop → report).
 
 Everything that can be wrong with the inputs (objective, mesh, batch, model dir, data,
 vocabulary) is checked before the first compile. SIGTERM/SIGINT saves the current step
 and returns normally (exit 0), so a preempted job resumes exactly where it stopped.
+The hooks and their guarantees are in `matlm.training.hooks` and docs/training_loop.md.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
-import json
-import math
-import shutil
-import signal
 import time
-from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -24,18 +22,23 @@ from matlm.model import ModelConfig
 from matlm.model.counting import (joint_train_flops_per_token, param_count,
                                   train_flops_per_token)
 from matlm.training import mesh as mesh_lib
-from matlm.training.checkpointing import (CheckpointError, RunCheckpointer,
-                                          model_config_to_dict, read_run_config)
 from matlm.training.config import TrainConfig
+from matlm.training.hooks import (DOWNSTREAM_EVAL_HOOK, Checkpoint, Hook, LogMetrics,
+                                  Preemption, RunContext, StepInfo, TrainingError,
+                                  ValidationEval, nonfinite, validation_losses)
 from matlm.training.metrics import MetricsWriter, peak_flops_per_device
+from matlm.training.model_dir import (CheckpointError, ModelDir, RunCheckpointer,
+                                      model_config_to_dict)
 from matlm.training.objective import build_objective
 from matlm.training.optimizer import learning_rate_schedule, make_optimizer
 from matlm.training.train_step import (abstract_state, init_state, make_eval_step,
                                        make_train_step)
 
+__all__ = ["Trainer", "TrainResult", "TrainingError", "NonFiniteError", "train"]
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss)."""
+
+class NonFiniteError(TrainingError):
+    """A step produced a non-finite loss or parameter norm."""
 
 
 @dataclasses.dataclass
@@ -45,44 +48,95 @@ class TrainResult:
     interrupted: bool = False
 
 
-class _StopFlag:
-    """Set by SIGTERM/SIGINT; the loop saves and returns at the next step boundary."""
+class Trainer:
+    """Runs `train_step` from `first_step` to `last_step`, firing hooks (see hooks.py).
 
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
+    The device is never waited on for logging: step N+1 is dispatched before step N's
+    metrics are fetched. State hooks due at step N first fetch and check every pending
+    step up to N. `sync=True` fetches every step right after dispatching it (a reference
+    for tests and debugging; same results, slower).
+    """
 
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._set)
-            except ValueError:  # Not the main thread: no signal handling.
-                pass
-        return self
+    def __init__(self, train_step: Callable, state, batches: Iterator, *, first_step: int,
+                 last_step: int, granularity_names: Sequence[str],
+                 put_batch: Callable = lambda batch: batch, sync: bool = False):
+        self.train_step, self.state, self.batches = train_step, state, batches
+        self.first_step, self.last_step = first_step, last_step
+        self.names, self.put_batch, self.sync = list(granularity_names), put_batch, sync
+        self.hooks: list[Hook] = []
+        self.stop_reason: Optional[str] = None
+        self.stall_seconds = 0.0  # Time state hooks held the loop with the device idle.
+        self.loop_started = time.perf_counter()
+        self._pending: collections.deque = collections.deque()  # (step, device metrics)
 
-    def _set(self, signum, frame):
-        self.signal = signal.Signals(signum).name
+    def add_hook(self, fn, every: int = 0, **schedule) -> Hook:
+        """Registers `fn(info)` (or a `Hook`) to run every `every` steps; keyword
+        arguments as `Hook` (at_start, at_end, needs_state, when, name). Hooks due at the
+        same step run in the order they were added."""
+        hook = fn if isinstance(fn, Hook) else Hook(fn, every, **schedule)
+        if isinstance(fn, Hook) and (every or schedule):
+            raise ValueError("give the schedule to the Hook itself, not to add_hook")
+        self.hooks.append(hook)
+        return hook
 
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    def request_stop(self, reason: str) -> None:
+        """Stops the loop after the current step's hooks (e.g. preemption)."""
+        self.stop_reason = reason
 
+    def _fetch(self, keep: int) -> None:
+        """Brings the metrics of all but the newest `keep` pending steps to the host, in
+        order; checks each and runs the metrics hooks due at it."""
+        while len(self._pending) > keep:
+            step, metrics = self._pending.popleft()
+            metrics = jax.device_get(metrics)
+            fetched_at = time.perf_counter()
+            bad = nonfinite(metrics, self.names)
+            if bad:
+                what, names = bad
+                raise NonFiniteError(f"non-finite {what} at step {step} (granularity "
+                                     f"{', '.join(names)}); stopped before saving it.")
+            self._last_metrics = (step, metrics)
+            for hook in self.hooks:
+                if not hook.needs_state and hook.due(step, self.first_step, self.last_step):
+                    hook(StepInfo(step, metrics, None, self, fetched_at))
 
-def check_model_dir(model_dir: Path, model_config: ModelConfig) -> None:
-    """A model dir that already holds a run must hold a run of *this* model."""
-    if not (model_dir / "run_config.json").exists():
-        if (model_dir / "checkpoints").exists() and any((model_dir / "checkpoints").iterdir()):
-            raise CheckpointError(f"{model_dir} holds checkpoints but no run_config.json; "
-                                  "refusing to train over them. Use a new --model_dir.")
-        return
-    saved = read_run_config(model_dir).get("model", {})
-    current = model_config_to_dict(model_config)
-    diffs = [f"{k}: saved {saved.get(k)!r}, now {json.loads(json.dumps(v))!r}"
-             for k, v in current.items() if json.loads(json.dumps(v)) != saved.get(k)]
-    if diffs:
-        raise CheckpointError(
-            f"{model_dir} holds a run of a different model ({'; '.join(diffs)}). "
-            "Nothing was changed; use a new --model_dir or the saved model config.")
+    def _run_state_hooks(self, step: int) -> None:
+        due = [h for h in self.hooks
+               if h.needs_state and h.due(step, self.first_step, self.last_step)]
+        if not due:
+            return
+        self._fetch(keep=0)  # NaN check of every step up to this one, before any save.
+        metrics = self._last_metrics[1] if self._last_metrics[0] == step else None
+        started = time.perf_counter()
+        for hook in due:
+            hook(StepInfo(step, metrics, self.state, self))
+        self.stall_seconds += time.perf_counter() - started
+
+    def run(self) -> int:
+        """Trains; returns the step reached (last_step, or where a hook stopped it)."""
+        self._last_metrics = (None, None)
+        opened = []
+        try:
+            for hook in self.hooks:
+                hook.open(self)
+                opened.append(hook)
+            step = self.first_step
+            self._run_state_hooks(step)
+            self.stall_seconds = 0.0
+            self.loop_started = time.perf_counter()
+            while step < self.last_step and self.stop_reason is None:
+                batch = self.put_batch(next(self.batches))
+                self.state, metrics = self.train_step(self.state, batch)
+                step += 1
+                self._pending.append((step, metrics))
+                # Step N-1's metrics are fetched while step N runs on the device.
+                self._fetch(keep=0 if self.sync else 1)
+                self._run_state_hooks(step)
+            self._fetch(keep=0)
+            return step
+        finally:
+            for hook in reversed(opened):
+                hook.close()
 
 
 def check_data_state_matches(data_state: dict, data_config, train_config: TrainConfig,
@@ -98,56 +152,32 @@ def check_data_state_matches(data_state: dict, data_config, train_config: TrainC
             "Resume with the original settings, or start a new --model_dir.")
 
 
-def _write_run_files(model_dir: Path, model_config, data_config, train_config, vocab_path):
-    if jax.process_index() != 0:
-        return
-    model_dir.mkdir(parents=True, exist_ok=True)
-    run_config = model_dir / "run_config.json"
-    if not run_config.exists():
-        run_config.write_text(json.dumps({
-            "model": model_config_to_dict(model_config),
-            "data": dataclasses.asdict(data_config),
-            "train": dataclasses.asdict(train_config)}, indent=2))
-    if vocab_path and not (model_dir / "vocab.model").exists():
-        shutil.copyfile(vocab_path, model_dir / "vocab.model")
-
-
-def evaluate(eval_step, params, make_eval_iterator, max_batches: int, mesh) -> dict:
-    """Mean validation CE per submodel over the eval split (or its first batches)."""
-    sums: dict = {}
-    for i, batch in enumerate(make_eval_iterator()):
-        if max_batches and i >= max_batches:
-            break
-        out = jax.device_get(eval_step(params, mesh_lib.global_batch(batch, mesh)))
-        for name, (ce_sum, count) in out.items():
-            s, c = sums.get(name, (0.0, 0.0))
-            sums[name] = (s + float(ce_sum), c + float(count))
-    if not sums:
-        raise TrainingError("the validation split produced no batches")
-    return {name: s / max(c, 1.0) for name, (s, c) in sums.items()}
-
-
 def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
           model_dir, vocab=None, show_progress: bool = True,
-          stop_at: Optional[int] = None) -> TrainResult:
+          stop_at: Optional[int] = None,
+          hooks: Sequence[Callable[[RunContext], Hook]] = (), sync: bool = False
+          ) -> TrainResult:
     """Trains (or resumes) a run in `model_dir`; returns its eval history.
 
     `stop_at`: save and return at this step as if preempted, without changing the
     schedule (which always spans `train_config.steps`), e.g. to split a run into jobs.
+    `hooks`: factories `fn(context) -> Hook` of extra hooks; they run after validation
+    and before checkpointing at each step (`matlm train` adds the downstream-eval hook
+    here when TrainConfig.downstream_eval_tasks is set).
+    `sync`: fetch each step's metrics before the next step (see `Trainer`).
     """
     from matlm import data as data_lib  # TensorFlow enters here, not at import time.
 
-    model_dir = Path(model_dir).absolute()
+    model_dir = ModelDir(model_dir)
     # --- Validate everything before any compile or write. -----------------------------
     objective = build_objective(model_config, train_config)
     mesh = mesh_lib.make_mesh(train_config.mesh_shape)
     mesh_lib.check_batch_fits(mesh, train_config.global_batch_size, train_config.microbatches)
     mesh_lib.check_shard_local_nesting(mesh, model_config.ffn_nest_blocks)
-    check_model_dir(model_dir, model_config)
+    model_dir.check_same_model(model_config)
     if vocab is None:
         # A resumed run keeps the vocabulary it started with (copied into the model dir).
-        own = model_dir / "vocab.model"
-        vocab = data_lib.load_vocabulary(str(own)) if own.exists() else data_config.vocabulary()
+        vocab = model_dir.vocabulary(fallback=data_config.vocabulary)
     if vocab.vocab_size > model_config.vocab_size:
         raise CheckpointError(
             f"the vocabulary has {vocab.vocab_size} ids but the model only "
@@ -168,8 +198,21 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
         most = int(np.max(multihost_utils.process_allgather(np.int32(local_eval_batches))))
         make_eval_iterator = functools.partial(make_eval_iterator, pad_to=most)
 
-    vocab_path = getattr(vocab, "sentencepiece_model_file", "") or ""
-    _write_run_files(model_dir, model_config, data_config, train_config, vocab_path)
+    spec = model_config.granularities
+    writer = MetricsWriter(model_dir, enabled=host == 0)  # Opens its files on first write.
+    context = RunContext(model_config=model_config, data_config=data_config,
+                         train_config=train_config, model_dir=model_dir, vocab=vocab, mesh=mesh,
+                         objective=objective, writer=writer,
+                         widths_by_name={name: spec.uniform(name) for name in spec.names})
+    extra_hooks = [factory(context) for factory in hooks]
+    if train_config.downstream_eval_tasks and not any(
+            h.name == DOWNSTREAM_EVAL_HOOK for h in extra_hooks):
+        raise TrainingError(
+            "TrainConfig.downstream_eval_tasks is set but no downstream-eval hook was given: "
+            "pass hooks=[matlm.evaluation.in_loop.downstream_eval_hook] to train() "
+            "(`matlm train` does)")
+    model_dir.write_run_files(model_config, data_config, train_config,
+                              getattr(vocab, "sentencepiece_model_file", "") or "")
 
     # --- Restore or initialise. ---------------------------------------------------------
     optimizer = make_optimizer(train_config)
@@ -191,12 +234,10 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
         print(f"resumed from {checkpointer.directory / str(step)} (step {step})")
     start = int(state.step)
 
+    # --- The loop and its hooks. --------------------------------------------------------
     train_step = make_train_step(model_config, objective, optimizer, schedule, mesh,
                                  train_config.microbatches)
-    spec = model_config.granularities
-    widths_by_name = {name: spec.uniform(name) for name in spec.names}
-    eval_step = make_eval_step(model_config, widths_by_name, mesh)
-    writer = MetricsWriter(model_dir, enabled=host == 0)
+    eval_step = make_eval_step(model_config, context.widths_by_name, mesh)
     peak, peak_source = peak_flops_per_device(train_config.peak_flops_per_device)
     tokens_per_step = train_config.global_batch_size * train_config.seq_len
     flops_per_token = np.array([train_flops_per_token(model_config, train_config.seq_len, w)
@@ -206,92 +247,41 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
     joint_flops_per_token = (joint_train_flops_per_token(model_config, train_config.seq_len,
                                                          objective.widths)
                              if objective.mode == "all" else None)
-    meta = {"model": model_config_to_dict(model_config), "seed": train_config.seed}
 
-    def run_eval(step):
-        losses = evaluate(eval_step, state.params, make_eval_iterator,
-                          train_config.eval_batches, mesh)
-        writer.write(step, {f"eval/{n}/loss": v for n, v in losses.items()}
-                     | {f"eval/{n}/perplexity": math.exp(min(v, 50)) for n, v in losses.items()})
-        if train_config.downstream_eval_tasks:
-            from matlm.evaluation import in_loop_eval
-            writer.write(step, in_loop_eval(
-                state.params, model_config, vocab, list(train_config.downstream_eval_tasks),
-                train_config.downstream_eval_examples, widths_by_name))
-        history.append((step, losses))
-        return losses
+    def flops_of(metrics) -> float:
+        per_token = (joint_flops_per_token if joint_flops_per_token is not None
+                     else float(flops_per_token[np.asarray(metrics["trained"]) > 0].sum()))
+        return tokens_per_step * per_token
 
-    def save(step):
-        checkpointer.save(step, state, batches.state, {**meta, "step": step})
+    trainer = Trainer(train_step, state, batches, first_step=start,
+                      last_step=train_config.steps, granularity_names=objective.names,
+                      put_batch=lambda batch: mesh_lib.global_batch(batch, mesh), sync=sync)
+    progress = tqdm(total=train_config.steps, initial=start, disable=not show_progress or host,
+                    unit="step", dynamic_ncols=True)
+    trainer.add_hook(LogMetrics(writer, train_config.log_every, objective.names,
+                                tokens_per_step, flops_of, peak * jax.device_count(), progress))
+    validation = trainer.add_hook(ValidationEval(
+        lambda params: validation_losses(eval_step, params, make_eval_iterator,
+                                         train_config.eval_batches, mesh),
+        writer, every=train_config.eval_every))
+    for hook in extra_hooks:
+        trainer.add_hook(hook)
+    checkpoint = trainer.add_hook(Checkpoint(
+        checkpointer, train_config.checkpoint_every, lambda: batches.state,
+        {"model": model_config_to_dict(model_config), "seed": train_config.seed}))
+    trainer.add_hook(Preemption(checkpoint, stop_at))
 
-    history: list = []
-    run_eval(start)
     print(f"training {param_count(model_config):,} parameters, granularities "
           f"{', '.join(objective.names)} ({objective.mode}), steps {start}→{train_config.steps}, "
           f"mesh {dict(mesh.shape)}, MFU peak {peak / 1e9:.0f} GFLOP/s per device ({peak_source})")
-    progress = tqdm(total=train_config.steps, initial=start, disable=not show_progress or host,
-                    unit="step", dynamic_ncols=True)
-    window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
-    interrupted = False
     try:
-        with _StopFlag() as stop:
-            for step in range(start, train_config.steps):
-                batch = mesh_lib.global_batch(next(batches), mesh)
-                state, metrics = train_step(state, batch)
-                metrics = jax.device_get(metrics)
-                trained = metrics["trained"] > 0
-                bad = [n for n, t, ce in zip(objective.names, trained, metrics["ce"])
-                       if t and not np.isfinite(ce)]
-                what = "loss" if bad or not np.isfinite(metrics["loss"]) else (
-                    "parameters" if not np.isfinite(metrics["param_norm"]) else None)
-                if what:
-                    trained_names = [n for n, t in zip(objective.names, trained) if t]
-                    raise TrainingError(
-                        f"non-finite {what} at step {step + 1} (granularity "
-                        f"{', '.join(bad or trained_names)}); stopped before saving it. The "
-                        f"last good checkpoint ({checkpointer.steps()[-1] if checkpointer.steps() else 'none'}) "
-                        "is kept: lower the learning rate or check the data, then resume.")
-                done = step + 1
-                window_steps += 1
-                window_flops += tokens_per_step * (
-                    joint_flops_per_token if joint_flops_per_token is not None
-                    else float(flops_per_token[trained].sum()))
-                progress.update(1)
-                if done % train_config.log_every == 0 or done == train_config.steps:
-                    elapsed = time.perf_counter() - window_start
-                    scalars = {"train/loss": float(metrics["loss"]),
-                               "train/grad_norm": float(metrics["grad_norm"]),
-                               "train/param_norm": float(metrics["param_norm"]),
-                               "train/learning_rate": float(metrics["learning_rate"]),
-                               "perf/step_time_s": elapsed / window_steps,
-                               "perf/tokens_per_s": tokens_per_step * window_steps / elapsed,
-                               "perf/mfu": window_flops / elapsed / (peak * jax.device_count())}
-                    scalars |= {f"train/{n}/loss": float(ce) for n, t, ce in
-                                zip(objective.names, trained, metrics["ce"]) if t}
-                    writer.write(done, scalars)
-                    progress.set_postfix(loss=f"{scalars['train/loss']:.3f}",
-                                         tok_s=f"{scalars['perf/tokens_per_s']:.0f}",
-                                         mfu=f"{scalars['perf/mfu']:.1%}")
-                    window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
-                if train_config.eval_every and done % train_config.eval_every == 0 \
-                        and done < train_config.steps:
-                    run_eval(done)
-                if done % train_config.checkpoint_every == 0:
-                    save(done)
-                if stop.signal or done == stop_at:
-                    progress.write(f"{stop.signal or 'stop_at'}: saving step {done} and exiting")
-                    save(done)
-                    interrupted = True
-                    break
-        progress.close()
-        final = int(state.step)
-        if not interrupted:
-            save(final)
-            if not history or history[-1][0] != final:
-                run_eval(final)
+        final = trainer.run()
+    except NonFiniteError as e:
+        saved = checkpointer.steps()
+        raise NonFiniteError(
+            f"{e} The last good checkpoint ({saved[-1] if saved else 'none'}) is kept: "
+            "lower the learning rate or check the data, then resume.") from None
     finally:
-        # Also on errors: let in-flight async saves finish so no half-written step is
-        # left behind, and flush the metrics.
-        checkpointer.wait()
         writer.close()
-    return TrainResult(final_step=final, eval_history=history, interrupted=interrupted)
+    return TrainResult(final_step=final, eval_history=validation.history,
+                       interrupted=trainer.stop_reason is not None)

@@ -1,0 +1,297 @@
+"""The model dir: the one module that knows its layout, used by training and eval alike.
+
+    MODEL_DIR/
+      run_config.json        {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+      vocab.model            the SentencePiece model the run trained with (copied in)
+      checkpoints/<step>/    Orbax items: params, opt_state, data (pipeline state), meta
+      metrics.jsonl          one JSON object per log/eval step (process 0)
+      tensorboard/           event files
+      eval/<step>/           written by `matlm eval`
+
+Everything that reads or writes these paths goes through `ModelDir` (paths, run config,
+the model check, vocabulary), `RunCheckpointer` (a training run's state) or
+`load_checkpoint_for_inference` / `save_for_inference` (parameters only), so the layout
+and the Orbax item names live here and nowhere else.
+
+Saves are asynchronous (training continues while files are written); a step dir only
+appears once complete (Orbax writes to a temporary dir and renames it). A newest
+checkpoint that fails to restore is moved aside to `<step>.corrupt` — never deleted or
+overwritten — with a warning naming it, and the previous one is restored.
+
+TensorFlow-free: the vocabulary loader (`matlm.data`) is imported only when a vocabulary
+is loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import flax.linen
+import jax
+import orbax.checkpoint as ocp
+
+from matlm.model import ModelConfig, abstract_params
+
+log = logging.getLogger(__name__)
+ITEMS = ("params", "opt_state", "data", "meta")
+
+
+class CheckpointError(ValueError):
+    """A missing, empty, mismatched or unreadable model dir or checkpoint."""
+
+
+def model_config_to_dict(config: ModelConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise CheckpointError(f"saved model config has unknown fields {sorted(unknown)}; "
+                              "was it written by a newer matlm?")
+    return ModelConfig(**d)
+
+
+def _json_value(value):
+    """What `value` reads back as after a JSON round trip (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+class ModelDir:
+    """Paths and files of one model dir (see the module docstring)."""
+
+    def __init__(self, path):
+        self.path = Path(path).absolute()
+
+    def __repr__(self):
+        return f"ModelDir({str(self.path)!r})"
+
+    # --- Paths (the layout). ---------------------------------------------------------------
+    @property
+    def run_config_file(self) -> Path:
+        return self.path / "run_config.json"
+
+    @property
+    def vocab_file(self) -> Path:
+        return self.path / "vocab.model"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    def eval_dir(self, step: int) -> Path:
+        return self.path / "eval" / str(step)
+
+    # --- The run config. -------------------------------------------------------------------
+    def read_run_config(self) -> dict:
+        path = self.run_config_file
+        if not path.is_file():
+            raise CheckpointError(f"{path} not found: {self.path} is not a matlm model dir "
+                                  "(train one with `matlm train --model_dir=...`)")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+    def model_config(self) -> ModelConfig:
+        """The ModelConfig the run was trained with."""
+        return model_config_from_dict(self.read_run_config()["model"])
+
+    def check_same_model(self, model_config: ModelConfig) -> None:
+        """A model dir that already holds a run must hold a run of *this* model."""
+        if not self.run_config_file.exists():
+            if self.checkpoints.exists() and any(self.checkpoints.iterdir()):
+                raise CheckpointError(f"{self.path} holds checkpoints but no run_config.json; "
+                                      "refusing to train over them. Use a new --model_dir.")
+            return
+        saved = self.read_run_config().get("model", {})
+        current = model_config_to_dict(model_config)
+        diffs = [f"{k}: saved {saved.get(k)!r}, now {_json_value(v)!r}"
+                 for k, v in current.items() if _json_value(v) != saved.get(k)]
+        if diffs:
+            raise CheckpointError(
+                f"{self.path} holds a run of a different model ({'; '.join(diffs)}). "
+                "Nothing was changed; use a new --model_dir or the saved model config.")
+
+    def write_run_files(self, model_config: ModelConfig, data_config, train_config,
+                        vocab_path: str = "") -> None:
+        """run_config.json and vocab.model, on process 0, unless already there (a resumed
+        run keeps the files it started with)."""
+        if jax.process_index() != 0:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.run_config_file.exists():
+            self.run_config_file.write_text(json.dumps({
+                "model": model_config_to_dict(model_config),
+                "data": dataclasses.asdict(data_config) if data_config is not None else {},
+                "train": dataclasses.asdict(train_config) if train_config is not None else {},
+            }, indent=2))
+        if vocab_path and not self.vocab_file.exists():
+            shutil.copyfile(vocab_path, self.vocab_file)
+
+    # --- Vocabulary. -----------------------------------------------------------------------
+    def vocabulary(self, fallback: Callable[[], Any]):
+        """The run's own vocab.model if the dir has one (a resumed or evaluated run keeps
+        the vocabulary it trained with), else `fallback()`."""
+        if self.vocab_file.is_file():
+            from matlm import data  # TensorFlow enters here, not at import time.
+            return data.load_vocabulary(str(self.vocab_file))
+        return fallback()
+
+    # --- Checkpoints. ----------------------------------------------------------------------
+    def checkpoint_manager(self, **options) -> ocp.CheckpointManager:
+        """The Orbax manager of this dir's checkpoints (one place for the item layout)."""
+        return ocp.CheckpointManager(self.checkpoints, item_names=ITEMS,
+                                     options=ocp.CheckpointManagerOptions(**options))
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps of the complete checkpoints (none when there is no checkpoints dir)."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(self.checkpoint_manager(read_only=True, create=False).all_steps())
+
+
+def as_model_dir(model_dir) -> ModelDir:
+    return model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
+
+
+class RunCheckpointer:
+    """Saves and restores a training run's state (see the module docstring)."""
+
+    def __init__(self, model_dir, keep: int = 3, async_save: bool = True):
+        self.model_dir = as_model_dir(model_dir)
+        self.directory = self.model_dir.checkpoints
+        self.manager = self.model_dir.checkpoint_manager(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, data_state: dict, meta: dict) -> None:
+        if step in self.manager.all_steps():
+            return  # Already saved (e.g. a final save right after a periodic one).
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def restore_latest(self, abstract_state):
+        """(params, opt_state, data_state, meta, step) of the newest checkpoint that
+        restores, or None when there is none. Unreadable ones are moved aside."""
+        for step in reversed(self.steps()):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_state.params),
+                    opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+                    data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+            except Exception as e:  # Orbax/TensorStore raise many kinds on bad files.
+                self._set_aside(step, e)
+                continue
+            return restored.params, restored.opt_state, restored.data, restored.meta, step
+        return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        path = self.directory / str(step)
+        target = path.with_name(f"{step}.corrupt")
+        n = 1
+        while target.exists():
+            target, n = path.with_name(f"{step}.corrupt{n}"), n + 1
+        if jax.process_index() == 0:
+            os.rename(path, target)
+        log.warning("checkpoint %s could not be restored (%s: %s); moved it to %s and "
+                    "falling back to the previous checkpoint", path, type(error).__name__,
+                    str(error).splitlines()[0][:200], target)
+        print(f"WARNING: checkpoint {path} is incomplete or corrupt "
+              f"({type(error).__name__}); moved aside to {target.name}, trying the previous one")
+        self.manager.reload()
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    model_config: ModelConfig
+    params: Any
+    step: int
+    vocab_path: str
+    data_config: dict
+
+
+def read_run_config(model_dir) -> dict:
+    return as_model_dir(model_dir).read_run_config()
+
+
+def load_checkpoint_for_inference(model_dir, step: Optional[int] = None,
+                                  shardings=None) -> LoadedCheckpoint:
+    """The model config, parameters (only) and vocabulary path of one checkpoint.
+
+    `step=None` takes the newest. `shardings`: a tree of shardings for the params
+    (default: everything on the first device).
+    """
+    model_dir = as_model_dir(model_dir)
+    if not model_dir.path.is_dir():
+        raise CheckpointError(f"checkpoint dir {model_dir.path} does not exist")
+    run_config = model_dir.read_run_config()
+    model_config = model_config_from_dict(run_config["model"])
+    steps = model_dir.checkpoint_steps()
+    if not steps:
+        raise CheckpointError(f"{model_dir.path} holds no complete checkpoint under "
+                              f"{model_dir.checkpoints}")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"no checkpoint at step {step} in {model_dir.checkpoints}; "
+                              f"available: {steps}")
+    shapes = flax.linen.meta.unbox(abstract_params(model_config))
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, shapes)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, shardings)
+    manager = model_dir.checkpoint_manager(read_only=True, create=False)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(target)))
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {model_dir.checkpoints / str(step)} could not be "
+                              f"read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    return LoadedCheckpoint(model_config=model_config, params=restored.params, step=step,
+                            vocab_path=str(model_dir.vocab_file)
+                            if model_dir.vocab_file.is_file() else "",
+                            data_config=run_config.get("data", {}))
+
+
+def save_for_inference(model_dir, model_config: ModelConfig, params, step: int,
+                       vocab_path: str = "", data_config: Optional[dict] = None) -> None:
+    """Writes a params-only checkpoint in the run layout (tests, imports of outside
+    weights). Refuses to overwrite an existing step."""
+    model_dir = as_model_dir(model_dir)
+    model_dir.path.mkdir(parents=True, exist_ok=True)
+    run_config = {"model": model_config_to_dict(model_config), "data": data_config or {},
+                  "train": {}}
+    model_dir.run_config_file.write_text(json.dumps(run_config, indent=2))
+    if vocab_path:
+        shutil.copyfile(vocab_path, model_dir.vocab_file)
+    manager = model_dir.checkpoint_manager(create=True, enable_async_checkpointing=False)
+    if step in manager.all_steps():
+        raise CheckpointError(f"{model_dir.checkpoints / str(step)} already exists")
+    manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        meta=ocp.args.JsonSave({"step": step, "model": model_config_to_dict(model_config)})))
+    manager.wait_until_finished()

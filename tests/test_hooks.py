@@ -1,0 +1,180 @@
+"""The hook-based Trainer loop on a stand-in train step (no model, milliseconds per step):
+metrics are fetched one step behind the device, hooks fire at the right steps, a
+non-finite step stops the loop before any state hook sees it, preemption saves the
+current step, and training does not import evaluation."""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from matlm.training.hooks import Hook, Preemption
+from matlm.training.trainer import NonFiniteError, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = ("A", "B")
+
+
+@jax.jit
+def _step(state, batch):
+    # Loss = the batch value times the step number, so each step's metrics are
+    # recognisable; a NaN batch poisons that step only.
+    new = {"step": state["step"] + 1, "w": state["w"] + batch}
+    loss = batch * new["step"]
+    metrics = {"loss": loss, "ce": jnp.stack([loss, 2 * loss]), "trained": jnp.ones(2),
+               "grad_norm": jnp.float32(1), "param_norm": jnp.abs(new["w"]),
+               "learning_rate": jnp.float32(0.1)}
+    return new, metrics
+
+
+def make_trainer(events, batches=None, first=0, last=6, sync=False):
+    def train_step(state, batch):
+        out = _step(state, batch)
+        events.append(("dispatch", int(out[0]["step"])))  # Only the step counter is read.
+        return out
+    state = {"step": jnp.int32(first), "w": jnp.float32(0)}
+    batches = iter(batches if batches is not None else [np.float32(1)] * (last - first))
+    return Trainer(train_step, state, batches, first_step=first, last_step=last,
+                   granularity_names=NAMES, sync=sync)
+
+
+def record(events, kind):
+    def hook(info):
+        events.append((kind, info.step))
+        if info.metrics is not None:  # The metrics handed over are that step's own.
+            assert float(info.metrics["loss"]) == info.step
+            np.testing.assert_array_equal(info.metrics["ce"], [info.step, 2 * info.step])
+        if info.state is not None:  # The state handed over is the one after that step.
+            assert int(info.state["step"]) == info.step
+    return hook
+
+
+def test_metrics_are_fetched_one_step_behind_the_device():
+    events = []
+    trainer = make_trainer(events, last=5)
+    trainer.add_hook(record(events, "metrics"), every=1, needs_state=False)
+    trainer.add_hook(record(events, "state"), every=3)
+    assert trainer.run() == 5
+    # Step N's metrics come back only after step N+1 was dispatched, except where a state
+    # hook is due (step 3): everything up to it is fetched and checked first.
+    assert events == [("dispatch", 1), ("dispatch", 2), ("metrics", 1), ("dispatch", 3),
+                      ("metrics", 2), ("metrics", 3), ("state", 3), ("dispatch", 4),
+                      ("dispatch", 5), ("metrics", 4), ("metrics", 5)]
+
+
+def test_sync_mode_fetches_every_step_before_the_next():
+    events = []
+    trainer = make_trainer(events, last=4, sync=True)
+    trainer.add_hook(record(events, "metrics"), every=1, needs_state=False)
+    trainer.run()
+    assert events == [("dispatch", 1), ("metrics", 1), ("dispatch", 2), ("metrics", 2),
+                      ("dispatch", 3), ("metrics", 3), ("dispatch", 4), ("metrics", 4)]
+
+
+def test_hooks_fire_at_their_steps_in_order():
+    events = []
+    trainer = make_trainer(events, last=7)
+    trainer.add_hook(record(events, "eval"), every=3, at_start=True, at_end=True)
+    trainer.add_hook(record(events, "save"), every=2, at_end=True)
+    trainer.add_hook(record(events, "when"), when=lambda step: step == 5)
+    trainer.add_hook(record(events, "log"), every=4, at_end=True, needs_state=False)
+    trainer.run()
+    fired = [e for e in events if e[0] != "dispatch"]
+    assert fired == [("eval", 0), ("save", 2), ("eval", 3), ("log", 4), ("save", 4),
+                     ("when", 5), ("eval", 6), ("save", 6), ("log", 7), ("eval", 7),
+                     ("save", 7)]  # A step's metrics hooks run before its state hooks.
+
+
+def test_a_resumed_job_with_nothing_left_fires_start_and_end_hooks_once():
+    events = []
+    trainer = make_trainer(events, first=4, last=4)
+    trainer.add_hook(record(events, "eval"), every=2, at_start=True, at_end=True)
+    trainer.add_hook(record(events, "save"), every=2, at_end=True)
+    assert trainer.run() == 4
+    assert events == [("eval", 4), ("save", 4)]
+
+
+@pytest.mark.parametrize("sync", [False, True])
+@pytest.mark.parametrize("save_every, poisoned", [(1, 5), (4, 4), (4, 3)])
+def test_non_finite_step_stops_before_any_state_hook_sees_it(sync, save_every, poisoned):
+    events = []
+    batches = [np.float32(1)] * 8
+    batches[poisoned - 1] = np.float32(np.nan)
+    trainer = make_trainer(events, batches, last=8, sync=sync)
+    trainer.add_hook(record(events, "metrics"), every=1, needs_state=False)
+    trainer.add_hook(record(events, "save"), every=save_every)
+    with pytest.raises(NonFiniteError, match=rf"non-finite loss at step {poisoned} "
+                                             r"\(granularity A, B\); stopped before saving"):
+        trainer.run()
+    saved = [s for kind, s in events if kind == "save"]
+    assert saved == [s for s in range(1, poisoned) if s % save_every == 0]
+    assert [s for kind, s in events if kind == "metrics"] == list(range(1, poisoned))
+
+
+def test_non_finite_check_names_loss_or_parameters_and_the_granularities():
+    from matlm.training.hooks import nonfinite
+    good = {"loss": 1.0, "ce": [1.0, 1.0], "trained": [1, 0], "param_norm": 3.0}
+    assert nonfinite(good, NAMES) is None
+    assert nonfinite({**good, "param_norm": np.nan}, NAMES) == ("parameters", ["A"])
+    assert nonfinite({**good, "ce": [1.0, np.nan], "trained": [1, 1]}, NAMES) == ("loss", ["B"])
+    # An untrained granularity's CE is not looked at; a bad total loss names the trained.
+    assert nonfinite({**good, "ce": [1.0, np.nan]}, NAMES) is None
+    assert nonfinite({**good, "loss": np.inf}, NAMES) == ("loss", ["A"])
+
+
+class _Saves(Hook):
+    def __init__(self):
+        super().__init__(every=100, at_end=True, name="checkpoint")
+        self.saved = []
+
+    def __call__(self, info):
+        self.saved.append(info.step)
+
+
+def test_stop_at_saves_that_step_and_stops():
+    events = []
+    trainer = make_trainer(events, last=6)
+    saves = trainer.add_hook(_Saves())
+    trainer.add_hook(Preemption(saves, stop_at=3))
+    assert trainer.run() == 3
+    assert trainer.stop_reason == "stop_at" and saves.saved == [3]
+    assert max(s for kind, s in events if kind == "dispatch") == 3
+
+
+def test_sigterm_saves_the_current_step_and_restores_the_handler():
+    events = []
+    trainer = make_trainer(events, last=6)
+    saves = trainer.add_hook(_Saves())
+    preemption = trainer.add_hook(Preemption(saves))
+
+    def terminate_after_step_2(info):
+        if info.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    trainer.add_hook(terminate_after_step_2, every=1, needs_state=False)
+    before = signal.getsignal(signal.SIGTERM)
+    assert trainer.run() == 3  # Step 2's metrics arrive while step 3 runs.
+    assert trainer.stop_reason == "SIGTERM" and saves.saved == [3]
+    assert preemption.signal == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_add_hook_refuses_a_schedule_for_a_hook_object():
+    trainer = make_trainer([])
+    with pytest.raises(ValueError, match="give the schedule to the Hook itself"):
+        trainer.add_hook(_Saves(), every=3)
+
+
+def test_training_does_not_import_evaluation():
+    code = ("import sys, matlm.training.trainer, matlm.training.hooks, "
+            "matlm.training.model_dir, matlm.cli.train\n"
+            "bad = sorted(m for m in sys.modules if m.startswith('matlm.evaluation'))\n"
+            "print(bad)\n"
+            "sys.exit(1 if bad else 0)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
