@@ -4,6 +4,7 @@ path for the fused kernels (splash in Pallas interpret mode and through its comp
 lowering; cuDNN on a GPU where there is one)."""
 import dataclasses
 import os
+import re
 
 # Compiling for a TPU topology loads libtpu, which by default allows one process per
 # machine; tests may share the machine with other JAX processes that loaded it too.
@@ -196,6 +197,36 @@ def test_splash_compiles_for_a_tpu_topology_under_shard_map():
     memory = lowered.compile().memory_analysis()
     assert memory.temp_size_in_bytes < B * H * T * T * 4 // 4, \
         "a fused kernel holds no [B, H, T, T] score blocks"
+
+
+def test_matlm_lowers_with_splash_for_a_tpu_topology():
+    """The whole model under a TPU mesh: 'auto' gives every layer the splash kernels
+    (forward, dq, dkv) and no [B, T, T] bias is built."""
+    from matlm.model import MatLM
+    from matlm.model.transformer import abstract_params
+    mesh = _tpu_mesh("v5e:2x2", (2, 1, 2))
+    config = ModelConfig(vocab_size=256, d_model=256, n_layers=2, n_heads=2, d_ff=512,
+                         compute_dtype="bfloat16")
+    params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype),
+                          jax.tree.map(lambda p: p.value if hasattr(p, "value") else p,
+                                       abstract_params(config),
+                                       is_leaf=lambda p: hasattr(p, "value")))
+    B, T = 2, 512
+
+    def loss(params, tokens, segments):
+        logits = MatLM(config).apply({"params": params}, tokens, segments)
+        return jnp.mean(logits ** 2)
+
+    tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(jax.grad(loss)).lower(params, tokens, tokens).as_text()
+    kernels = set(re.findall(r"kernel_name = \"?(splash_\w+)", hlo))
+    assert kernels == {"splash_mha_fwd_segmented_residuals", "splash_mha_dq_segmented_no_residuals",
+                       "splash_mha_dkv_segmented_no_residuals"}, kernels
+    # Both layers share the kernels' functions; each runs them in its own shard_map region,
+    # one forward and one backward.
+    assert hlo.count("sdy.manual_computation") == 2 * config.n_layers
+    assert f"tensor<{B}x{T}x{T}xf32>" not in hlo, "the xla path's bias was built"
 
 
 # ---- cuDNN (GPU) ---------------------------------------------------------------------------

@@ -230,8 +230,8 @@ def splash_attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, *, block: int = SPL
     from matlm.sharding import DEFAULT_RULES
     rules = dict(DEFAULT_RULES)
     as_tuple = lambda a: (a,) if isinstance(a, str) else tuple(a or ())
-    batch_axes = _mesh_axes(mesh, as_tuple(rules["batch"]), B) if not mesh.empty else ()
-    head_axes = _mesh_axes(mesh, as_tuple(rules["heads"]), H) if not mesh.empty else ()
+    batch_axes = _mesh_axes(mesh, as_tuple(rules.get("batch")), B) if not mesh.empty else ()
+    head_axes = _mesh_axes(mesh, as_tuple(rules.get("heads")), H) if not mesh.empty else ()
     if head_axes and K % math.prod(mesh.shape[a] for a in head_axes):
         # Heads sharded but too few KV heads to split alike (e.g. MQA over 4 shards): give
         # each query head its own KV head, so every shard holds the KV heads it reads.
