@@ -25,7 +25,10 @@ DATA = [
     # Ships the embedded default corpus (206 Wikipedia pages); located, never imported.
     "gensim==4.4.0",
 ]
-TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0"]
+# `matlm compile` for TPU topologies: libtpu (0.0.42.1, ~0.7 GB) describes TPU chips so a
+# step compiles for a pod slice on any machine. The tests compile for one, so CI needs it.
+TPU = ["jax[tpu]==0.10.2"]
+TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0"] + TPU
 
 setup(
     name="matlm",
@@ -34,6 +37,6 @@ setup(
     packages=find_packages(include=["matlm", "matlm.*"]),
     python_requires=">=3.11",
     install_requires=CORE + DATA,
-    extras_require={"test": TEST},
+    extras_require={"test": TEST, "tpu": TPU},
     entry_points={"console_scripts": ["matlm=matlm.cli.main:console_main"]},
 )

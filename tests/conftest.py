@@ -3,6 +3,13 @@ import os
 
 # Sharding tests need several devices: 8 fake CPU devices, set before JAX starts.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The tests run on CPU. With libtpu installed (the `tpu` extra, which the test extra
+# includes for `matlm compile`), JAX would also try to start it as this host's backend in
+# every test process (and its subprocesses): libtpu logs errors when no TPU is attached and
+# takes /tmp/libtpu_lockfile, which a second process then fails on. The compile tests load
+# libtpu only to describe TPU topologies. JAX_PLATFORMS= (empty) lifts the default.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import pytest  # noqa: E402
 

@@ -15,6 +15,7 @@ import sys
 from matlm.gin_config import split_gin_flags
 
 SUBCOMMANDS = {
+    "compile": ("matlm.cli.compile", "Compile a recipe's train/eval steps for a TPU topology: memory and FLOPs per chip."),
     "eval": ("matlm.cli.eval", "Evaluate submodels of a checkpoint: held-out loss, one-shot tasks, consistency."),
     "info": ("matlm.cli.info", "Print model dimensions, parameters and FLOPs per granularity."),
     "train": ("matlm.cli.train", "Pretrain (or resume) a MatLM with the MatFormer objective."),
