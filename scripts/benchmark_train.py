@@ -15,6 +15,11 @@ losses equal matlm's.
 
   python scripts/benchmark_train.py   # issue-4 shape: d512, 8 layers, d_ff 2048, seq 256, batch 8
   python scripts/benchmark_train.py --torch_python /path/to/venv-with-torch/bin/python
+  python scripts/benchmark_train.py --seq_lens=256,1024,2048   # batch 8/2/1: same tokens/step
+
+`--seq_lens` runs the whole benchmark once per sequence length with the batch scaled so
+that every step holds the same tokens (`--batch` × `--seq_len`), then prints a summary
+across lengths; its last line is one JSON object with a list of the per-length results.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from benchmark_model import matmul_peak_gflops, time_interleaved  # noqa: E402
 
 from matlm.model import MatLM, ModelConfig  # noqa: E402
+from matlm.model.attention import resolve_impl  # noqa: E402
 from matlm.model.counting import joint_train_flops_per_token, train_flops_per_token  # noqa: E402
 from matlm.model.reference import dense_forward  # noqa: E402
 from matlm.training import mesh as mesh_lib  # noqa: E402
@@ -122,6 +128,12 @@ class TorchEagerReference:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq_lens", default="",
+                        help="comma-separated sequence lengths to run one after another, each "
+                             "with batch = batch × seq_len / length (same tokens per step)")
+    parser.add_argument("--attention_impl", default="auto",
+                        help="ModelConfig.attention_impl (auto: the platform's fused kernel, "
+                             "blocked XLA on CPU)")
     for flag, default in [("d_model", 512), ("n_layers", 8), ("n_heads", 8), ("d_ff", 2048),
                           ("seq_len", 256), ("batch", 8), ("vocab", 8192), ("steps", 4)]:
         parser.add_argument(f"--{flag}", type=int, default=default)
@@ -137,8 +149,38 @@ def main():
     args = parser.parse_args()
     if args.torch_python is None and importlib.util.find_spec("torch") is not None:
         args.torch_python = sys.executable
+    if not args.seq_lens:
+        print(json.dumps(benchmark(args)))
+        return
+    tokens_per_step = args.batch * args.seq_len
+    lengths = [int(t) for t in args.seq_lens.split(",")]
+    for T in lengths:
+        if T <= 0 or tokens_per_step % T:
+            parser.error(f"--seq_lens: {T} does not divide the {tokens_per_step} tokens per "
+                         f"step (--batch {args.batch} × --seq_len {args.seq_len}); pick "
+                         "lengths that do, or change --batch/--seq_len")
+    results = []
+    for T in lengths:
+        print(f"\n=== seq_len {T}, batch {tokens_per_step // T} ===")
+        one = benchmark(argparse.Namespace(**{**vars(args), "seq_len": T,
+                                              "batch": tokens_per_step // T}))
+        print(json.dumps(one))
+        results.append({"seq_len": T, "batch": tokens_per_step // T, **one})
+    print(f"\nthe joint step across sequence lengths, {tokens_per_step} tokens per step:")
+    print(tabulate([[r["seq_len"], r["batch"], f"{r['joint_tokens_per_s']:,.0f}",
+                     f"{r['mfu_joint']:.0%}", f"{r['sliced_over_masked_time']:.3f}",
+                     f"{r['sliced_over_masked_flops']:.3f}"] for r in results],
+                   headers=["seq", "batch", "joint tokens/s", "joint of peak",
+                            "sliced/masked time", "sliced/masked FLOPs"],
+                   tablefmt="simple_outline", disable_numparse=True))
+    print(json.dumps({"tokens_per_step": tokens_per_step, "seq_lens": results}))
+
+
+def benchmark(args) -> dict:
+    """One shape: prints the report and returns the summary (the JSON line's object)."""
     config = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers,
-                         n_heads=args.n_heads, d_ff=args.d_ff, activation=args.activation)
+                         n_heads=args.n_heads, d_ff=args.d_ff, activation=args.activation,
+                         attention_impl=args.attention_impl)
     train = TrainConfig(steps=1000, seq_len=args.seq_len, global_batch_size=args.batch,
                         mesh_shape=(1, 1, 1))
     mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
@@ -224,7 +266,7 @@ def main():
           f"(2048³: the better of standalone and interleaved with the steps)")
     print(f"shape: d_model={args.d_model} layers={args.n_layers} heads={args.n_heads} "
           f"d_ff={args.d_ff} ({args.activation}) seq={args.seq_len} batch={args.batch} "
-          f"vocab={args.vocab}; "
+          f"vocab={args.vocab} attention={resolve_impl(config)}; "
           f"best of {args.steps} rounds × {args.block} back-to-back optimizer steps, "
           f"variants interleaved")
     huge = "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
@@ -257,7 +299,7 @@ def main():
     else:
         print("torch_eager: skipped (no torch here; pass --torch_python PYTHON with an "
               "interpreter that has torch to time the PyTorch eager reference)")
-    print(json.dumps({
+    return {
         "joint_tokens_per_s": round(n_tokens / times["joint"], 1),
         "xl_only_tokens_per_s": round(n_tokens / times["xl_only"], 1),
         "masked_joint_tokens_per_s": round(n_tokens / times["masked_joint"], 1),
@@ -265,7 +307,7 @@ def main():
         "peak_gflops": round(peak, 1), "mfu_joint": round(mfu("joint"), 4),
         "mfu_xl": round(mfu("xl_only"), 4),
         "sliced_over_masked_time": round(time_ratio, 4),
-        "sliced_over_masked_flops": round(flop_ratio, 4), "huge_pages": huge, **extra}))
+        "sliced_over_masked_flops": round(flop_ratio, 4), "huge_pages": huge, **extra}
 
 
 if __name__ == "__main__":
