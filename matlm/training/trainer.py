@@ -68,6 +68,7 @@ class Trainer:
         self.stall_seconds = 0.0  # Time state hooks held the loop with the device idle.
         self.loop_started = time.perf_counter()
         self._pending: collections.deque = collections.deque()  # (step, device metrics)
+        self._last_metrics = (None, None)  # (step, host metrics) of the newest fetched step.
 
     def add_hook(self, fn, every: int = 0, **schedule) -> Hook:
         """Registers `fn(info)` (or a `Hook`) to run every `every` steps; keyword
@@ -114,7 +115,6 @@ class Trainer:
 
     def run(self) -> int:
         """Trains; returns the step reached (last_step, or where a hook stopped it)."""
-        self._last_metrics = (None, None)
         opened = []
         try:
             for hook in self.hooks:
