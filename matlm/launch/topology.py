@@ -79,9 +79,9 @@ def parse_topology(topology: str) -> tuple[ChipSpec, tuple[int, ...]]:
 def slice_from_gin_files(gin_files) -> Optional[str]:
     """The topology a recipe names in a header comment `# slice: v5e:4x4` (the last gin
     file that has one wins, as later files override earlier ones)."""
+    from matlm.gin_config import resolve_gin_file
     found = None
     for path in gin_files:
-        from matlm.gin_config import resolve_gin_file
         for line in Path(resolve_gin_file(path)).read_text().splitlines():
             match = _SLICE_COMMENT_RE.match(line)
             if match:
