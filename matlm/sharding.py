@@ -26,6 +26,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("kv", None),
     ("norm", None),
+    ("layers", None),  # Stacked axis of scanned layers: each device holds every layer.
 )
 
 

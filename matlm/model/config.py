@@ -57,6 +57,10 @@ class ModelConfig:
     # checkpoints; `matlm.model.layout.ffn_to_contiguous` converts for export.
     ffn_nest_blocks: int = 1
     layer_d_ff: tuple = ()
+    # Decoder blocks stored stacked (params["layers"], leading logical axis "layers") and
+    # run under jax.lax.scan: compile time and HLO size stay flat in depth. Unrolled
+    # (params["layer_{i}"]) otherwise; matlm.model.layout converts between the two.
+    scan_layers: bool = False
 
     def __post_init__(self):
         def need(ok, msg):
@@ -99,6 +103,12 @@ class ModelConfig:
                      for w in self.layer_d_ff),
                  f"layer_d_ff entries must be in (0, d_ff={self.d_ff}] and multiples of "
                  f"ffn_nest_blocks={self.ffn_nest_blocks}: {self.layer_d_ff}")
+        need(isinstance(self.scan_layers, bool),
+             f"scan_layers must be True or False, got {self.scan_layers!r}")
+        need(not (self.scan_layers and len(set(self.ffn_dims)) > 1),
+             f"scan_layers=True stacks every layer's parameters into one array, so every "
+             f"layer must store the same FFN width; layer_d_ff={tuple(self.layer_d_ff)} "
+             "differs per layer (an extracted model): set scan_layers=False")
         object.__setattr__(self, "granularity_names", tuple(self.granularity_names))
         object.__setattr__(self, "granularity_widths", tuple(self.granularity_widths))
         object.__setattr__(self, "layer_d_ff", tuple(self.layer_d_ff))

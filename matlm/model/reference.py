@@ -1,6 +1,7 @@
 """A plain dense decoder in pure `jax.numpy`, independent of the Flax modules.
 
-It takes a parameter tree shaped like MatLM's but with each FFN kernel already cut to
+It takes a parameter tree shaped like MatLM's (either layer form: stacked layers are
+unstacked first) but with each FFN kernel already cut to
 that layer's width, and runs no slicing and no masking. Tests use it as the oracle
 ("a dense model with sliced weights"); benchmarks use it as the dense baseline.
 It is written differently on purpose (repeated KV heads, rotate-half RoPE, one
@@ -12,10 +13,13 @@ import jax
 import jax.numpy as jnp
 
 from matlm.model.config import ModelConfig
+from matlm.model.layout import unstack_layers
 
 
 def slice_params(params, widths):
-    """Cuts every layer's FFN kernels to their first `widths[i]` hidden units."""
+    """Cuts every layer's FFN kernels to their first `widths[i]` hidden units (the result
+    is unrolled: sliced layers differ in width)."""
+    params = unstack_layers(params)
     out = dict(params)  # Only the FFN entries are replaced below.
     for i, m in enumerate(widths):
         ffn = dict(out[f"layer_{i}"]["ffn"])
@@ -55,6 +59,7 @@ def dense_forward(config: ModelConfig, params, tokens, segment_ids=None, positio
     if positions is None:
         positions = jnp.tile(jnp.arange(T), (B, 1))
     H, K, E = config.n_heads, config.num_kv_heads, config.head_size
+    params = unstack_layers(params)
     emb = params["embedding"]
     x = emb[tokens]
     allowed = (jnp.arange(T)[:, None] >= jnp.arange(T)[None, :])[None] & (

@@ -9,8 +9,28 @@
 - `joint_widths=(widths_0, widths_1, ...)`: several static-width submodels in one pass,
   a tuple of logits, sharing the layers where their inputs agree (the joint training
   objective; matlm.model.streams).
-Layers are unrolled (not scanned): Mix'n'Match widths differ per layer, and static
-slices of different sizes cannot share one scanned body.
+
+Layers are unrolled (`params["layer_{i}"]`) or, with `ModelConfig.scan_layers`, stacked
+and scanned: compile time and HLO size then stay flat in depth.
+
+Scanned layers. The L blocks' parameters live in one tree, `params["layers"]`, each leaf
+with a leading axis of size L (logical axis "layers", replicated). They are created once
+by vmapping Block's init over L rngs, and the decoder then runs *functionally*: groups of
+consecutive layers that execute the same code run as one `jax.lax.scan` of
+`Block(...).apply({"params": layer_slice}, ...)` over their slice of the stack. One
+stacked tree and functional groups (rather than `nn.scan`, whose body is one module with
+one static configuration) are what let every call form share the same parameters:
+- `widths=None`, uniform static widths (S/M/L/XL, and each `lax.switch` branch of the
+  sampled objective): one group, one scan over all L layers;
+- static Mix'n'Match vectors: one group per run of equal widths (static slices of
+  different sizes cannot share a scan body); an all-distinct vector is L single calls;
+- traced widths: one scan, the [L] width array a scan input (the masked path);
+- `joint_widths`: one group per run of layers with the same stream plan, the carry the
+  tuple of residual streams; S/M/L/XL is [layer 0 (shared, splits into 4)] + a scan
+  over layers 1..L-1.
+The remat policy wraps the scanned body (`jax.checkpoint`), as `nn.remat` wraps each
+unrolled block. Parameters initialise differently from the unrolled form (other rngs);
+`matlm.model.layout.stack_layers` / `unstack_layers` convert trained parameters.
 """
 from __future__ import annotations
 
@@ -24,6 +44,9 @@ from matlm.model.config import ModelConfig
 from matlm.model.attention import make_attention_mask
 from matlm.model.layers import Block, RMSNorm, _param, rope_tables
 from matlm.model.streams import stream_plan
+
+# The stacked parameters of scanned layers: params[LAYERS], leading logical axis LAYERS.
+LAYERS = "layers"
 
 _REMAT_POLICIES = {
     "full": None,  # Recompute everything in the backward pass.
@@ -60,25 +83,14 @@ class MatLM(nn.Module):
         bias_BTT = make_attention_mask(segment_ids_BT, cfg)  # An opaque AttentionMask pytree.
         rope = rope_tables(positions_BT, cfg.head_size, cfg.rope_theta)
 
-        block_cls = Block
-        if cfg.remat_policy != "none":
-            block_cls = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy])
-        if joint_widths is None:
-            for i, d_ff in enumerate(cfg.ffn_dims):
-                static = None if widths is None or traced else int(widths[i])
-                block = block_cls(cfg, d_ff=d_ff, static_width=static, name=f"layer_{i}")
-                x_BTD = block(x_BTD, rope, bias_BTT, widths[i] if traced else None)
-            streams, final_members = (x_BTD,), None
+        if cfg.scan_layers:
+            streams, final_members = _scanned_decoder(self, x_BTD, rope, bias_BTT, widths,
+                                                      traced, joint_widths)
         else:
-            layers, final_members = stream_plan(joint_widths)
-            if len(layers) != cfg.n_layers:
-                raise ValueError(f"{len(layers)} widths for {cfg.n_layers} layers")
-            streams = (x_BTD,)
-            for i, (d_ff, plan) in enumerate(zip(cfg.ffn_dims, layers)):
-                block = block_cls(cfg, d_ff=d_ff, stream_widths=tuple(w for _, w in plan),
-                                  name=f"layer_{i}")
-                streams = tuple(x for split in block(streams, rope, bias_BTT) for x in split)
+            streams, final_members = _unrolled_decoder(self, x_BTD, rope, bias_BTT, widths,
+                                                       traced, joint_widths)
 
+        # ---- The head: final norm and logits of each final stream. ----
         final_norm = RMSNorm(cfg.norm_eps, name="final_norm")
         dtype = jnp.dtype(cfg.compute_dtype)
         if cfg.tie_embeddings:
@@ -107,6 +119,111 @@ class MatLM(nn.Module):
             stream_logits = logits(x)  # Identical width vectors share one stream.
             by_submodel.update((m, stream_logits) for m in members)
         return tuple(by_submodel[m] for m in range(len(joint_widths)))
+
+
+def _unrolled_decoder(module: MatLM, x_BTD, rope, mask, widths, traced, joint_widths):
+    """Runs layers `layer_0 .. layer_{L-1}` one by one: (final streams, submodels each
+    carries or None)."""
+    cfg = module.config
+    block_cls = Block
+    if cfg.remat_policy != "none":
+        block_cls = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy])
+    if joint_widths is None:
+        for i, d_ff in enumerate(cfg.ffn_dims):
+            static = None if widths is None or traced else int(widths[i])
+            block = block_cls(cfg, d_ff=d_ff, static_width=static, parent=module,
+                              name=f"layer_{i}")
+            x_BTD = block(x_BTD, rope, mask, widths[i] if traced else None)
+        return (x_BTD,), None
+    layers, final_members = stream_plan(joint_widths)
+    if len(layers) != cfg.n_layers:
+        raise ValueError(f"{len(layers)} widths for {cfg.n_layers} layers")
+    streams = (x_BTD,)
+    for i, (d_ff, plan) in enumerate(zip(cfg.ffn_dims, layers)):
+        block = block_cls(cfg, d_ff=d_ff, stream_widths=tuple(w for _, w in plan),
+                          parent=module, name=f"layer_{i}")
+        streams = tuple(x for split in block(streams, rope, mask) for x in split)
+    return streams, final_members
+
+
+def _layer_groups(keys) -> list[tuple[int, int]]:
+    """[start, stop) runs of consecutive equal keys: the layers one scan can run."""
+    groups, start = [], 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[start]:
+            groups.append((start, i))
+            start = i
+    return groups
+
+
+def _scanned_decoder(module: MatLM, x_BTD, rope, mask, widths, traced, joint_widths):
+    """Runs the stacked layers `params["layers"]` in scanned groups (module docstring):
+    (final streams, submodels each carries or None)."""
+    cfg = module.config
+    L, d_ff = cfg.n_layers, cfg.d_ff  # Config validation: every layer stores d_ff.
+
+    def init_stacked(rng):
+        # Block's own init, vmapped over L rngs: boxed leaves with a leading L axis, to
+        # which the logical axis name is added. Shapes do not depend on the inputs; the
+        # discarded forward pass of init is dead code under jit / eval_shape.
+        init_one = lambda r: Block(cfg, d_ff=d_ff, parent=None).init(r, x_BTD, rope, mask)
+        boxed = jax.vmap(init_one)(jax.random.split(rng, L))["params"]
+        return jax.tree.map(lambda box: box.replace(names=(LAYERS,) + tuple(box.names)),
+                            boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
+
+    stacked = module.param(LAYERS, init_stacked)
+    policy = cfg.remat_policy
+
+    def layer_fn(**block_kwargs):
+        """(carry, layer params[, traced width]) -> carry for one layer of a group."""
+        block = Block(cfg, d_ff=d_ff, parent=None, **block_kwargs)
+
+        def apply(carry, params, traced_width=None):
+            out = block.apply({"params": params}, carry, rope, mask, traced_width)
+            if block.stream_widths is not None:  # Flatten the per-stream splits.
+                out = tuple(x for split in out for x in split)
+            return out
+        if policy == "none":
+            return apply
+        # prevent_cse=False: the scan already keeps XLA from merging the recomputation
+        # into the forward pass (what nn.remat's default guards against when unrolled).
+        return jax.checkpoint(apply, policy=_REMAT_POLICIES[policy], prevent_cse=False)
+
+    def run_group(fn, carry, start, stop, xs=()):
+        """Layers [start, stop) over their slice of the stack (one scan, or one plain call
+        for a single layer)."""
+        if stop - start == 1:
+            return fn(carry, jax.tree.map(lambda a: a[start], stacked), *(x[start] for x in xs))
+        params = stacked if (start, stop) == (0, L) else jax.tree.map(
+            lambda a: a[start:stop], stacked)
+        xs = tuple(x[start:stop] for x in xs)
+        carry, _ = jax.lax.scan(lambda c, p: (fn(c, *p), None), carry, (params,) + xs)
+        return carry
+
+    if joint_widths is None:
+        if traced:
+            widths_L = jnp.asarray(widths)
+            if widths_L.shape != (L,):
+                raise ValueError(f"traced widths of shape {widths_L.shape} for {L} layers; "
+                                 f"pass one width per layer, shape ({L},)")
+            return (run_group(layer_fn(), x_BTD, 0, L, (widths_L,)),), None
+        keys = (None,) * L if widths is None else tuple(int(w) for w in widths)
+        for start, stop in _layer_groups(keys):
+            x_BTD = run_group(layer_fn(static_width=keys[start]), x_BTD, start, stop)
+        return (x_BTD,), None
+
+    layers, final_members = stream_plan(joint_widths)
+    if len(layers) != L:
+        raise ValueError(f"{len(layers)} widths for {L} layers")
+    keys = [tuple(w for _, w in plan) for plan in layers]
+    # A layer that splits a stream changes the carry's structure, so it runs alone; runs of
+    # identical plans have one width per stream (a split changes the next layer's plan).
+    keys = [k if all(len(w) == 1 for w in k) else (i, k) for i, k in enumerate(keys)]
+    streams = (x_BTD,)
+    for start, stop in _layer_groups(keys):
+        stream_widths = tuple(w for _, w in layers[start])
+        streams = run_group(layer_fn(stream_widths=stream_widths), streams, start, stop)
+    return streams, final_members
 
 
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8):
