@@ -50,6 +50,7 @@ from benchmark_model import matmul_peak_gflops, time_interleaved  # noqa: E402
 from matlm.model import MatLM, ModelConfig  # noqa: E402
 from matlm.model.attention import resolve_impl  # noqa: E402
 from matlm.model.counting import joint_train_flops_per_token, train_flops_per_token  # noqa: E402
+from matlm.model.layout import unstack_layers  # noqa: E402
 from matlm.model.reference import dense_forward  # noqa: E402
 from matlm.training import mesh as mesh_lib  # noqa: E402
 from matlm.training.config import TrainConfig  # noqa: E402
@@ -96,8 +97,9 @@ class TorchEagerReference:
             "norm_eps": config.norm_eps, "learning_rate": train.learning_rate,
             "adam_b1": train.adam_b1, "adam_b2": train.adam_b2, "adam_eps": train.adam_eps,
             "weight_decay": train.weight_decay, "clip_grad_norm": train.clip_grad_norm}
+        # The reference reads per-layer names (layer_{i}/...): unstack scanned layers.
         flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
-                for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+                for path, leaf in jax.tree_util.tree_flatten_with_path(unstack_layers(params))[0]}
         self._tmp = tempfile.TemporaryDirectory()
         self.npz = os.path.join(self._tmp.name, "reference.npz")
         np.savez(self.npz, tokens=tokens, **flat)
