@@ -175,7 +175,8 @@ def _scanned_decoder(module: MatLM, x_BTD, rope, mask, widths, traced, joint_wid
     policy = cfg.remat_policy
 
     def layer_fn(**block_kwargs):
-        """(carry, layer params[, traced width]) -> carry for one layer of a group."""
+        """(single-layer call, scan body) of one layer under the remat policy, each
+        `(carry, layer params[, traced width]) -> carry`."""
         block = Block(cfg, d_ff=d_ff, parent=None, **block_kwargs)
 
         def apply(carry, params, traced_width=None):
@@ -184,20 +185,24 @@ def _scanned_decoder(module: MatLM, x_BTD, rope, mask, widths, traced, joint_wid
                 out = tuple(x for split in out for x in split)
             return out
         if policy == "none":
-            return apply
-        # prevent_cse=False: the scan already keeps XLA from merging the recomputation
-        # into the forward pass (what nn.remat's default guards against when unrolled).
-        return jax.checkpoint(apply, policy=_REMAT_POLICIES[policy], prevent_cse=False)
+            return apply, apply
+        checkpoint = lambda prevent_cse: jax.checkpoint(
+            apply, policy=_REMAT_POLICIES[policy], prevent_cse=prevent_cse)
+        # In a scan body prevent_cse=False: the loop already keeps XLA from merging the
+        # recomputation into the forward pass (nn.remat's default guards unrolled layers).
+        return checkpoint(True), checkpoint(False)
 
-    def run_group(fn, carry, start, stop, xs=()):
+    def run_group(fns, carry, start, stop, xs=()):
         """Layers [start, stop) over their slice of the stack (one scan, or one plain call
         for a single layer)."""
+        single, scan_body = fns
         if stop - start == 1:
-            return fn(carry, jax.tree.map(lambda a: a[start], stacked), *(x[start] for x in xs))
+            return single(carry, jax.tree.map(lambda a: a[start], stacked),
+                          *(x[start] for x in xs))
         params = stacked if (start, stop) == (0, L) else jax.tree.map(
             lambda a: a[start:stop], stacked)
         xs = tuple(x[start:stop] for x in xs)
-        carry, _ = jax.lax.scan(lambda c, p: (fn(c, *p), None), carry, (params,) + xs)
+        carry, _ = jax.lax.scan(lambda c, p: (scan_body(c, *p), None), carry, (params,) + xs)
         return carry
 
     if joint_widths is None:
