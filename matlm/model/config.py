@@ -9,7 +9,10 @@ from matlm.model.granularity import GranularitySpec
 ACTIVATIONS = ("gelu", "relu", "geglu", "swiglu")
 GATED_ACTIVATIONS = ("geglu", "swiglu")
 DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "dots_saveable")
+# What the backward pass keeps of each layer's forward (matlm.model.transformer):
+# none = everything, full = only the layer's input, minimal = also the projection and FFN
+# matmul outputs (not attention scores), dots_saveable = every matmul output.
+REMAT_POLICIES = ("none", "full", "minimal", "dots_saveable")
 # "auto": splash on TPU, cuDNN on GPU (bfloat16), blocked XLA on CPU (matlm.model.attention).
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 

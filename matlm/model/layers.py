@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from matlm.model.config import ModelConfig
+from matlm.sharding import constrain
 # Re-exported: attention_bias lived here before the attention interface.
 from matlm.model.attention import AttentionMask, attend, attention_bias  # noqa: F401
 
@@ -149,7 +150,9 @@ class NestedFFN(nn.Module):
         x_ND = x_BTD.astype(dtype).reshape(B * T, D)
 
         def ffn(wi, wo):
-            pre_NF = [x_ND @ w.astype(dtype) for w in wi]
+            # Hidden units over tensor, tokens over the batch shards (matlm.sharding).
+            pre_NF = [constrain(x_ND @ w.astype(dtype), ("activation_batch", "activation_mlp"))
+                      for w in wi]
             return activate(cfg.activation, *pre_NF) @ wo.astype(dtype)
 
         if prefix_widths is None and not (width is None or isinstance(width, int)):
@@ -189,16 +192,20 @@ class Block(nn.Module):
         attn_norm, ffn_norm = (RMSNorm(cfg.norm_eps, name=n) for n in ("attn_norm", "ffn_norm"))
         attention, ffn = Attention(cfg, name="attn"), NestedFFN(cfg, self.d_ff, name="ffn")
 
+        def residual(x):
+            # The residual stream: rows over the batch shards, d_model whole on each.
+            return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
         def attend(x):
-            return x + attention(attn_norm(x), rope, bias_BTT).astype(x.dtype)
+            return residual(x + attention(attn_norm(x), rope, bias_BTT).astype(x.dtype))
 
         if self.stream_widths is not None:
             outputs = []
             for x, widths in zip(x_BTD, self.stream_widths, strict=True):
                 x = attend(x)
                 outs = ffn(ffn_norm(x), prefix_widths=widths)
-                outputs.append(tuple(x + out.astype(x.dtype) for out in outs))
+                outputs.append(tuple(residual(x + out.astype(x.dtype)) for out in outs))
             return tuple(outputs)
         x_BTD = attend(x_BTD)
         width = self.static_width if traced_width is None else traced_width
-        return x_BTD + ffn(ffn_norm(x_BTD), width).astype(x_BTD.dtype)
+        return residual(x_BTD + ffn(ffn_norm(x_BTD), width).astype(x_BTD.dtype))

@@ -43,7 +43,9 @@ import jax.numpy as jnp
 from matlm.model.config import ModelConfig
 from matlm.model.attention import make_attention_mask
 from matlm.model.layers import Block, RMSNorm, _param, rope_tables
+from matlm.model.head import head_logits
 from matlm.model.streams import stream_plan
+from matlm.sharding import constrain
 
 # The stacked parameters of scanned layers: params[LAYERS], leading logical axis LAYERS.
 LAYERS = "layers"
@@ -51,6 +53,10 @@ LAYERS = "layers"
 _REMAT_POLICIES = {
     "full": None,  # Recompute everything in the backward pass.
     "dots_saveable": jax.checkpoint_policies.checkpoint_dots,
+    # Keeps the projection and FFN matmul outputs ([tokens, features], no batch dims) and
+    # recomputes attention's batched score/mixing einsums: dots_saveable's saved score
+    # blocks ([B, H, T, S] per layer and granularity) are what overflows HBM at T = 2048.
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -60,10 +66,13 @@ class MatLM(nn.Module):
     @nn.compact
     def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None,
                  widths: Sequence[int] | jax.Array | None = None,
-                 joint_widths: Sequence[Sequence[int]] | None = None):
+                 joint_widths: Sequence[Sequence[int]] | None = None,
+                 return_hidden: bool = False):
         """Returns float32 logits [B, T, vocab]; with `joint_widths` (static width vectors
         of several submodels), a tuple of them, one per submodel, computed over shared
-        residual streams (matlm.model.streams)."""
+        residual streams (matlm.model.streams). `return_hidden`: the final-normed hidden
+        states [B, T, D] instead of logits, for a loss that applies the head
+        (`matlm.model.head.head_logits`) in chunks."""
         cfg = self.config
         B, T = tokens_BT.shape
         if segment_ids_BT is None:
@@ -79,6 +88,8 @@ class MatLM(nn.Module):
         embedding_VD = _param(self, "embedding", (cfg.vocab_size, cfg.d_model),
                               ("vocab", "embed"), nn.initializers.normal(stddev=1.0))
         x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
+        # Rows over the batch shards, embed whole (the table itself is split over fsdp).
+        x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
         # Shared by every layer: computed once per forward.
         bias_BTT = make_attention_mask(segment_ids_BT, cfg)  # An opaque AttentionMask pytree.
         rope = rope_tables(positions_BT, cfg.head_size, cfg.rope_theta)
@@ -92,32 +103,23 @@ class MatLM(nn.Module):
 
         # ---- The head: final norm and logits of each final stream. ----
         final_norm = RMSNorm(cfg.norm_eps, name="final_norm")
-        dtype = jnp.dtype(cfg.compute_dtype)
         if cfg.tie_embeddings:
             table = embedding_VD
         else:
             table = _param(self, "unembedding", (cfg.d_model, cfg.vocab_size),
                            ("embed", "vocab"), nn.initializers.normal(cfg.d_model ** -0.5))
 
-        def logits(x_BTD):
-            # Flattened tokens: 2-D matmuls are much faster in XLA:CPU's backward pass.
-            x_ND = final_norm(x_BTD).astype(dtype).reshape(B * T, cfg.d_model)
-            if cfg.tie_embeddings:
-                # Contract against the [V, D] table directly (no transposed copy), scaled
-                # so logits start O(1) with unit-variance embeddings; the scale is applied
-                # to the [N, D] input, V/D times fewer multiplies than on the [N, V] logits.
-                x_ND = x_ND * jnp.asarray(cfg.d_model ** -0.5, dtype)
-                logits_NV = jnp.einsum("nd,vd->nv", x_ND, table.astype(dtype))
-            else:
-                logits_NV = x_ND @ table.astype(dtype)
-            return logits_NV.reshape(B, T, cfg.vocab_size).astype(jnp.float32)
+        def head(x_BTD):
+            if return_hidden:  # The loss applies the head itself, in chunks.
+                return final_norm(x_BTD)
+            return head_logits(cfg, table, final_norm(x_BTD))
 
         if final_members is None:
-            return logits(streams[0])
+            return head(streams[0])
         by_submodel = {}
         for x, members in zip(streams, final_members, strict=True):
-            stream_logits = logits(x)  # Identical width vectors share one stream.
-            by_submodel.update((m, stream_logits) for m in members)
+            stream_out = head(x)  # Identical width vectors share one stream.
+            by_submodel.update((m, stream_out) for m in members)
         return tuple(by_submodel[m] for m in range(len(joint_widths)))
 
 

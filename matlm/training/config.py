@@ -40,6 +40,10 @@ class TrainConfig:
     sample_k: int = 1
     sample_probabilities: tuple = ()  # () → uniform.
     z_loss: float = 0.0  # Coefficient of mean(logsumexp(logits)²), e.g. 1e-4.
+    # Cross entropy in sequence chunks of this many positions (forward and backward), so
+    # no step holds the float32 [B, T, vocab] logits of every granularity at once; 0: in
+    # one piece. Costs one extra head matmul per chunk in the backward pass.
+    loss_chunk_size: int = 512
 
     # Mesh: sizes of (data, fsdp, tensor); one of them may be -1 (the remaining devices).
     mesh_shape: tuple = (-1, 1, 1)
@@ -59,6 +63,9 @@ class TrainConfig:
     peak_flops_per_device: Optional[float] = None
 
     def __post_init__(self):
+        if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:
+            raise TrainConfigError(f"TrainConfig.loss_chunk_size must be a non-negative integer "
+                                   f"(0 = no chunking), got {self.loss_chunk_size!r}")
         for field in ("steps", "seq_len", "global_batch_size", "microbatches", "log_every",
                       "keep_checkpoints", "sample_k"):
             value = getattr(self, field)

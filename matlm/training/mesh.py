@@ -4,11 +4,12 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from matlm.sharding import DEFAULT_RULES, MESH_AXES, logical_to_mesh_specs
+from matlm.sharding import DEFAULT_RULES, MESH_AXES, fit_spec, logical_to_mesh_specs
 
 
 class MeshError(ValueError):
@@ -58,28 +59,20 @@ def check_shard_local_nesting(mesh, ffn_nest_blocks: int) -> None:
             "small granularities would live on the first shards only")
 
 
-def _fit(spec: P, shape, mesh) -> P:
-    """Drops mesh axes from dimensions they do not divide (those stay replicated), so a
-    tiny model still runs on a big mesh; real configs divide evenly."""
-    fitted = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        size = math.prod(mesh.shape[a] for a in names)
-        fitted.append(axes if names and dim % size == 0 else None)
-    return P(*fitted)
-
-
 def param_shardings(logical_specs, abstract_params, mesh, rules=DEFAULT_RULES):
     """NamedShardings for a parameter tree from its logical PartitionSpecs."""
     mesh_specs = logical_to_mesh_specs(logical_specs, rules)
-    return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+    return jax.tree.map(lambda spec, x: NamedSharding(mesh, fit_spec(spec, x.shape, mesh)),
                         mesh_specs, abstract_params,
                         is_leaf=lambda s: isinstance(s, P))
 
 
-def batch_sharding(mesh) -> NamedSharding:
-    """Batch rows over data×fsdp; sequence positions unsharded."""
-    return NamedSharding(mesh, P(("data", "fsdp"), None))
+BATCH_AXES = ("activation_batch", "activation_length")
+
+
+def batch_sharding(mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    """[B, T] batches by the rule table: rows over data×fsdp, positions unsharded."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(BATCH_AXES, rules))
 
 
 def replicated(mesh) -> NamedSharding:

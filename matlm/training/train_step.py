@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,8 @@ from jax.sharding import NamedSharding
 
 from matlm.model import MatLM, ModelConfig, abstract_params, init_params, logical_axes
 from matlm.training import mesh as mesh_lib
-from matlm.training.objective import Objective, joint_loss, logits_loss
+from matlm.sharding import activation_sharding
+from matlm.training.objective import Objective, hidden_loss, joint_loss
 
 
 @flax.struct.dataclass
@@ -54,6 +57,19 @@ def init_state(model_config: ModelConfig, optimizer, mesh, seed: int) -> TrainSt
     shardings = state_shardings(model_config, optimizer, mesh)
     init = jax.jit(init_state_fn(model_config, optimizer), out_shardings=shardings)
     return init(jax.random.key(seed))
+
+
+def traced_in_mesh(fn, mesh):
+    """`fn`, traced with `mesh` in context: the model's activation sharding constraints
+    (matlm.sharding.constrain) pin to it, and code that asks which mesh and platform it is
+    compiled for (`jax.sharding.get_abstract_mesh()`: attention picks splash for a TPU
+    mesh and runs it per shard) sees it. jit traces on the first call (or `.lower`),
+    inside; `jax.set_mesh` itself is refused inside a trace, its abstract mesh is not."""
+    @functools.wraps(fn)
+    def wrapped(*args):
+        with activation_sharding(mesh), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+    return wrapped
 
 
 def _split_microbatches(batch, n: int):
@@ -108,27 +124,30 @@ def make_train_step(model_config: ModelConfig, objective: Objective, optimizer, 
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     batch_sharding = mesh_lib.batch_sharding(mesh)
-    return jax.jit(train_step, in_shardings=(shardings, batch_sharding),
+    return jax.jit(traced_in_mesh(train_step, mesh), in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, mesh_lib.replicated(mesh)),
                    donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(model_config: ModelConfig, widths_by_name: dict, mesh):
-    """`eval_step(params, batch) -> {name: (sum CE, token count)}` for every submodel."""
+def make_eval_step(model_config: ModelConfig, widths_by_name: dict, mesh, loss_chunk: int = 0):
+    """`eval_step(params, batch) -> {name: (sum CE, token count)}` for every submodel;
+    cross entropy in sequence chunks of `loss_chunk` positions (0: at once)."""
     model = MatLM(model_config)
 
     names = list(widths_by_name)
 
     def eval_step(params, batch):
         # One pass over shared residual streams (matlm.model.streams), as in training.
-        logits = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
-                             batch["positions"], joint_widths=[widths_by_name[n] for n in names])
+        hidden = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
+                             batch["positions"], joint_widths=[widths_by_name[n] for n in names],
+                             return_hidden=True)
         count = batch["loss_mask"].sum()
         out = {}
-        for name, submodel_logits in zip(names, logits):
-            _, ce = logits_loss(submodel_logits, batch, 0.0)
+        for name, submodel_hidden in zip(names, hidden):
+            _, ce = hidden_loss(model_config, params, submodel_hidden, batch, 0.0, loss_chunk)
             out[name] = (ce * count, count)
         return out
 
-    return jax.jit(eval_step, in_shardings=(None, mesh_lib.batch_sharding(mesh)),
+    return jax.jit(traced_in_mesh(eval_step, mesh),
+                   in_shardings=(None, mesh_lib.batch_sharding(mesh)),
                    out_shardings=mesh_lib.replicated(mesh))

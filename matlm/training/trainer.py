@@ -19,8 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from matlm.model import ModelConfig
-from matlm.model.counting import (joint_train_flops_per_token, param_count,
-                                  train_flops_per_token)
+from matlm.model.counting import param_count
 from matlm.training import mesh as mesh_lib
 from matlm.training.config import TrainConfig
 from matlm.training.hooks import (DOWNSTREAM_EVAL_HOOK, Checkpoint, Hook, LogMetrics,
@@ -237,21 +236,15 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
     # --- The loop and its hooks. --------------------------------------------------------
     train_step = make_train_step(model_config, objective, optimizer, schedule, mesh,
                                  train_config.microbatches)
-    eval_step = make_eval_step(model_config, context.widths_by_name, mesh)
+    eval_step = make_eval_step(model_config, context.widths_by_name, mesh,
+                               train_config.loss_chunk_size)
     peak, peak_source = peak_flops_per_device(train_config.peak_flops_per_device)
     tokens_per_step = train_config.global_batch_size * train_config.seq_len
-    flops_per_token = np.array([train_flops_per_token(model_config, train_config.seq_len, w)
-                                for w in objective.widths], dtype=np.float64)
-    # Training every granularity runs one joint pass that shares streams (MFU counts the
-    # FLOPs executed); sampled granularities run one after another.
-    joint_flops_per_token = (joint_train_flops_per_token(model_config, train_config.seq_len,
-                                                         objective.widths)
-                             if objective.mode == "all" else None)
 
     def flops_of(metrics) -> float:
-        per_token = (joint_flops_per_token if joint_flops_per_token is not None
-                     else float(flops_per_token[np.asarray(metrics["trained"]) > 0].sum()))
-        return tokens_per_step * per_token
+        # The FLOPs executed (joint pass over shared streams, or the sampled granularities).
+        return tokens_per_step * objective.train_flops_per_token(
+            model_config, train_config.seq_len, metrics["trained"])
 
     trainer = Trainer(train_step, state, batches, first_step=start,
                       last_step=train_config.steps, granularity_names=objective.names,
