@@ -63,6 +63,10 @@ def _json_value(value):
     return json.loads(json.dumps(value))
 
 
+# ModelConfig fields that change how a step is computed, not the parameters it trains.
+EXECUTION_ONLY_FIELDS = frozenset({"remat_policy", "attention_impl", "attention_query_block"})
+
+
 class ModelDir:
     """Paths and files of one model dir (see the module docstring)."""
 
@@ -120,8 +124,13 @@ class ModelDir:
             return
         saved = self.read_run_config().get("model", {})
         current = model_config_to_dict(model_config)
-        diffs = [f"{k}: saved {saved.get(k)!r}, now {_json_value(v)!r}"
-                 for k, v in current.items() if _json_value(v) != saved.get(k)]
+        # A field the saved config lacks was added after the run started: the run had its
+        # default. Fields that only change how the same parameters are computed (memory,
+        # kernels) may change between jobs, e.g. to resume on another slice.
+        defaults = model_config_to_dict(ModelConfig())
+        diffs = [f"{k}: saved {saved.get(k, defaults[k])!r}, now {_json_value(v)!r}"
+                 for k, v in current.items() if k not in EXECUTION_ONLY_FIELDS
+                 and _json_value(v) != saved.get(k, _json_value(defaults[k]))]
         if diffs:
             raise CheckpointError(
                 f"{self.path} holds a run of a different model ({'; '.join(diffs)}). "
