@@ -62,7 +62,12 @@ def test_tpu_topology_peak_equals_memory_analysis(tmp_path, capsys):
     assert result["peak_bytes_per_device"] == expected
     assert result["train_step"]["temp"] == m.temp_size_in_bytes
     assert result["headroom"] == pytest.approx(1 - expected / (15.75 * 2 ** 30))
-    assert result["flops_per_step"] == pytest.approx(4 * compiled.cost_analysis()["flops"])
+    assert result["xla_flops_per_step"] == pytest.approx(4 * compiled.cost_analysis()["flops"])
+    # The headline FLOPs are matlm's exact count of the joint pass, as MFU uses them.
+    from matlm.model.counting import joint_train_flops_per_token
+    joint = joint_train_flops_per_token(model_config, 32, [model_config.granularities.uniform(n)
+                                                           for n in ("S", "M", "L", "XL")])
+    assert result["flops_per_step"] == pytest.approx(4 * 32 * joint)
     assert result["tokens_per_step"] == 4 * 32
 
 
@@ -75,7 +80,7 @@ def test_oversized_model_does_not_fit(capsys):
     assert rc == 1
     assert result["fits"] is False and result["meets_min_headroom"] is False
     assert result["peak_bytes_per_device"] > 24 * 2 ** 30
-    assert result["flops_per_step"] is None  # libtpu stopped the compile: no cost analysis.
+    assert result["xla_flops_per_step"] is None  # libtpu stopped the compile: no cost analysis.
     assert result["headroom"] < 0
     excess = (result["peak_bytes_per_device"] - result["hbm_bytes_per_device"]) / 2 ** 30
     assert f"does not fit by {excess:.2f} GiB" in out

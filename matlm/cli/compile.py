@@ -72,9 +72,12 @@ def _report_lines(report, recipe: str) -> list[str]:
     if report.train.memory.oom_total is not None:
         lines.append("(libtpu stopped the train step's compile for lack of HBM: only its "
                      "total is known, so no parts, FLOPs or step time)")
-    if report.flops_per_step is not None:
-        lines.append(f"FLOPs per train step: {report.train.flops_per_device:.3e} per device, "
-                     f"{report.flops_per_step:.3e} in all (XLA cost analysis)")
+    lines.append(f"FLOPs per train step: {report.flops_per_step:.3e} in all, "
+                 f"{report.flops_per_step / report.devices:.3e} per device (matlm's exact "
+                 "count, as MFU uses it)"
+                 + ("" if report.xla_flops_per_step is None else
+                    f"; XLA cost analysis {report.xla_flops_per_step:.3e} (a scanned loop's "
+                    "body counted once, fused kernels opaque)"))
     if report.step_time_at_50pct_mfu is not None:
         lines.append(f"step time at 50 % MFU: {report.step_time_at_50pct_mfu:.4g} s "
                      f"(peak {t.peak_flops:.3e} FLOP/s per device, {t.peak_source})")
@@ -93,7 +96,8 @@ def report_json(report, recipe: str) -> dict:
            "fits": report.fits, "min_headroom": report.min_headroom,
            "meets_min_headroom": report.meets_min_headroom,
            "flops_per_step": report.flops_per_step,
-           "flops_per_step_per_device": report.train.flops_per_device,
+           "flops_per_step_per_device": report.flops_per_step / report.devices,
+           "xla_flops_per_step": report.xla_flops_per_step,
            "tokens_per_step": report.tokens_per_step, "microbatches": report.microbatches,
            "peak_flops_per_device": t.peak_flops,
            "step_time_at_50pct_mfu_s": report.step_time_at_50pct_mfu,

@@ -98,6 +98,11 @@ class FitReport:
     eval: Optional[StepReport]
     opt_state_bytes_per_device: int
     min_headroom: float
+    # FLOPs a step executes by matlm's exact count (matlm.model.counting, as the trainer's
+    # MFU counts them: the joint pass, no remat recompute). XLA's cost analysis counts a
+    # scanned loop's body once and does not see inside Pallas kernels, so it is no step
+    # total for scanned layers or fused attention; it is reported beside.
+    model_flops_per_step: float = 0.0
 
     @property
     def devices(self) -> int:
@@ -126,7 +131,11 @@ class FitReport:
         return None if self.headroom is None else self.headroom >= self.min_headroom
 
     @property
-    def flops_per_step(self) -> Optional[float]:
+    def flops_per_step(self) -> float:
+        return self.model_flops_per_step
+
+    @property
+    def xla_flops_per_step(self) -> Optional[float]:
         flops = self.train.flops_per_device
         return None if flops is None else flops * self.devices
 
@@ -219,10 +228,15 @@ def check_fit(model_config: ModelConfig, train_config: TrainConfig, target: Targ
     if include_eval:
         spec = model_config.granularities
         widths_by_name = {name: spec.uniform(name) for name in spec.names}
-        eval_step = make_eval_step(model_config, widths_by_name, mesh)
+        eval_step = make_eval_step(model_config, widths_by_name, mesh,
+                                   train_config.loss_chunk_size)
         _, eval_report = _compile(eval_step, (state.params, args[1]), target, "eval step",
                                   progress)
+    tokens_per_step = train_config.global_batch_size * train_config.seq_len
+    model_flops = tokens_per_step * build_objective(model_config, train_config) \
+        .train_flops_per_token(model_config, train_config.seq_len)
     return FitReport(target=target, mesh_shape=dict(mesh.shape),
+                     model_flops_per_step=model_flops,
                      tokens_per_step=train_config.global_batch_size * train_config.seq_len,
                      microbatches=train_config.microbatches, train=train_report,
                      eval=eval_report, opt_state_bytes_per_device=bytes_per_device(
