@@ -119,6 +119,9 @@ def test_auto_resolves_per_platform():
     f32, bf16 = ModelConfig(), ModelConfig(compute_dtype="bfloat16")
     assert attn.resolve_impl(f32) == "xla"  # This CPU.
     assert attn.resolve_impl(f32, "tpu") == "splash"
+    # A length splash cannot tile (not a multiple of 128) falls back to XLA under "auto".
+    assert attn.resolve_impl(f32, "tpu", seq_len=2048) == "splash"
+    assert attn.resolve_impl(f32, "tpu", seq_len=32) == "xla"
     assert attn.resolve_impl(bf16, "gpu") == "cudnn"
     assert attn.resolve_impl(f32, "gpu") == "xla"  # cuDNN's fused kernel needs 16 bits.
     assert attn.resolve_impl(ModelConfig(attention_impl="xla"), "tpu") == "xla"

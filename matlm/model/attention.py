@@ -63,7 +63,8 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def resolve_impl(config: ModelConfig, platform: str | None = None) -> str:
+def resolve_impl(config: ModelConfig, platform: str | None = None,
+                 seq_len: int | None = None) -> str:
     """The concrete implementation ("xla" | "cudnn" | "splash") of `config.attention_impl`
     on `platform` (default: `target_platform()`); a fused kernel asked for on a platform
     that lacks it is a ModelConfigError that says what to set instead."""
@@ -73,7 +74,9 @@ def resolve_impl(config: ModelConfig, platform: str | None = None) -> str:
         raise ModelConfigError(f"unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
     if impl == "auto":
         if platform == "tpu":
-            return "splash"
+            # Splash tiles the sequence in 128-lane multiples; a length it cannot tile (a
+            # tiny test config) falls back to the XLA path rather than failing.
+            return "splash" if seq_len is None or splash_tiles(seq_len) else "xla"
         if platform in _GPU_PLATFORMS and config.compute_dtype == "bfloat16":
             return "cudnn"
         return "xla"  # CPU, or float32 on GPU (cuDNN's fused kernels need 16-bit inputs).
@@ -100,7 +103,7 @@ def attention_bias(segment_ids_BT):
 
 def make_attention_mask(segment_ids_BT, config: ModelConfig) -> AttentionMask:
     """The mask for one forward pass; only the xla path builds the [B, T, T] bias."""
-    impl = resolve_impl(config)
+    impl = resolve_impl(config, seq_len=segment_ids_BT.shape[1])
     if impl == "splash":
         check_splash_seq_len(segment_ids_BT.shape[1])
     bias_BTT = attention_bias(segment_ids_BT) if impl == "xla" else None
@@ -109,7 +112,7 @@ def make_attention_mask(segment_ids_BT, config: ModelConfig) -> AttentionMask:
 
 def attend(q_BTHE, k_BTKE, v_BTKE, mask: AttentionMask, config: ModelConfig):
     """softmax(q kᵀ + mask) v with q pre-scaled; [B, T, H, E] in q's dtype."""
-    impl = resolve_impl(config)
+    impl = resolve_impl(config, seq_len=q_BTHE.shape[1])
     if impl == "cudnn":
         return cudnn_attention(q_BTHE, k_BTKE, v_BTKE, mask.segment_ids_BT)
     if impl == "splash":
@@ -178,11 +181,17 @@ def cudnn_attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT):
 
 # --- splash: Pallas TPU splash attention ----------------------------------------------------
 
+def splash_tiles(T: int, block: int = SPLASH_BLOCK) -> bool:
+    """Whether splash can tile a sequence of length T (see check_splash_seq_len)."""
+    tile = min(block, T)
+    return T % tile == 0 and tile % _LANES == 0
+
+
 def check_splash_seq_len(T: int, block: int = SPLASH_BLOCK) -> int:
     """The splash tile for length T: min(block, T), which must divide T and be a multiple
     of 128 lanes; a clear error otherwise (the kernel's own is an opaque assert)."""
     tile = min(block, T)
-    if T % tile or tile % _LANES:
+    if not splash_tiles(T, block):
         raise ModelConfigError(
             f"attention_impl='splash' tiles the sequence in blocks of {tile} (min({block}, "
             f"T)), which must divide the sequence length T={T} and be a multiple of "
