@@ -241,10 +241,15 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
     peak, peak_source = peak_flops_per_device(train_config.peak_flops_per_device)
     tokens_per_step = train_config.global_batch_size * train_config.seq_len
 
+    flops_by_trained: dict = {}  # Counted once per set of trained granularities, not per step.
+
     def flops_of(metrics) -> float:
         # The FLOPs executed (joint pass over shared streams, or the sampled granularities).
-        return tokens_per_step * objective.train_flops_per_token(
-            model_config, train_config.seq_len, metrics["trained"])
+        trained = tuple(bool(t) for t in np.asarray(metrics["trained"]) > 0)
+        if trained not in flops_by_trained:
+            flops_by_trained[trained] = tokens_per_step * objective.train_flops_per_token(
+                model_config, train_config.seq_len, trained)
+        return flops_by_trained[trained]
 
     trainer = Trainer(train_step, state, batches, first_step=start,
                       last_step=train_config.steps, granularity_names=objective.names,
