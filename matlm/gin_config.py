@@ -7,7 +7,10 @@ their config objects by calling the registered constructors with no arguments
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
+import re
+import tokenize
 from pathlib import Path
 from typing import Sequence
 
@@ -41,28 +44,161 @@ def resolve_gin_file(path: str) -> Path:
 
 
 def parse_gin(gin_files: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
-    """Clears gin, then applies files and bindings, naming the culprit on error.
+    """Clears gin, then applies files and bindings; any error is one line naming the
+    culprit (the file and line, or the binding) and the fix.
 
     The config is not locked (`gin.finalize`): modules imported later (e.g. the eval
     tasks, loaded lazily) must still be able to register their configurables.
     """
     gin.clear_config()
     files = [resolve_gin_file(f) for f in gin_files]
-    # Gin resolves `include` statements relative to these search paths.
-    gin.add_config_file_search_path(str(REPO_ROOT))
     for path in files:
-        try:
-            gin.parse_config_file(str(path))
-        except (ValueError, KeyError, IOError) as e:
-            raise ConfigError(f"cannot apply gin file {str(path)!r}: {e}") from e
+        _parse_file(path, (path.resolve(),))
     for binding in bindings:
         try:
             gin.parse_config(binding)
-        except (ValueError, KeyError) as e:
+        except _GIN_ERRORS as e:
+            raise ConfigError(_binding_error(binding, e)) from None
+
+
+# What gin raises for bad input: SyntaxError for values that are not Python literals,
+# tokenize.TokenError for unbalanced brackets, ValueError/KeyError for unknown names.
+_GIN_ERRORS = (SyntaxError, tokenize.TokenError, ValueError, KeyError, TypeError, IOError)
+# An include statement on a line of its own (how gin files write them).
+_INCLUDE = re.compile(r"""^\s*include\s+(['"])(?P<path>[^'"]+)\1\s*(#.*)?$""")
+_DYNAMIC_REGISTRATION = re.compile(r"^\s*from\s+__gin__\s+import\s+.*$", re.MULTILINE)
+
+
+def _parse_file(path: Path, stack: tuple) -> None:
+    """Applies one gin file, resolving its includes here rather than in gin.
+
+    Gin would look up `include 'configs/models/tiny.gin'` relative to the working
+    directory first, and for a miss its package-resource reader logs
+    `ERROR:root:Path not found: ...` before the next search path finds the file: every
+    run outside the repo printed a false error. So the file is applied in pieces between
+    its include lines (each padded with blank lines so that gin's line numbers stay the
+    file's own), and each include is resolved like a --gin_file (as given, then under the
+    repository root) and applied in its place: gin never tries a path that is missing.
+    """
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read gin file {str(path)!r}: {e}") from None
+    text = "".join(lines)
+    # `from __gin__ import dynamic_registration` switches the parse mode of one
+    # parse_config call: repeat it in every piece.
+    header = "".join(m.group(0) + "\n" for m in _DYNAMIC_REGISTRATION.finditer(text))
+    start = 0
+    for number, line in enumerate(lines, start=1):
+        match = _INCLUDE.match(line)
+        if not match:
+            continue
+        _parse_piece(path, lines, start, number - 1, header)
+        try:
+            included = resolve_gin_file(match.group("path"))
+        except ConfigError:
             raise ConfigError(
-                f"cannot apply gin binding {binding!r}: {e}. "
-                "Check the spelling against the configurable's fields "
-                "(e.g. ModelConfig.d_model=512).") from e
+                f"gin file {str(path)!r} line {number}: included file "
+                f"{match.group('path')!r} not found (looked in {os.getcwd()} and "
+                f"{REPO_ROOT})") from None
+        if included.resolve() in stack:
+            raise ConfigError(f"gin file {str(path)!r} line {number}: including "
+                              f"{match.group('path')!r} again makes a cycle")
+        _parse_file(included, stack + (included.resolve(),))
+        start = number
+    _parse_piece(path, lines, start, len(lines), header)
+
+
+def _parse_piece(path: Path, lines: list, start: int, end: int, header: str) -> None:
+    body = "".join(lines[start:end])
+    if not body.strip():
+        return
+    padding = "\n" * (start - header.count("\n")) if start else ""
+    piece = io.StringIO((header if start else "") + padding + body)
+    piece.name = str(path)  # Gin's locations (SyntaxError.filename) name the file.
+    try:
+        gin.parse_config(piece)
+    except _GIN_ERRORS as e:
+        raise ConfigError(_file_error(path, e)) from None
+
+
+def unwrap_gin_error(error: BaseException) -> BaseException:
+    """The exception a configurable raised, without the lines gin appends.
+
+    Gin re-raises errors from inside a configurable (and from bindings) as a proxy
+    subclass whose message adds "In call to configurable ..." / "In file ... line ...":
+    the original is the proxy's __context__."""
+    while (error.__context__ is not None and error.__suppress_context__
+           and type(error).__name__ == type(error.__context__).__name__
+           and isinstance(error, type(error.__context__))):
+        error = error.__context__
+    return error
+
+
+def _first_line(error: BaseException) -> str:
+    if isinstance(error, SyntaxError):
+        message = error.msg or ""
+    elif isinstance(error, KeyError) and len(error.args) == 1:
+        message = str(error.args[0])
+    else:
+        message = str(error)
+    return (message.strip().splitlines() or [type(error).__name__])[0].strip()
+
+
+_UNPARSED_TOKEN = re.compile(r"Failed to parse token '(?P<token>.*)'")
+_NOT_FINITE = re.compile(r"^[+-]?(nan|inf|infinity)$", re.IGNORECASE)
+
+
+def _value_advice(name: str, error: BaseException, as_flag: bool) -> str:
+    """What is wrong with a binding's value and how to write it (gin values are Python
+    literals)."""
+    original = unwrap_gin_error(error)
+    match = _UNPARSED_TOKEN.search(str(error))
+    if match and _NOT_FINITE.match(match.group("token")):
+        return (f"{match.group('token')} is not accepted: gin values are Python literals "
+                "and nan/inf are not; give a finite number")
+    if match:
+        token = match.group("token")
+        quoted = f"--gin.{name}=\"'{token}'\"" if as_flag else f"{name} = '{token}'"
+        return (f"{token} is not a Python literal (gin values are numbers, quoted "
+                f"strings, True/False/None, tuples or @references): quote strings, e.g. "
+                f"{quoted}")
+    if isinstance(original, tokenize.TokenError):
+        return "unbalanced brackets or quotes"
+    return _first_line(original)
+
+
+def _binding_name(binding: str) -> str:
+    return binding.split("=", 1)[0].strip()
+
+
+def _binding_error(binding: str, error: BaseException) -> str:
+    name = _binding_name(binding)
+    where = f"--gin.{name}={binding.split('=', 1)[1].strip()}" if "=" in binding else binding
+    advice = _value_advice(name, error, as_flag=True)
+    if isinstance(unwrap_gin_error(error), (ValueError, KeyError)) and not isinstance(
+            error, SyntaxError):
+        advice += (". Check the spelling against the configurable's fields "
+                   "(e.g. --gin.ModelConfig.d_model=512)")
+    return f"cannot apply gin binding {where}: {advice}"
+
+
+_LOCATION = re.compile(r'In file "(?P<file>.*)", line (?P<line>\d+)\n\s*(?P<text>.*)')
+
+
+def _file_error(path: Path, error: BaseException) -> str:
+    """One line: the file, the line number and statement, what is wrong."""
+    line, text = None, None
+    if isinstance(error, SyntaxError) and error.lineno:
+        line, text = error.lineno, (error.text or "").strip()
+    else:
+        match = _LOCATION.search(str(error))
+        if match:
+            line, text = int(match.group("line")), match.group("text").strip()
+    where = f"gin file {str(path)!r}" + (f" line {line}" if line else "")
+    name = _binding_name(text) if text and "=" in text else ""
+    advice = _value_advice(name, error, as_flag=False)
+    return f"{where}: {text}: {advice}" if text else f"{where}: {advice}"
 
 
 def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -84,15 +220,22 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return bindings, rest
 
 
-def _plain(cls, bound):
+def config_from_gin(cls, gin_cls):
+    """The plain dataclass `cls` with the values gin binds to `gin_cls` (its registered
+    wrapper). Errors the dataclass raises (one line naming the field) come out as raised,
+    without the lines gin appends to them."""
+    try:
+        bound = gin_cls()
+    except Exception as e:  # noqa: BLE001 - re-raised unchanged, only unwrapped.
+        raise unwrap_gin_error(e) from None
     return cls(**{f.name: getattr(bound, f.name) for f in dataclasses.fields(cls)})
 
 
 def model_config_from_gin() -> ModelConfig:
     """The ModelConfig that the parsed gin bindings describe (a plain dataclass)."""
-    return _plain(ModelConfig, _GinModelConfig())
+    return config_from_gin(ModelConfig, _GinModelConfig)
 
 
 def train_config_from_gin() -> TrainConfig:
     """The TrainConfig that the parsed gin bindings describe (a plain dataclass)."""
-    return _plain(TrainConfig, _GinTrainConfig())
+    return config_from_gin(TrainConfig, _GinTrainConfig)

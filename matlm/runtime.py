@@ -62,4 +62,12 @@ def reexec_with_hugepage_malloc() -> None:
     env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), HUGEPAGE_TUNABLE]))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
+    try:
+        os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
+    except OSError as e:
+        # The interpreter cannot be exec'd (deleted or replaced venv, a noexec mount, a
+        # seccomp policy): huge pages are a speed-up, not a requirement, so carry on in
+        # this process without them. MATLM_NO_HUGEPAGES=1 skips the attempt.
+        print(f"matlm: warning: running without huge pages: cannot re-execute "
+              f"{sys.executable} ({e.strerror or e}); set MATLM_NO_HUGEPAGES=1 to skip "
+              "this", file=sys.stderr)

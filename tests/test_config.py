@@ -65,11 +65,12 @@ def test_invalid_width_vectors_are_named(value, message):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(d_model=30, n_heads=4), "not divisible by n_heads"),
     (dict(n_heads=4, n_kv_heads=3), "not a multiple of n_kv_heads"),
-    (dict(activation="tanh"), "unknown activation 'tanh'"),
-    (dict(compute_dtype="float16"), "unknown compute_dtype"),
-    (dict(d_ff=0), "d_ff must be a positive integer"),
+    (dict(activation="tanh"), "ModelConfig.activation must be one of 'gelu', .*, got 'tanh'"),
+    (dict(compute_dtype="float16"), "ModelConfig.compute_dtype must be one of"),
+    (dict(d_ff=0), r"ModelConfig.d_ff must be an integer >= 1, got 0"),
     (dict(granularity_widths=(32, 16, 128, 256)), "strictly increasing"),
-    (dict(attention_query_block=-64), "attention_query_block must be a non-negative integer"),
+    (dict(attention_query_block=-64),
+     "ModelConfig.attention_query_block must be an integer >= 0, got -64"),
 ])
 def test_invalid_model_configs_are_named(kwargs, message):
     with pytest.raises((ModelConfigError, GranularityError), match=message):

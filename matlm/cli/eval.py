@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from matlm.config_checks import Check, check_flags
+
 DEFAULT_GIN = "configs/eval/offline.gin"
 
 
@@ -57,11 +59,22 @@ def _split(text):
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+# The numeric flags' ranges, checked before anything is imported or loaded.
+FLAG_CHECKS = {
+    "step": Check(int, ge=0),
+    "max_examples": Check(int, ge=1),
+    "num_shots": Check(int, ge=0),
+    "seed": Check(int, ge=0),
+    "batch_size": Check(int, ge=1),
+    "max_len": Check(int, ge=2),  # At least one context and one continuation token.
+}
+
+
 def run(args, gin_bindings) -> int:
+    check_flags(args, FLAG_CHECKS)
     # Heavy imports (TensorFlow via seqio) only when the command runs.
     from matlm import data
     from matlm.evaluation import report, runner, tasks
-    from matlm.evaluation.errors import EvalError
     from matlm.evaluation.submodels import resolve_submodels
     from matlm.gin_config import parse_gin
     from matlm.training import model_dir as model_dir_lib
@@ -82,8 +95,6 @@ def run(args, gin_bindings) -> int:
     runner.check_task_names(names)
     submodels, reference = resolve_submodels(config, _split(args.granularities), args.widths,
                                              args.reference)
-    if args.max_examples is not None and args.max_examples < 1:
-        raise EvalError(f"--max_examples must be positive, got {args.max_examples}")
     # 3. Data: vocabulary, tasks, prompts (field mappings and empty splits fail here).
     vocab = model_dir.vocabulary(fallback=lambda: data.DataConfig(**data_config).vocabulary())
     options = runner.EvalOptions(

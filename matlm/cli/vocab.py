@@ -11,6 +11,12 @@ from __future__ import annotations
 
 import time
 
+from matlm.config_checks import Check, check_flags
+
+# matlm.data.vocabulary.MIN_VOCAB_SIZE, without importing TensorFlow to check a flag
+# (tests/test_bad_input.py checks that the two agree).
+MIN_VOCAB_SIZE = 300
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--task", default=None,
@@ -24,9 +30,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args, gin_bindings) -> int:
+    # Flags and the output path first: a bad one must fail before minutes of training.
+    check_flags(args, {"vocab_size": Check(int, ge=MIN_VOCAB_SIZE),
+                       "max_documents": Check(int, ge=1)})
     from matlm import data  # Heavy (TensorFlow): imported only when the command runs.
+    from matlm.data.vocabulary import check_output_path
     from matlm.gin_config import parse_gin
 
+    check_output_path(args.output)
     parse_gin(args.gin_file, gin_bindings)
     config = data.data_config_from_gin()  # Registers the tasks gin defines.
     task = args.task or config.task

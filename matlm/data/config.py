@@ -13,18 +13,32 @@ import dataclasses
 import gin
 import seqio
 
+from matlm.config_checks import check_fields, checked
 from matlm.data import pipeline, vocabulary
+from matlm.data.errors import DataError
 from matlm.data.tasks import DEFAULT_TASK
+from matlm.gin_config import config_from_gin
+
+
+class DataConfigError(DataError):
+    """A DataConfig field of the wrong type or range."""
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    task: str = DEFAULT_TASK
-    train_split: str = "train"
-    eval_split: str = "validation"
-    seed: int = 0
-    vocab_path: str | None = None  # Any SentencePiece .model; None: default_vocabulary().
-    default_vocab_size: int = vocabulary.DEFAULT_VOCAB_SIZE
+    # Each field declares its type and range (matlm.config_checks), checked at construction.
+    task: str = checked(DEFAULT_TASK, str)  # A name; @local_files_task() etc. return one.
+    train_split: str = checked("train", str)
+    eval_split: str = checked("validation", str)
+    seed: int = checked(0, int, ge=0)
+    # Any SentencePiece .model; None: default_vocabulary().
+    vocab_path: str | None = checked(None, str, optional=True)
+    # Byte fallback alone takes 256 + 4 ids (matlm.data.vocabulary.train_vocabulary).
+    default_vocab_size: int = checked(vocabulary.DEFAULT_VOCAB_SIZE, int,
+                                      ge=vocabulary.MIN_VOCAB_SIZE)
+
+    def __post_init__(self):
+        check_fields(self, DataConfigError)
 
     def vocabulary(self) -> seqio.SentencePieceVocabulary:
         if self.vocab_path:
@@ -55,5 +69,4 @@ _GinDataConfig = gin.external_configurable(DataConfig, module="matlm")
 def data_config_from_gin() -> DataConfig:
     """The DataConfig the parsed gin bindings describe (evaluating `@local_files_task()`
     and the like registers those tasks now, so bad input fails before training)."""
-    bound = _GinDataConfig()
-    return DataConfig(**{f.name: getattr(bound, f.name) for f in dataclasses.fields(DataConfig)})
+    return config_from_gin(DataConfig, _GinDataConfig)

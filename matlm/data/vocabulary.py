@@ -32,6 +32,8 @@ from matlm.data.errors import VocabularyError
 
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
 DEFAULT_VOCAB_SIZE = 8192
+# Byte fallback alone needs 256 + 4 ids; below 300 there is hardly room for any piece.
+MIN_VOCAB_SIZE = 300
 CACHE_ENV_VAR = "MATLM_CACHE_DIR"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,9 +46,10 @@ def cache_dir() -> Path:
 def train_vocabulary(texts: Iterable[str], vocab_size: int, output_path: str | os.PathLike,
                      model_type: str = "unigram") -> Path:
     """Trains a SentencePiece model on `texts` (one document each) and writes it atomically."""
-    if vocab_size < 300:
+    if vocab_size < MIN_VOCAB_SIZE:
         raise VocabularyError(
             f"vocab_size={vocab_size} is too small: byte fallback alone needs 256 + 4 ids")
+    output_path = check_output_path(output_path)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -56,13 +59,45 @@ def train_vocabulary(texts: Iterable[str], vocab_size: int, output_path: str | o
             num_threads=os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as e:  # e.g. "Vocabulary size too high (N). Please set it to a value <= M."
         raise VocabularyError(f"cannot train a {vocab_size}-piece vocabulary: {e}") from e
-    output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    # Write-then-rename so concurrent processes never read a half-written model.
-    with tempfile.NamedTemporaryFile(dir=output_path.parent, delete=False) as tmp:
-        tmp.write(model.getvalue())
-    os.replace(tmp.name, output_path)
+    # Write-then-rename so concurrent processes never read a half-written model; the
+    # temporary file is removed whatever fails (a full disk, a rename across devices).
+    with tempfile.NamedTemporaryFile(dir=output_path.parent, prefix=f".{output_path.name}.",
+                                     suffix=".tmp", delete=False) as tmp:
+        try:
+            tmp.write(model.getvalue())
+            tmp.close()
+            os.replace(tmp.name, output_path)
+        except BaseException:
+            tmp.close()
+            Path(tmp.name).unlink(missing_ok=True)
+            raise
     return output_path
+
+
+def check_output_path(output_path: str | os.PathLike) -> Path:
+    """The path a vocabulary will be written to, checked before any training: not a
+    directory, and its directory (the first existing ancestor, for one still to be
+    created) writable. Raises VocabularyError naming the path."""
+    path = Path(output_path).expanduser()
+    if path.is_dir():
+        raise VocabularyError(f"--output {str(output_path)!r} is a directory; give the path "
+                              "of the .model file to write, e.g. DIR/vocab.model")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise VocabularyError(f"--output {str(output_path)!r} exists and is not writable")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise VocabularyError(f"--output {str(output_path)!r}: {str(ancestor)!r} is not a "
+                              "directory")
+    try:  # A real probe: permission bits say nothing for root, /proc or read-only mounts.
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        raise VocabularyError(f"--output {str(output_path)!r}: cannot write in "
+                              f"{str(ancestor)!r} ({e.strerror or e})") from None
+    return path
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:

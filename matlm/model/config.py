@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from matlm.config_checks import Check, check_fields, checked
 from matlm.model.granularity import GranularitySpec
 
 ACTIVATIONS = ("gelu", "relu", "geglu", "swiglu")
@@ -30,73 +31,63 @@ class ModelConfig:
     stores kernels of width `layer_d_ff[i]` (nested training then is not meaningful).
     """
 
-    vocab_size: int = 256
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: Optional[int] = None  # None: multi-head; 1: multi-query; else grouped.
-    head_dim: Optional[int] = None  # None: d_model // n_heads.
-    d_ff: int = 256
-    activation: str = "swiglu"
-    tie_embeddings: bool = True
-    rope_theta: float = 10_000.0
-    norm_eps: float = 1e-6
-    compute_dtype: str = "float32"  # Parameters are always stored in float32.
-    remat_policy: str = "none"
+    # Each field declares its type and range (matlm.config_checks); __post_init__ checks
+    # them all first, then the relations between fields.
+    vocab_size: int = checked(256, int, ge=1)
+    d_model: int = checked(64, int, ge=1)
+    n_layers: int = checked(2, int, ge=1)
+    n_heads: int = checked(4, int, ge=1)
+    # None: multi-head; 1: multi-query; else grouped.
+    n_kv_heads: Optional[int] = checked(None, int, ge=1, optional=True)
+    head_dim: Optional[int] = checked(None, int, ge=1, optional=True)  # None: d_model // n_heads.
+    d_ff: int = checked(256, int, ge=1)
+    activation: str = checked("swiglu", str, choices=ACTIVATIONS)
+    tie_embeddings: bool = checked(True, bool)
+    rope_theta: float = checked(10_000.0, float, gt=0)
+    norm_eps: float = checked(1e-6, float, gt=0)
+    # Parameters are always stored in float32.
+    compute_dtype: str = checked("float32", str, choices=DTYPES)
+    remat_policy: str = checked("none", str, choices=REMAT_POLICIES)
     # Causal attention in query blocks of this many positions, each against only the
     # keys up to its end: skips the masked upper triangle (T/blk blocks save about
     # (1 - 1/blocks)/2 of the score and mixing work). 0 = one [T, T] block.
-    attention_query_block: int = 128
+    attention_query_block: int = checked(128, int, ge=0)
     # Attention kernel (matlm.model.attention): "auto" picks the platform's fused kernel
     # (splash on TPU, cuDNN on GPU) and the blocked XLA path (the test oracle) on CPU.
-    attention_impl: str = "auto"
-    granularity_names: tuple = ("S", "M", "L", "XL")
-    granularity_widths: tuple = ()  # () → d_ff/8, d_ff/4, d_ff/2, d_ff.
-    width_alignment: int = 1  # 128 for TPU lanes, 64 for GPUs in real configs.
+    attention_impl: str = checked("auto", str, choices=ATTENTION_IMPLS)
+    granularity_names: tuple = checked(("S", "M", "L", "XL"), tuple, each=Check(str))
+    # () → d_ff/8, d_ff/4, d_ff/2, d_ff.
+    granularity_widths: tuple = checked((), tuple, each=Check(int, ge=1))
+    width_alignment: int = checked(1, int, ge=1)  # 128 for TPU lanes, 64 for GPUs in real configs.
     # Shard-local nesting: the FFN hidden axis is stored as `ffn_nest_blocks` equal blocks,
     # each holding its own nested prefix, so that with the `mlp` axis sharded over T
     # tensor shards (T dividing the block count) every granularity is spread over all
     # shards instead of living on the first ones. 1 = one plain prefix. Baked into
     # checkpoints; `matlm.model.layout.ffn_to_contiguous` converts for export.
-    ffn_nest_blocks: int = 1
-    layer_d_ff: tuple = ()
+    ffn_nest_blocks: int = checked(1, int, ge=1)
+    layer_d_ff: tuple = checked((), tuple, each=Check(int, ge=1))
     # Decoder blocks stored stacked (params["layers"], leading logical axis "layers") and
     # run under jax.lax.scan: compile time and HLO size stay flat in depth. Unrolled
     # (params["layer_{i}"]) otherwise; matlm.model.layout converts between the two.
-    scan_layers: bool = False
+    scan_layers: bool = checked(False, bool)
 
     def __post_init__(self):
         def need(ok, msg):
             if not ok:
                 raise ModelConfigError(msg)
 
-        for field in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
-            value = getattr(self, field)
-            need(isinstance(value, int) and value > 0,
-                 f"ModelConfig.{field} must be a positive integer, got {value!r}")
+        check_fields(self, ModelConfigError)  # Types and ranges of every field.
         need(self.head_dim is not None or self.d_model % self.n_heads == 0,
              f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
              "set head_dim explicitly or change n_heads")
         need(self.n_heads % self.num_kv_heads == 0,
              f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.num_kv_heads}")
-        need(self.activation in ACTIVATIONS,
-             f"unknown activation {self.activation!r}; choose one of {ACTIVATIONS}")
-        need(self.compute_dtype in DTYPES,
-             f"unknown compute_dtype {self.compute_dtype!r}; choose one of {DTYPES}")
-        need(self.remat_policy in REMAT_POLICIES,
-             f"unknown remat_policy {self.remat_policy!r}; choose one of {REMAT_POLICIES}")
-        need(isinstance(self.attention_query_block, int) and self.attention_query_block >= 0,
-             f"attention_query_block must be a non-negative integer (0 = no blocking), got "
-             f"{self.attention_query_block!r}")
-        need(self.attention_impl in ATTENTION_IMPLS,
-             f"unknown attention_impl {self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
         need(self.attention_impl != "cudnn" or self.compute_dtype == "bfloat16",
              "attention_impl='cudnn' runs cuDNN's fused kernel, which takes 16-bit inputs "
              f"only; set compute_dtype='bfloat16' (it is {self.compute_dtype!r}) or "
              "attention_impl='auto'")
         need(self.head_size % 2 == 0, f"head_dim={self.head_size} must be even for RoPE")
-        need(isinstance(self.ffn_nest_blocks, int) and self.ffn_nest_blocks > 0
-             and self.d_ff % self.ffn_nest_blocks == 0,
+        need(self.d_ff % self.ffn_nest_blocks == 0,
              f"ffn_nest_blocks={self.ffn_nest_blocks} must be a positive divisor of "
              f"d_ff={self.d_ff}")
         if self.layer_d_ff:
@@ -106,8 +97,6 @@ class ModelConfig:
                      for w in self.layer_d_ff),
                  f"layer_d_ff entries must be in (0, d_ff={self.d_ff}] and multiples of "
                  f"ffn_nest_blocks={self.ffn_nest_blocks}: {self.layer_d_ff}")
-        need(isinstance(self.scan_layers, bool),
-             f"scan_layers must be True or False, got {self.scan_layers!r}")
         need(not (self.scan_layers and len(set(self.ffn_dims)) > 1),
              f"scan_layers=True stacks every layer's parameters into one array, so every "
              f"layer must store the same FFN width; layer_d_ff={tuple(self.layer_d_ff)} "
