@@ -145,7 +145,8 @@ def mismatches(meta: Mapping, items: Mapping[str, Any], data_state=None) -> list
 
 
 def describe(bad: list[str], checked: int, shown: int = 3) -> str:
-    """"2 of 31 arrays do not match their checksums: params/a, params/b"."""
+    """"2 of 31 items do not match their checksums: params/a, params/b" (items: arrays
+    and the data item)."""
     names = ", ".join(bad[:shown]) + (f", … ({len(bad) - shown} more)" if len(bad) > shown else "")
     return f"{len(bad)} of {checked} items do not match their checksums: {names}"
 
