@@ -163,6 +163,31 @@ def test_sigterm_saves_the_current_step_and_restores_the_handler():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_a_signal_during_an_eval_hook_saves_that_step_and_skips_the_other_hooks():
+    from matlm.training.preemption import SIGNALS
+    events = []
+    trainer = make_trainer(events, last=6)
+
+    def eval_interrupted_at_step_2(info):
+        events.append(("eval", info.step))
+        if info.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # Arrives mid-eval...
+            SIGNALS.check()  # ... which gives up at its next batch.
+            events.append(("eval finished", info.step))
+    trainer.add_hook(eval_interrupted_at_step_2, every=2)
+    trainer.add_hook(record(events, "after eval"), every=1)  # Not a saving hook.
+    saves = trainer.add_hook(_Saves())
+    saves.on_stop = True  # A saving hook still runs on a stopping step.
+    saves.every = 5
+    trainer.add_hook(Preemption(saves))
+    assert trainer.run() == 2
+    assert trainer.stop_reason == "SIGTERM"
+    assert saves.saved == [2]  # Saved by the preemption hook although not due at 2.
+    assert ("eval finished", 2) not in events and ("after eval", 2) not in events
+    assert ("after eval", 1) in events
+    assert max(s for kind, s in events if kind == "dispatch") == 2
+
+
 def test_add_hook_refuses_a_schedule_for_a_hook_object():
     trainer = make_trainer([])
     with pytest.raises(ValueError, match="give the schedule to the Hook itself"):

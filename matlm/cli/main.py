@@ -3,7 +3,8 @@
 Each subcommand module defines `add_arguments(parser)` and `run(args, gin_bindings)`.
 Modules are imported lazily so that, e.g., `matlm info` never imports TensorFlow.
 Bad input (a ValueError) is printed as one line with exit code 2; set MATLM_DEBUG=1 for
-the traceback.
+the traceback. `matlm train` handles SIGTERM/SIGINT from its first line, before any heavy
+import (matlm.training.preemption): before the first step it exits 0 with one line.
 """
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import argparse
 import importlib
 import os
 import sys
-
-from matlm.gin_config import split_gin_flags
 
 SUBCOMMANDS = {
     "compile": ("matlm.cli.compile", "Compile a recipe's train/eval steps for a TPU topology: memory and FLOPs per chip."),
@@ -27,6 +26,23 @@ SUBCOMMANDS = {
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "train":
+        return _main(argv)
+    from matlm.training.preemption import SIGNALS, Preempted  # Light: no JAX, no TF.
+    installed = SIGNALS.install()
+    try:
+        return _main(argv)
+    except Preempted as e:
+        print(f"matlm train: {e.reason} before the first step; nothing new to save. "
+              "Run the same command to start (or resume).", file=sys.stderr)
+        return 0
+    finally:
+        if installed:  # Called in-process (tests, notebooks): leave signals as they were.
+            SIGNALS.uninstall()
+
+
+def _main(argv: list) -> int:
+    from matlm.gin_config import split_gin_flags
     parser = argparse.ArgumentParser(
         prog="matlm", description="MatFormer language models: nested models end to end.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

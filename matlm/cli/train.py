@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_processes", type=int, default=None)
     parser.add_argument("--process_id", type=int, default=None)
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--skip_memory_check", action="store_true",
+                        help="do not refuse a model estimated not to fit the local devices' "
+                             "memory (matlm.training.memory_check)")
 
 
 def loss_table(model_config, result) -> str:
@@ -73,12 +76,15 @@ def run(args, gin_bindings) -> int:
         hooks.append(downstream_eval_hook)
     try:
         result = train(model_config, data_config, train_config, args.model_dir,
-                       show_progress=not args.no_progress, stop_at=args.stop_at, hooks=hooks)
+                       show_progress=not args.no_progress, stop_at=args.stop_at, hooks=hooks,
+                       check_memory=not args.skip_memory_check)
     except TrainingError as e:  # E.g. a non-finite loss: the message says what to do.
         print(f"matlm train: error: {e}", file=sys.stderr)
         return 1
     if result.interrupted:
-        print(f"stopped at step {result.final_step}; checkpoint saved in {args.model_dir}. "
+        saved = ("checkpoint saved in" if result.final_step > result.start_step
+                 else "nothing new to save in")
+        print(f"stopped at step {result.final_step}; {saved} {args.model_dir}. "
               "Run the same command to resume.")
         return 0
     print(f"\nvalidation loss per granularity ({args.model_dir}):")

@@ -85,12 +85,18 @@ def downstream_eval_hook(context):
     granularity at each validation eval (the start, every `eval_every` steps, the end) and
     writes the metrics to the run's metrics.jsonl and TensorBoard."""
     from matlm.training.hooks import DOWNSTREAM_EVAL_HOOK, Hook
+    from matlm.training.preemption import SIGNALS
     train_config = context.train_config
     if not train_config.downstream_eval_tasks:
         raise ValueError("downstream_eval_hook needs TrainConfig.downstream_eval_tasks, "
                          "e.g. --gin.TrainConfig.downstream_eval_tasks=\"('copa',)\"")
 
     def score(info):
+        # Already in metrics.jsonl (the restored step, a finished run started again): the
+        # same parameters give the same scores; writing them again would duplicate rows.
+        if context.writer.has(info.step, f"eval/{train_config.downstream_eval_tasks[0]}/"):
+            return
+        SIGNALS.check()  # A signal before a (long) downstream eval: give up, save, stop.
         context.writer.write(info.step, in_loop_eval(
             info.state.params, context.model_config, context.vocab,
             list(train_config.downstream_eval_tasks), train_config.downstream_eval_examples,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import time
 from typing import Any, Callable, Optional
 
@@ -38,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from matlm.training import mesh as mesh_lib
+from matlm.training.preemption import SIGNALS, Preempted  # noqa: F401 (re-exported)
 
 
 # The name of the hook `matlm train` adds when TrainConfig.downstream_eval_tasks is set
@@ -65,7 +65,8 @@ class Hook:
 
     def __init__(self, fn: Optional[Callable[[StepInfo], Any]] = None, every: int = 0, *,
                  at_start: bool = False, at_end: bool = False, needs_state: bool = True,
-                 when: Optional[Callable[[int], bool]] = None, name: str = ""):
+                 when: Optional[Callable[[int], bool]] = None, name: str = "",
+                 on_stop: bool = False):
         if every < 0:
             raise ValueError(f"a hook's `every` must be ≥ 0 (0: not periodic), got {every}")
         self.fn = fn
@@ -74,6 +75,9 @@ class Hook:
         self.at_end = at_end
         self.needs_state = needs_state
         self.when = when
+        # Once the loop is stopping at a step (a signal, --stop_at), only hooks with
+        # on_stop (saving) still run there; evals and the like are skipped.
+        self.on_stop = on_stop
         self.name = name or getattr(fn, "__name__", type(self).__name__)
 
     def due(self, step: int, first: int, last: int) -> bool:
@@ -162,9 +166,11 @@ class LogMetrics(Hook):
 
 
 def validation_losses(eval_step, params, make_eval_iterator, max_batches: int, mesh) -> dict:
-    """Mean validation CE per submodel over the eval split (or its first batches)."""
+    """Mean validation CE per submodel over the eval split (or its first batches).
+    Gives up between batches (raises `Preempted`) when a signal arrived."""
     sums: dict = {}
     for i, batch in enumerate(make_eval_iterator()):
+        SIGNALS.check()
         if max_batches and i >= max_batches:
             break
         out = jax.device_get(eval_step(params, mesh_lib.global_batch(batch, mesh)))
@@ -178,14 +184,23 @@ def validation_losses(eval_step, params, make_eval_iterator, max_batches: int, m
 
 class ValidationEval(Hook):
     """Validation loss and perplexity per granularity: at the start, every `every` steps
-    and at the end. `history` holds [(step, {granularity: loss})]."""
+    and at the end. `history` holds [(step, {granularity: loss})].
 
-    def __init__(self, losses_fn: Callable[[Any], dict], writer, every: int):
+    A step whose losses metrics.jsonl already holds (the restored step of a resumed job,
+    a finished run started again) is not evaluated again: the recorded values are the
+    ones these parameters give, and writing them twice would duplicate the row."""
+
+    def __init__(self, losses_fn: Callable[[Any], dict], writer, every: int, names):
         super().__init__(every=every, at_start=True, at_end=True, name="validation_eval")
-        self.losses_fn, self.writer = losses_fn, writer
+        self.losses_fn, self.writer, self.names = losses_fn, writer, list(names)
         self.history: list = []
 
     def __call__(self, info: StepInfo) -> None:
+        keys = [f"eval/{n}/loss" for n in self.names]
+        recorded = self.writer.recorded(info.step, keys)
+        if recorded is not None:
+            self.history.append((info.step, dict(zip(self.names, recorded))))
+            return
         losses = self.losses_fn(info.state.params)
         self.writer.write(info.step, {f"eval/{n}/loss": v for n, v in losses.items()}
                           | {f"eval/{n}/perplexity": math.exp(min(v, 50))
@@ -195,13 +210,17 @@ class ValidationEval(Hook):
 
 class Checkpoint(Hook):
     """Saves the state, the data pipeline's position and `meta` every `every` steps and at
-    the end (asynchronously; `close` waits for the writes)."""
+    the end (asynchronously; `close` waits for the writes). `before_save()` runs first
+    (the writer-lock check: a job that lost its lock must not write)."""
 
-    def __init__(self, checkpointer, every: int, data_state: Callable[[], dict], meta: dict):
-        super().__init__(every=every, at_end=True, name="checkpoint")
+    def __init__(self, checkpointer, every: int, data_state: Callable[[], dict], meta: dict,
+                 before_save: Callable[[], None] = lambda: None):
+        super().__init__(every=every, at_end=True, name="checkpoint", on_stop=True)
         self.checkpointer, self.data_state, self.meta = checkpointer, data_state, meta
+        self.before_save = before_save
 
     def __call__(self, info: StepInfo) -> None:
+        self.before_save()
         self.checkpointer.save(info.step, info.state, self.data_state(),
                                {**self.meta, "step": info.step})
 
@@ -212,37 +231,39 @@ class Checkpoint(Hook):
 
 class Preemption(Hook):
     """SIGTERM/SIGINT (preemption, Ctrl-C) or `stop_at`: save the current step through
-    `checkpoint` and stop the loop (the job then exits 0 and a rerun resumes)."""
+    `checkpoint` and stop the loop (the job then exits 0 and a rerun resumes). At the
+    job's first step there is nothing new to save: it only stops.
+
+    Signals are `matlm.training.preemption.SIGNALS` (installed for the whole job by
+    `train()`); `open` installs them in deferred mode when nobody has (a bare Trainer)."""
 
     def __init__(self, checkpoint: Checkpoint, stop_at: Optional[int] = None):
-        super().__init__(when=self._wanted, name="preemption")
+        super().__init__(when=self._wanted, name="preemption", on_stop=True)
         self.checkpoint, self.stop_at = checkpoint, stop_at
-        self.signal: Optional[str] = None
-        self._previous: dict = {}
+        self._installed = False
+        self.signal: Optional[str] = None  # The signal it stopped the loop for.
 
     def _wanted(self, step: int) -> bool:
-        return self.signal is not None or step == self.stop_at
-
-    def _set(self, signum, frame):
-        self.signal = signal.Signals(signum).name
+        return SIGNALS.received is not None or step == self.stop_at
 
     def open(self, trainer) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._set)
-            except ValueError:  # Not the main thread: no signal handling.
-                pass
+        self._installed = SIGNALS.install()
+        SIGNALS.defer()  # From the first step on, a signal saves and stops the loop.
 
     def __call__(self, info: StepInfo) -> None:
+        self.signal = SIGNALS.received
         reason = self.signal or "stop_at"
-        tqdm.write(f"{reason}: saving step {info.step} and exiting")
-        self.checkpoint(info)
+        if info.step > info.trainer.first_step:
+            tqdm.write(f"{reason}: saving step {info.step} and exiting")
+            self.checkpoint(info)
+        else:
+            tqdm.write(f"{reason}: nothing new to save at step {info.step}; exiting")
         info.trainer.request_stop(reason)
 
     def close(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
+        if self._installed:
+            SIGNALS.uninstall()
+            self._installed = False
 
 
 def nonfinite(metrics: dict, names) -> Optional[tuple[str, list]]:

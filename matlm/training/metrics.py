@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Dense bf16 peak FLOP/s per chip, from vendor data sheets.
 KNOWN_PEAK_FLOPS = {
@@ -44,13 +47,72 @@ class MetricsWriter:
     """Writes scalars to TensorBoard and one JSON object per call to metrics.jsonl.
 
     The files are opened on the first write, so creating a writer touches nothing (the
-    trainer builds it while it is still validating its inputs)."""
+    trainer builds it while it is still validating its inputs).
+
+    Each step is held once: `resume_at(step)` (called when a job starts from `step`)
+    drops the rows a killed job wrote past it — the resumed job writes them again — and
+    tells TensorBoard to hide its events past it (`purge_step`). `recorded` / `has` say
+    what the file already holds at a step, so that evals are not written twice."""
 
     def __init__(self, model_dir, enabled: bool = True):
         from matlm.training.model_dir import as_model_dir
         self.enabled = enabled
         self._model_dir = as_model_dir(model_dir)
         self._tb = self._jsonl = None
+        self._purge_step = None
+        self._rows: dict = {}  # step -> scalars metrics.jsonl held when the job started
+
+    def resume_at(self, step: int) -> int:
+        """Keeps metrics.jsonl's rows up to `step` (and drops unreadable lines, e.g. one
+        cut short by a kill); returns how many rows were dropped."""
+        if not self.enabled:
+            return 0
+        self._purge_step = step + 1
+        path = self._model_dir.metrics_file
+        if not path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                row_step = int(row["step"])
+            except (ValueError, KeyError, TypeError):
+                dropped += 1
+                continue
+            if row_step > step:
+                dropped += 1
+                continue
+            kept.append(line)
+            self._rows.setdefault(row_step, {}).update(row)
+        if dropped:
+            # Rewritten beside and renamed over: a reader never sees a half-written file.
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+            print(f"metrics.jsonl: dropped {dropped} rows past step {step} "
+                  "(written by a job that stopped before saving them; they are recomputed)")
+        return dropped
+
+    def recorded(self, step: int, keys) -> Optional[list]:
+        """The values of `keys` at `step` when metrics.jsonl holds all of them, else None
+        (the same answer on every process: process 0's)."""
+        row = self._rows.get(step, {})
+        values = [float(row[k]) for k in keys] if all(k in row for k in keys) else None
+        if jax.process_count() == 1:
+            return values
+        from jax.experimental import multihost_utils
+        found = np.asarray([values is not None] + (values or [0.0] * len(keys)), np.float32)
+        found = np.asarray(multihost_utils.broadcast_one_to_all(found))
+        return [float(v) for v in found[1:]] if found[0] else None
+
+    def has(self, step: int, prefix: str) -> bool:
+        """Whether metrics.jsonl holds a value named `prefix...` at `step` (process 0's
+        answer on every process)."""
+        found = any(k.startswith(prefix) for k in self._rows.get(step, {}))
+        if jax.process_count() == 1:
+            return found
+        from jax.experimental import multihost_utils
+        return bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -58,7 +120,8 @@ class MetricsWriter:
         if self._jsonl is None:
             from tensorboardX import SummaryWriter  # Light: no TensorFlow needed.
             self._model_dir.path.mkdir(parents=True, exist_ok=True)
-            self._tb = SummaryWriter(str(self._model_dir.tensorboard))
+            self._tb = SummaryWriter(str(self._model_dir.tensorboard),
+                                     purge_step=self._purge_step)
             self._jsonl = open(self._model_dir.metrics_file, "a")
         for name, value in scalars.items():
             self._tb.add_scalar(name, value, step)

@@ -9,6 +9,7 @@ The hooks and their guarantees are in `matlm.training.hooks` and docs/training_l
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import time
@@ -21,15 +22,17 @@ from tqdm import tqdm
 from matlm.model import ModelConfig
 from matlm.model.counting import param_count
 from matlm.training import mesh as mesh_lib
-from matlm.training.config import TrainConfig
+from matlm.training.config import TrainConfig, TrainConfigError
 from matlm.training.hooks import (DOWNSTREAM_EVAL_HOOK, Checkpoint, Hook, LogMetrics,
-                                  Preemption, RunContext, StepInfo, TrainingError,
+                                  Preempted, Preemption, RunContext, StepInfo, TrainingError,
                                   ValidationEval, nonfinite, validation_losses)
 from matlm.training.metrics import MetricsWriter, peak_flops_per_device
 from matlm.training.model_dir import (CheckpointError, ModelDir, RunCheckpointer,
                                       model_config_to_dict)
+from matlm.training.lock import acquire_for_job
 from matlm.training.objective import build_objective
 from matlm.training.optimizer import learning_rate_schedule, make_optimizer
+from matlm.training.preemption import SIGNALS
 from matlm.training.train_step import (abstract_state, init_state, make_eval_step,
                                        make_train_step)
 
@@ -45,6 +48,7 @@ class TrainResult:
     final_step: int
     eval_history: list  # [(step, {granularity: mean CE})]
     interrupted: bool = False
+    start_step: int = 0  # Where this job started (the restored step, or 0).
 
 
 class Trainer:
@@ -101,15 +105,24 @@ class Trainer:
                     hook(StepInfo(step, metrics, None, self, fetched_at))
 
     def _run_state_hooks(self, step: int) -> None:
-        due = [h for h in self.hooks
-               if h.needs_state and h.due(step, self.first_step, self.last_step)]
-        if not due:
+        if not any(h.needs_state and h.due(step, self.first_step, self.last_step)
+                   for h in self.hooks):
             return
         self._fetch(keep=0)  # NaN check of every step up to this one, before any save.
         metrics = self._last_metrics[1] if self._last_metrics[0] == step else None
+        info = StepInfo(step, metrics, self.state, self)
         started = time.perf_counter()
-        for hook in due:
-            hook(StepInfo(step, metrics, self.state, self))
+        for hook in self.hooks:
+            # Due-ness is re-evaluated hook by hook: a signal that arrives during an eval
+            # makes the preemption hook due at this very step.
+            if not (hook.needs_state and hook.due(step, self.first_step, self.last_step)):
+                continue
+            if self.stop_reason is not None and not hook.on_stop:
+                continue  # Stopping: only the saving hooks still run.
+            try:
+                hook(info)
+            except Preempted as e:  # A hook (an eval) gave up on a signal: stop here.
+                self.request_stop(e.reason)
         self.stall_seconds += time.perf_counter() - started
 
     def run(self) -> int:
@@ -154,8 +167,8 @@ def check_data_state_matches(data_state: dict, data_config, train_config: TrainC
 def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
           model_dir, vocab=None, show_progress: bool = True,
           stop_at: Optional[int] = None,
-          hooks: Sequence[Callable[[RunContext], Hook]] = (), sync: bool = False
-          ) -> TrainResult:
+          hooks: Sequence[Callable[[RunContext], Hook]] = (), sync: bool = False,
+          check_memory: bool = True) -> TrainResult:
     """Trains (or resumes) a run in `model_dir`; returns its eval history.
 
     `stop_at`: save and return at this step as if preempted, without changing the
@@ -164,7 +177,23 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
     and before checkpointing at each step (`matlm train` adds the downstream-eval hook
     here when TrainConfig.downstream_eval_tasks is set).
     `sync`: fetch each step's metrics before the next step (see `Trainer`).
+    `check_memory`: refuse a model whose parameters, optimizer state and activations
+    cannot fit the local devices (matlm.training.memory_check) before anything is written.
+
+    The model dir is locked for this job (matlm.training.lock) before the first write.
+    SIGTERM/SIGINT: before the first step, `Preempted` propagates (nothing new to save);
+    from the first step on, the current step is saved and the result says `interrupted`
+    (matlm.training.preemption).
     """
+    with contextlib.ExitStack() as cleanup:  # Runs its callbacks last-in first-out.
+        if SIGNALS.install():  # Start-up mode: a signal raises Preempted.
+            cleanup.callback(SIGNALS.uninstall)
+        return _train(model_config, data_config, train_config, model_dir, vocab,
+                      show_progress, stop_at, hooks, sync, check_memory, cleanup)
+
+
+def _train(model_config, data_config, train_config, model_dir, vocab, show_progress, stop_at,
+           hooks, sync, check_memory, cleanup: contextlib.ExitStack) -> TrainResult:
     from matlm import data as data_lib  # TensorFlow enters here, not at import time.
 
     model_dir = ModelDir(model_dir)
@@ -173,6 +202,12 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
     mesh = mesh_lib.make_mesh(train_config.mesh_shape)
     mesh_lib.check_batch_fits(mesh, train_config.global_batch_size, train_config.microbatches)
     mesh_lib.check_shard_local_nesting(mesh, model_config.ffn_nest_blocks)
+    if stop_at is not None and not 0 <= stop_at <= train_config.steps:
+        raise TrainConfigError(f"--stop_at must be a step in [0, {train_config.steps}] "
+                                  f"(TrainConfig.steps), got {stop_at}")
+    if check_memory:
+        from matlm.training.memory_check import check_fits_local_memory
+        check_fits_local_memory(model_config, train_config, mesh)
     model_dir.check_same_model(model_config)
     if vocab is None:
         # A resumed run keeps the vocabulary it started with (copied into the model dir).
@@ -210,6 +245,10 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
             "TrainConfig.downstream_eval_tasks is set but no downstream-eval hook was given: "
             "pass hooks=[matlm.evaluation.in_loop.downstream_eval_hook] to train() "
             "(`matlm train` does)")
+    # --- The first write: the writer lock (refuses a second job, an unwritable dir). ----
+    lock = acquire_for_job(model_dir.path)
+    if lock is not None:  # Process 0's; released when train() returns or raises.
+        cleanup.callback(lock.release)
     model_dir.write_run_files(model_config, data_config, train_config,
                               getattr(vocab, "sentencepiece_model_file", "") or "")
 
@@ -232,6 +271,7 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
         batches = data_lib.restore_batch_iterator(data_state, vocab, host_index=host)
         print(f"resumed from {checkpointer.directory / str(step)} (step {step})")
     start = int(state.step)
+    writer.resume_at(start)  # Rows a killed job wrote past `start` are written again.
 
     # --- The loop and its hooks. --------------------------------------------------------
     train_step = make_train_step(model_config, objective, optimizer, schedule, mesh,
@@ -261,12 +301,13 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
     validation = trainer.add_hook(ValidationEval(
         lambda params: validation_losses(eval_step, params, make_eval_iterator,
                                          train_config.eval_batches, mesh),
-        writer, every=train_config.eval_every))
+        writer, every=train_config.eval_every, names=spec.names))
     for hook in extra_hooks:
         trainer.add_hook(hook)
     checkpoint = trainer.add_hook(Checkpoint(
         checkpointer, train_config.checkpoint_every, lambda: batches.state,
-        {"model": model_config_to_dict(model_config), "seed": train_config.seed}))
+        {"model": model_config_to_dict(model_config), "seed": train_config.seed},
+        before_save=lock.ensure_held if lock is not None else lambda: None))
     trainer.add_hook(Preemption(checkpoint, stop_at))
 
     print(f"training {param_count(model_config):,} parameters, granularities "
@@ -276,10 +317,16 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
         final = trainer.run()
     except NonFiniteError as e:
         saved = checkpointer.steps()
+        hint = ""
+        if restored is not None:
+            # Checksums catch a corrupted file on restore; say how to check anyway, since
+            # a checkpoint written by an older matlm carries none.
+            hint = (f" This job resumed from checkpoint {restored[-1]}: if that checkpoint is "
+                    f"bad, `matlm verify --model_dir={model_dir.path}` checks every checkpoint.")
         raise NonFiniteError(
             f"{e} The last good checkpoint ({saved[-1] if saved else 'none'}) is kept: "
-            "lower the learning rate or check the data, then resume.") from None
+            f"lower the learning rate or check the data, then resume.{hint}") from None
     finally:
         writer.close()
     return TrainResult(final_step=final, eval_history=validation.history,
-                       interrupted=trainer.stop_reason is not None)
+                       interrupted=trainer.stop_reason is not None, start_step=start)

@@ -1,0 +1,270 @@
+"""One writer per model dir: an exclusive lock file naming its owner, kept alive by a
+heartbeat, taken before anything is written and released at the end of the job.
+
+    MODEL_DIR/writer.lock   {"host": ..., "pid": ..., "started": ..., "token": ...}
+
+Taking it: the file is created with O_CREAT|O_EXCL, which exactly one process can win on
+a local or NFSv3+ disk. A second writer fails at once with a one-line `LockHeldError`
+naming the holder (host, pid, start time, last heartbeat). A lock left by a job that
+died is *stale* and is taken over with a warning:
+
+- same host: its pid is gone (or now belongs to a process that started later: pid reuse);
+- another host: its heartbeat (the file's mtime, touched every `HEARTBEAT_S` seconds by a
+  daemon thread) is older than `LEASE_S`. A job on another host cannot see whether the
+  owner is alive, so a live owner whose heartbeat stalled for that long loses its lock.
+
+Takeover renames the stale file to a unique name first (atomic) and checks that what it
+renamed is the stale lock it read — if another process took over in between, the fresh
+lock is put back and this one is refused. The heartbeat thread notices when its lock
+file is gone or owned by someone else, and `ensure_held()` (called before every
+checkpoint save) then stops the job instead of writing beside the new owner.
+
+On GCS: `gs://` model dirs are not accepted (matlm's model dirs are filesystem paths).
+Through a gcsfuse mount the lock is an ordinary object; exclusive creation and mtime
+updates depend on gcsfuse's semantics, which matlm does not test — on such mounts, run
+one job per model dir by construction (e.g. a unique dir per launch).
+
+Readers (`matlm eval`, `matlm verify`, `matlm info`) take no lock: they only read files
+that are written atomically (run_config.json, vocab.model by rename; checkpoints by
+Orbax's temporary-dir-then-rename).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE_NAME = "writer.lock"
+HEARTBEAT_S = 10.0
+LEASE_S = 120.0
+
+
+class LockError(ValueError):
+    """The model dir cannot be locked for writing (not creatable, not writable)."""
+
+
+class LockHeldError(LockError):
+    """Another job holds the model dir's writer lock."""
+
+
+def _process_start_ticks(pid: int) -> Optional[int]:
+    """When `pid` started (clock ticks since boot), to tell a reused pid from the owner."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # The command name (field 2) may contain spaces: split after its closing ')'.
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # Exists, owned by another user.
+    return True
+
+
+def _describe(holder: dict, age_s: Optional[float]) -> str:
+    started = holder.get("started")
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "?"
+    beat = f", heartbeat {age_s:.0f} s ago" if age_s is not None else ""
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} since {since}{beat}"
+
+
+class WriterLock:
+    """The writer lock of one model dir (see the module docstring). Use as a context
+    manager, or `acquire()` / `release()`."""
+
+    def __init__(self, directory, heartbeat_s: float = HEARTBEAT_S, lease_s: float = LEASE_S):
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_FILE_NAME
+        self.heartbeat_s, self.lease_s = heartbeat_s, lease_s
+        self.token = uuid.uuid4().hex
+        self.lost: Optional[str] = None  # Why the lock is no longer ours, once it is not.
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # --- Taking and giving back. -----------------------------------------------------------
+    def acquire(self) -> "WriterLock":
+        self._make_directory()
+        for _ in range(3):  # A takeover race is retried, then refused.
+            if self._create():
+                break
+            holder, age_s = self._read()
+            why = self._stale_reason(holder, age_s)
+            if why is None:
+                raise LockHeldError(
+                    f"{self.directory} is being written by another job ({_describe(holder, age_s)}; "
+                    f"lock {self.path}). Wait for it to finish, stop it, or use another --model_dir")
+            if self._take_over(holder):
+                log.warning("took over the stale writer lock %s (%s: %s)", self.path, why,
+                            _describe(holder, age_s))
+                print(f"WARNING: took over the stale writer lock of {self.directory} "
+                      f"({why}: {_describe(holder, age_s)})")
+                break
+        else:
+            raise LockHeldError(f"{self.directory}: another job took the writer lock "
+                                f"{self.path} at the same time; use another --model_dir")
+        self._thread = threading.Thread(target=self._heartbeat, name="matlm-lock-heartbeat",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._owned():
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "WriterLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def ensure_held(self) -> None:
+        """Raises LockError when the lock was lost (taken over, deleted): the job must not
+        write beside another owner."""
+        if self.lost is None and not self._owned():
+            self.lost = "the lock file is gone or names another owner"
+        if self.lost is not None:
+            raise LockError(f"lost the writer lock {self.path} ({self.lost}); another job may be "
+                            f"writing {self.directory}: stopping without saving")
+
+    # --- Internals. ----------------------------------------------------------------------------
+    def _make_directory(self) -> None:
+        # The first write of a job: a model dir that cannot be created or written fails
+        # here, before run_config.json, checkpoints or metrics.
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise LockError(f"--model_dir {self.directory} exists and is not a directory; "
+                            "give a directory path") from None
+        except OSError as e:
+            raise LockError(f"cannot create --model_dir {self.directory} ({e.strerror}); "
+                            "give a writable directory path") from None
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise LockError(f"--model_dir {self.directory} is not writable; "
+                            "give a writable directory path")
+
+    def _contents(self) -> bytes:
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                           "pid_started": _process_start_ticks(os.getpid()),
+                           "started": time.time(), "token": self.token}).encode()
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise LockError(f"cannot write in --model_dir {self.directory} ({e.strerror}); "
+                            "give a writable directory path") from None
+        try:
+            os.write(fd, self._contents())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def _read(self, path: Optional[Path] = None) -> tuple[dict, Optional[float]]:
+        """(holder, seconds since its heartbeat); an unreadable file reads as {}."""
+        path = path or self.path
+        try:
+            age_s = time.time() - path.stat().st_mtime
+            return json.loads(path.read_text() or "{}"), age_s
+        except FileNotFoundError:
+            return {}, None
+        except (OSError, ValueError):
+            # Half-written by a process killed while creating it: judged by its age only.
+            try:
+                return {}, time.time() - path.stat().st_mtime
+            except OSError:
+                return {}, None
+
+    def _stale_reason(self, holder: dict, age_s: Optional[float]) -> Optional[str]:
+        if age_s is None:
+            return "the lock disappeared"
+        pid = holder.get("pid")
+        if holder.get("host") == socket.gethostname() and isinstance(pid, int):
+            if not _pid_alive(pid):
+                return f"pid {pid} is not running"
+            started = holder.get("pid_started")
+            if started is not None and _process_start_ticks(pid) not in (None, started):
+                return f"pid {pid} now belongs to another process"
+            return None
+        if age_s > self.lease_s:
+            return f"no heartbeat for {age_s:.0f} s (lease {self.lease_s:.0f} s)"
+        return None
+
+    def _take_over(self, stale: dict) -> bool:
+        aside = self.path.with_name(f"{LOCK_FILE_NAME}.stale-{self.token}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return self._create()  # Gone meanwhile: an ordinary exclusive create.
+        renamed, _ = self._read(aside)
+        if renamed.get("token") != stale.get("token"):
+            # Someone else took it over first and we renamed *their* fresh lock: put it
+            # back (link fails if yet another one appeared) and let the caller retry.
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+            aside.unlink(missing_ok=True)
+            return False
+        aside.unlink(missing_ok=True)
+        return self._create()
+
+    def _owned(self) -> bool:
+        holder, _ = self._read()
+        return holder.get("token") == self.token
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            if not self._owned():
+                self.lost = "the lock file is gone or names another owner"
+                log.error("lost the writer lock %s", self.path)
+                return
+            try:
+                os.utime(self.path)
+            except OSError as e:
+                self.lost = f"cannot refresh its heartbeat: {e.strerror}"
+                return
+
+
+def acquire_for_job(directory) -> Optional[WriterLock]:
+    """Process 0 takes the lock; every process learns whether it did (multi-host jobs
+    write one model dir together). Returns the lock on process 0, None elsewhere."""
+    import jax
+    import numpy as np
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = WriterLock(directory).acquire()
+        except LockError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+        if not int(ok) and error is None:
+            raise LockError(f"process 0 could not take the writer lock of {directory}")
+    if error is not None:
+        raise error
+    return lock
