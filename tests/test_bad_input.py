@@ -23,12 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 EVAL_MODEL = ModelConfig(vocab_size=2048, d_model=32, n_layers=2, n_heads=2, d_ff=128)
 
 
-def _memory_check_wired() -> bool:
-    # The d_model=65536 row would start a 69.7B-parameter run (a hang) until `matlm train`
-    # calls the memory check (it has --skip_memory_check then).
-    return "skip_memory_check" in (REPO / "matlm" / "cli" / "train.py").read_text()
-
-
 # (command, extra argv, expected exit code, substring of the one-line error). `{out}` is
 # the path that must not exist afterwards (train: --model_dir, vocab: --output, eval:
 # --output_dir; added automatically), `{ckpt}` a tiny saved checkpoint.
@@ -73,9 +67,12 @@ CASES = [
     ("train", ["--gin.ModelConfig.remat_policy='all'"], 2, "ModelConfig.remat_policy must be one of 'none', 'full'"),
     ("train", ["--gin.DataConfig.seed=-1"], 2, "DataConfig.seed must be an integer >= 0, got -1"),
     ("train", ["--gin.DataConfig.default_vocab_size=100"], 2, "DataConfig.default_vocab_size must be an integer >= 300"),
-    pytest.param("train", ["--gin.ModelConfig.d_model=65536"], 2, "does not fit the local devices' memory",
-                 marks=pytest.mark.skipif(not _memory_check_wired(),
-                                          reason="matlm train does not call the memory check yet")),
+    ("train", ["--gin.ModelConfig.d_model=65536"], 2, "does not fit the local devices' memory"),
+    ("train", ["--stop_at=-1"], 2, "--stop_at must be a step in [0, 200]"),
+    ("train", ["--stop_at=201"], 2, "--stop_at must be a step in [0, 200]"),
+    ("train", ["--model_dir=/etc/hostname"], 2, "--model_dir /etc/hostname exists and is not a directory"),
+    ("train", ["--model_dir=/proc/matlm_run"], 2, "cannot create --model_dir /proc/matlm_run"),
+    ("train", ["--model_dir=gs://bucket/run"], 2, "is a URL; matlm model dirs are filesystem paths"),
     ("vocab", ["--output={tmp}", "--max_documents=5"], 2, "is a directory"),
     ("vocab", ["--output=/proc/matlm_vocab/x.model", "--max_documents=5"], 2, "cannot write in '/proc'"),
     ("vocab", ["--max_documents=0"], 2, "--max_documents must be an integer >= 1, got 0"),
@@ -113,7 +110,8 @@ def test_bad_input_is_one_line_and_writes_nothing(command, argv, code, message, 
                                                   capsys, request, no_model_work):
     out = tmp_path / "out"
     argv = [a.format(tmp=tmp_path) for a in argv]
-    extra = {"train": [f"--model_dir={out}", "--no_progress"],
+    extra = {"train": ([] if any(a.startswith("--model_dir") for a in argv)
+                       else [f"--model_dir={out}"]) + ["--no_progress"],
              "vocab": [] if any(a.startswith("--output") for a in argv) else [f"--output={out}"],
              "eval": [f"--checkpoint_dir={request.getfixturevalue('ckpt')}" if command == "eval"
                       else "", f"--output_dir={out}", "--no_progress"]}[command]

@@ -125,7 +125,7 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_kill_9_during_a_save_resumes_bitwise_with_each_step_logged_once(
-        tmp_path, wiki_vocab, continuous):
+        tmp_path, wiki_vocab, continuous, capsys):
     model_dir = tmp_path / "run"
     killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE.format(step=4), "train",
                              *flags(model_dir, wiki_vocab)], cwd=REPO, env=ENV,
@@ -133,10 +133,8 @@ def test_kill_9_during_a_save_resumes_bitwise_with_each_step_logged_once(
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     # The lock of the killed job is stale (its pid is gone): the rerun takes it over.
     assert (model_dir / LOCK_FILE_NAME).exists()
-    resumed = subprocess.run(command(*flags(model_dir, wiki_vocab)), cwd=REPO, env=ENV,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "took over the stale writer lock" in resumed.stdout
+    assert matlm_main(["train", *flags(model_dir, wiki_vocab)]) == 0
+    assert "took over the stale writer lock" in capsys.readouterr().out
     assert train_rows(model_dir) == train_rows(continuous)  # Bitwise, each step once.
     assert rows(model_dir)[-1] == rows(continuous)[-1]  # The final eval.
     assert_params_equal(model_dir, continuous, STEPS)
@@ -256,6 +254,29 @@ def test_a_signal_at_start_up_exits_zero_without_a_traceback(tmp_path, wiki_voca
     # Whatever it left, the same command then runs (and resumes when there is a step).
     if when == "first_step":
         assert f"{sig.name}: saving step {saved[-1]}" in out
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_final_save_exits_zero_with_the_step_saved(
+        tmp_path, wiki_vocab, continuous, monkeypatch):
+    from matlm.training import model_dir as model_dir_lib
+    real = model_dir_lib.RunCheckpointer.wait
+
+    waits = []
+
+    def signal_then_wait(self):
+        waits.append(1)  # The job waits once, for its final save, after the loop.
+        if len(waits) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # While that save may be in flight.
+        return real(self)
+
+    model_dir = tmp_path / "run"
+    monkeypatch.setattr(model_dir_lib.RunCheckpointer, "wait", signal_then_wait)
+    assert matlm_main(["train", *flags(model_dir, wiki_vocab)]) == 0
+    assert waits, "the final save was never waited on"
+    assert checkpoint_steps(model_dir)[-1] == STEPS
+    assert_params_equal(model_dir, continuous, STEPS)
+    assert not (model_dir / LOCK_FILE_NAME).exists()
 
 
 @pytest.mark.slow

@@ -205,9 +205,9 @@ def test_objective_errors_name_the_problem(kwargs, message):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(global_batch_size=10, microbatches=3), "not divisible by microbatches"),
-    (dict(seq_len=1), "seq_len must be ≥ 2"),
+    (dict(seq_len=1), "TrainConfig.seq_len must be an integer >= 2, got 1"),
     (dict(mesh_shape=(-1, -1, 1)), "at most one -1"),
-    (dict(decay="step"), "unknown decay"),
+    (dict(decay="step"), "TrainConfig.decay must be one of 'cosine', 'linear', 'constant', got 'step'"),
 ])
 def test_train_config_errors(kwargs, message):
     with pytest.raises(TrainConfigError, match=message):

@@ -97,6 +97,11 @@ class ModelDir:
     """Paths and files of one model dir (see the module docstring)."""
 
     def __init__(self, path):
+        if "://" in str(path):
+            # pathlib would quietly turn gs://bucket/run into the local dir gs:/bucket/run.
+            raise CheckpointError(
+                f"model dir {str(path)!r} is a URL; matlm model dirs are filesystem paths "
+                "(mount a bucket with gcsfuse and give its path, or use a local/NFS dir)")
         self.path = Path(path).absolute()
 
     def __repr__(self):
