@@ -194,6 +194,8 @@ class ModelDir:
     # --- Checkpoints. ----------------------------------------------------------------------
     def checkpoint_manager(self, **options) -> ocp.CheckpointManager:
         """The Orbax manager of this dir's checkpoints (one place for the item layout)."""
+        if options.get("read_only"):
+            _quiet_read_only_notes()
         return ocp.CheckpointManager(self.checkpoints, item_names=ITEMS,
                                      options=ocp.CheckpointManagerOptions(**options))
 
@@ -208,6 +210,21 @@ class ModelDir:
         if not self.checkpoints.is_dir():
             return []
         return sorted(p for p in self.checkpoints.glob("*.corrupt*") if p.is_dir())
+
+
+class _DropReadOnlyNotes(logging.Filter):
+    """Orbax logs two absl warnings each time a manager is opened read-only (what every
+    reader — eval, verify — asks for on purpose); they say nothing to a user."""
+    NOTES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.NOTES)
+
+
+def _quiet_read_only_notes() -> None:
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropReadOnlyNotes) for f in absl_logger.filters):
+        absl_logger.addFilter(_DropReadOnlyNotes())
 
 
 def as_model_dir(model_dir) -> ModelDir:
@@ -278,8 +295,7 @@ class RunCheckpointer:
         if jax.process_index() == 0:
             os.rename(path, target)
         detail = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
-        log.warning("checkpoint %s could not be restored (%s); moved it to %s and "
-                    "falling back to the previous checkpoint", path, detail, target)
+        # One line for the user (a logging call as well printed it twice under absl).
         print(f"WARNING: checkpoint {path} is incomplete or corrupt ({detail}); "
               f"moved aside to {target.name}, trying the previous one")
         self.manager.reload()
