@@ -1,6 +1,8 @@
-"""Tokens/s the data pipeline delivers, against what the trainer could consume on this CPU.
+"""Tokens/s the data pipeline delivers, against what the trainer could consume on this CPU;
+and how its start-up time and memory scale with the corpus (10 K vs 1 M documents).
 
     python scripts/benchmark_data.py [--steps 50]
+    python scripts/benchmark_data.py --corpus_docs=10000,1000000 --skip_tasks
 
 Pipeline rows: per-host batches from `make_batch_iterator` (steady state after the
 one-time read+tokenise, which is reported separately), for the default task and for a
@@ -9,10 +11,25 @@ tokens/s a training step could consume, = this CPU's measured fp32 matmul peak /
 (training FLOPs per token of the full-width (XL) model, `matlm.model.counting`), i.e.
 the trainer at 100% MFU training one granularity; a real trainer (lower MFU, several
 granularities per step) consumes less, so the ratio printed is a lower bound.
+
+Corpus scaling: a generated corpus of N jsonl documents (words drawn from the embedded
+Wikipedia sample's word frequencies, 20-200 words each, 10 K documents per file, written
+to a temporary dir and deleted; never committed) is read as a `local_files_task`, each
+size in a fresh process: seconds to the first batch, the process's peak RSS (VmHWM), and
+tokens/s of the following batches at the 78M recipe's row length. The 78M trainer's
+consumption per host is its recipe's (configs/runs/c4_matlm_78m.gin) tokens per step
+at 50 % MFU on its slice, per host of 4 chips. The last line is one JSON object
+(startup_s_10k, startup_s_1m, peak_rss_mb_10k, peak_rss_mb_1m, tokens_per_s_streaming,
+trainer_78m_tokens_per_s_per_host, ...).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 
@@ -50,10 +67,138 @@ def trainer_bound(model_gin, seq_len, peak):
     return peak / train_flops_per_token(config, seq_len)
 
 
+def write_corpus(directory: str, num_docs: int, docs_per_file: int = 10_000, seed: int = 0) -> int:
+    """`num_docs` jsonl documents of words drawn with the embedded sample's frequencies;
+    returns the bytes written."""
+    import collections
+    import re
+    import numpy as np
+    from matlm.data import documents
+    counts = collections.Counter(w for _, text in documents.wiki_articles()
+                                 for w in re.findall(r"[A-Za-z]+", text))
+    words, freq = zip(*counts.most_common(20_000))
+    words = np.asarray(words, dtype=object)
+    p = np.asarray(freq, np.float64) / sum(freq)
+    rng = np.random.default_rng(seed)
+    written = 0
+    for first in range(0, num_docs, docs_per_file):
+        n = min(docs_per_file, num_docs - first)
+        lengths = rng.integers(20, 201, n)
+        drawn = words[rng.choice(len(words), size=int(lengths.sum()), p=p)]
+        ends = np.cumsum(lengths)
+        lines = [json.dumps({"text": " ".join(drawn[e - k:e])}) for e, k in zip(ends, lengths)]
+        path = os.path.join(directory, f"part-{first // docs_per_file:05d}.jsonl")
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        written += os.path.getsize(path)
+    return written
+
+
+def measure_corpus(directory: str, seq_len: int, batch: int, steps: int) -> dict:
+    """In this (fresh) process: time to the first batch, peak RSS, streaming tokens/s."""
+    from matlm import data
+    from matlm.data import tasks
+    vocab = data.default_vocabulary()
+    start = time.perf_counter()
+    task = tasks.register_local_files_task(os.path.join(directory, "*.jsonl"),
+                                           name="benchmark_corpus")
+    it = data.make_batch_iterator(task, "train", seq_len, batch, vocab, seed=0)
+    next(it)
+    startup = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(it)
+    rate = steps * batch * seq_len / (time.perf_counter() - start)
+    with open("/proc/self/status") as f:
+        hwm_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return {"startup_s": startup, "peak_rss_mb": hwm_kb / 1024, "tokens_per_s": rate}
+
+
+def trainer_78m_per_host() -> float:
+    """Tokens/s one host of the 78M recipe's slice consumes at 50 % MFU (4 chips a host)."""
+    from matlm.gin_config import model_config_from_gin, parse_gin, train_config_from_gin
+    from matlm.launch.topology import parse_topology, slice_from_gin_files
+    from matlm.training.metrics import KNOWN_PEAK_FLOPS
+    from matlm.training.objective import build_objective
+    recipe = "configs/runs/c4_matlm_78m.gin"
+    parse_gin([recipe], [])
+    model, train = model_config_from_gin(), train_config_from_gin()
+    chip, grid = parse_topology(slice_from_gin_files([recipe]))
+    chips = 1
+    for d in grid:
+        chips *= d
+    objective = build_objective(model, train)
+    flops_per_token = objective.train_flops_per_token(model, train.seq_len,
+                                                      (True,) * len(objective.names))
+    tokens_per_s = 0.5 * KNOWN_PEAK_FLOPS[chip.peak_flops_key] * chips / flops_per_token
+    return tokens_per_s / max(chips // 4, 1)
+
+
+def corpus_scaling(sizes, steps: int) -> dict:
+    results = {}
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix="matlm_corpus_") as directory:
+            start = time.perf_counter()
+            size = write_corpus(directory, n)
+            print(f"generated {n:,} documents ({size / 1e6:,.0f} MB) in "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
+            child = subprocess.run(
+                [sys.executable, __file__, "--_measure", directory, "--steps", str(steps)],
+                capture_output=True, text=True)
+            if child.returncode:
+                raise SystemExit(f"measuring {n} documents failed:\n{child.stderr[-3000:]}")
+            results[n] = json.loads(child.stdout.strip().splitlines()[-1])
+    return results
+
+
+def _label(n: int) -> str:
+    return f"{n // 1_000_000}m" if n % 1_000_000 == 0 else f"{n // 1000}k"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--corpus_docs", default="10000,1000000",
+                        help="comma-separated corpus sizes in documents ('' skips)")
+    parser.add_argument("--skip_tasks", action="store_true",
+                        help="skip the per-task rows (default task, TFDS mock)")
+    parser.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    seq_len, batch = 2048, 16  # The 78M recipe's rows; 16 rows per host per step.
+    if args._measure:
+        print(json.dumps(measure_corpus(args._measure, seq_len, batch, args.steps)))
+        return
+    summary = {}
+    if not args.skip_tasks:
+        summary.update(task_rows(args.steps))
+    sizes = [int(float(n)) for n in args.corpus_docs.split(",") if n.strip()]
+    if sizes:
+        scaling = corpus_scaling(sizes, args.steps)
+        per_host = trainer_78m_per_host()
+        print(f"\ncorpus scaling (local_files_task, rows of {seq_len}, {batch} rows per batch); "
+              f"the 78M recipe consumes {per_host:,.0f} tokens/s per host at 50 % MFU")
+        print(f"{'documents':>10} {'start-up s':>11} {'peak RSS MB':>12} {'tokens/s':>12} "
+              f"{'x 78M host':>11}")
+        for n, r in scaling.items():
+            print(f"{n:>10,} {r['startup_s']:11.1f} {r['peak_rss_mb']:12,.0f} "
+                  f"{r['tokens_per_s']:12,.0f} {r['tokens_per_s'] / per_host:10.1f}x")
+            summary[f"startup_s_{_label(n)}"] = round(r["startup_s"], 2)
+            summary[f"peak_rss_mb_{_label(n)}"] = round(r["peak_rss_mb"])
+        largest = scaling[max(scaling)]
+        summary["tokens_per_s_streaming"] = round(largest["tokens_per_s"])
+        # Which pipeline made these figures: today local files are read and tokenised whole
+        # at start-up (in memory), so start-up and RSS grow with the corpus (issue 12).
+        summary["pipeline"] = "in_memory"
+        summary["trainer_78m_tokens_per_s_per_host"] = round(per_host)
+        if len(scaling) > 1:
+            small, large = scaling[min(scaling)], scaling[max(scaling)]
+            print(f"ratio {_label(max(scaling))}/{_label(min(scaling))}: start-up "
+                  f"{large['startup_s'] / small['startup_s']:.1f}x, peak RSS "
+                  f"{large['peak_rss_mb'] / small['peak_rss_mb']:.1f}x")
+    print(json.dumps(summary))
+
+
+def task_rows(steps: int) -> dict:
     import tensorflow_datasets as tfds
     from matlm import data
 
@@ -63,9 +208,9 @@ def main():
     for model_gin, seq_len, batch in [("configs/models/tiny.gin", 256, 64),
                                       ("configs/models/matlm_78m.gin", 1024, 16)]:
         trainer = trainer_bound(model_gin, seq_len, peak)
-        wiki, wiki_setup = pipeline_rate("matlm_wiki", seq_len, batch, vocab, args.steps)
+        wiki, wiki_setup = pipeline_rate("matlm_wiki", seq_len, batch, vocab, steps)
         with tfds.testing.mock_data(num_examples=2000):
-            c4, c4_setup = pipeline_rate("matlm_c4_en", seq_len, batch, vocab, args.steps)
+            c4, c4_setup = pipeline_rate("matlm_c4_en", seq_len, batch, vocab, steps)
         name = model_gin.rsplit("/", 1)[-1]
         rows.append((f"{name} L={seq_len} B={batch}", trainer, "matlm_wiki", wiki, wiki_setup))
         rows.append(("", trainer, "matlm_c4_en (mock)", c4, c4_setup))
@@ -77,6 +222,7 @@ def main():
     for label, trainer, task, rate, setup in rows:
         print(f"{label:28} {trainer:18,.0f} {task:20} {rate:15,.0f} {rate / trainer:6.0f}x "
               f"{setup:8.2f}")
+    return {"pipeline_tokens_per_s_wiki": round(rows[0][3])}
 
 
 if __name__ == "__main__":
