@@ -69,23 +69,48 @@ def test_state_mismatch_is_rejected(wiki_vocab):
         it.set_state(state)
 
 
-def test_hosts_read_disjoint_shards_that_cover_the_split(wiki_vocab):
-    def docs_of(store):
-        return {tuple(store.tokens[a:b]) for a, b in zip(store.doc_starts[:-1],
-                                                         store.doc_starts[1:])}
-    task = tasks.get_task("matlm_wiki")
-    whole = docs_of(pipeline.token_store(task, "validation", wiki_vocab, 0, 1))
-    shards = [docs_of(pipeline.token_store(task, "validation", wiki_vocab, h, 3))
-              for h in range(3)]
-    assert all(shards)
-    assert sum(len(s) for s in shards) == len(whole)
-    assert set().union(*shards) == whole
-    # Per-host batches are the global batch's share, and differ between hosts.
-    its = [data.make_batch_iterator("matlm_wiki", "validation", 32, 6, wiki_vocab, seed=0,
-                                    host_index=h, num_hosts=3) for h in range(3)]
-    batches = [it.batch(0) for it in its]
-    assert all(b["targets"].shape == (2, 32) for b in batches)
-    assert not np.array_equal(batches[0]["targets"], batches[1]["targets"])
+@pytest.mark.parametrize("task, split", [("matlm_wiki", "validation"), ("test_mix_hosts", "train")])
+def test_hosts_share_one_global_batch_whatever_their_number(wiki_vocab, tmp_path, task, split):
+    if task == "test_mix_hosts":
+        (tmp_path / "a.txt").write_text("zebra " * 300)
+        local = data.register_local_files_task(pattern=str(tmp_path / "*.txt"),
+                                               name="test_zebra_hosts", validation_fraction=0.0)
+        data.register_mixture(task, {"matlm_wiki": 1.0, local: 1.0})
+    B = 12
+    one = data.make_batch_iterator(task, split, 32, B, wiki_vocab, seed=0)
+    for hosts in (2, 4):
+        its = [data.make_batch_iterator(task, split, 32, B, wiki_vocab, seed=0, host_index=h,
+                                        num_hosts=hosts) for h in range(hosts)]
+        for step in (0, 7, 300):  # 300: past the first epoch of the validation split.
+            want = one.batch(step)
+            got = [it.batch(step) for it in its]
+            assert all(g["targets"].shape == (B // hosts, 32) for g in got)
+            for name in want:  # Host h holds rows [h*b, (h+1)*b) of the one-host batch.
+                np.testing.assert_array_equal(np.concatenate([g[name] for g in got]),
+                                              want[name], err_msg=f"{hosts} hosts, {name}")
+    # Over one epoch the hosts' rows are disjoint and hold every token of the split once.
+    if task == "matlm_wiki":
+        epoch = [data.make_batch_iterator(task, split, 32, B, wiki_vocab, seed=0, host_index=h,
+                                          num_hosts=3, repeat=False) for h in range(3)]
+        assert len({it.num_batches for it in epoch}) == 1  # Same count on every host.
+        targets = np.concatenate([b["targets"][b["loss_mask"] > 0] for it in epoch for b in it])
+        reference = np.concatenate(_wiki_docs(wiki_vocab, split))
+        np.testing.assert_array_equal(np.bincount(targets), np.bincount(reference))
+
+
+def test_resume_on_another_number_of_hosts_continues_the_same_batches(wiki_vocab):
+    two = [data.make_batch_iterator("matlm_wiki", "validation", 32, 8, wiki_vocab, seed=3,
+                                    host_index=h, num_hosts=2) for h in range(2)]
+    for it in two:
+        for _ in range(5):
+            next(it)
+    saved = json.loads(json.dumps(two[0].state))
+    resumed = [data.restore_batch_iterator(saved, wiki_vocab, host_index=h, num_hosts=4)
+               for h in range(4)]
+    continued = [next(it) for it in two]
+    got = [next(it) for it in resumed]
+    np.testing.assert_array_equal(np.concatenate([g["targets"] for g in got]),
+                                  np.concatenate([c["targets"] for c in continued]))
 
 
 def test_eval_iterator_pads_to_a_common_length(wiki_vocab):

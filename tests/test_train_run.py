@@ -228,7 +228,8 @@ def test_downstream_tasks_are_scored_in_loop(tmp_path, data_config, wiki_vocab):
 @pytest.mark.slow
 def test_two_processes_train_together(tmp_path, wiki_vocab):
     """Two JAX processes (gloo collectives on CPU, 2 devices each) form one 4-device data
-    mesh; each reads its own shard of the data; process 0 alone writes metrics."""
+    mesh; each materialises its rows of the global batch; process 0 alone writes metrics;
+    the losses equal a one-process run's over 4 devices."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -255,3 +256,15 @@ def test_two_processes_train_together(tmp_path, wiki_vocab):
     assert sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir()
                   if p.name.isdigit()) == [2, 4]
     assert load_checkpoint_for_inference(model_dir).step == 4
+    # The same config in one process over 4 devices sees the same global batches: the data
+    # order does not depend on the number of hosts (only reduction order may differ).
+    single_dir = tmp_path / "single"
+    single = [a.replace(str(model_dir), str(single_dir)) for a in base
+              if not a.startswith(("--multihost", "--coordinator_address", "--num_processes"))]
+    done = subprocess.run(single, cwd=REPO, text=True, capture_output=True, timeout=400,
+                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    single_losses = train_losses(single_dir)
+    assert sorted(single_losses) == [1, 2, 3, 4]
+    np.testing.assert_allclose([losses[s] for s in range(1, 5)],
+                               [single_losses[s] for s in range(1, 5)], rtol=1e-5)

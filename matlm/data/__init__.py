@@ -7,7 +7,7 @@ TensorFlow first (`tf_setup`). Public API:
   host_index=0, num_hosts=1, start_step=0, shuffle=True, repeat=True,
   pad_to_num_batches=None) -> BatchIterator` (see `matlm.data.pipeline` for the batch
   format and the determinism/resume contract); `BatchIterator.state` (JSON dict) and
-  `restore_batch_iterator(state, vocab, host_index)`.
+  `restore_batch_iterator(state, vocab, host_index, num_hosts)`.
 - `default_vocabulary(vocab_size=8192)`, `load_vocabulary(path)`, `train_vocabulary`,
   `train_task_vocabulary`, `start_id(vocab)` (see `matlm.data.vocabulary` for special ids).
 - Tasks: `matlm_wiki` (default), `matlm_c4_en`, `matlm_lm1b`, `matlm_wiki40b_en`, and the

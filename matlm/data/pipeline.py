@@ -1,11 +1,13 @@
-"""Per-host batches of packed token rows, as a pure function of (seed, step, host, hosts).
+"""Per-host batches of packed token rows: each host's share of a global batch that is a
+pure function of (seed, step), whatever the number of hosts.
 
     it = make_batch_iterator("matlm_wiki", "train", seq_len=256, global_batch_size=32,
                              vocab=default_vocabulary(), seed=0,
                              host_index=jax.process_index(), num_hosts=jax.process_count())
     batch = next(it)          # dict of numpy arrays [32 // num_hosts, 256]
     saved = it.state          # small JSON-serialisable dict, identical on every host
-    it = restore_batch_iterator(saved, vocab, host_index=jax.process_index())
+    it = restore_batch_iterator(saved, vocab, host_index=jax.process_index(),
+                                num_hosts=jax.process_count())   # any host count
 
 Batch features (all [global_batch_size // num_hosts, seq_len]):
     inputs, targets  int32   targets are the packed tokens; inputs the previous token of
@@ -14,16 +16,21 @@ Batch features (all [global_batch_size // num_hosts, seq_len]):
     positions        int32   restart at 0 for every segment
     loss_mask        float32 1 on real target tokens, 0 on padding
 
-How the order is defined (why resuming is immediate). Each host reads only its shard of
-the documents (seqio shards examples, or files for TFDS: document i of a split goes to
-host i mod num_hosts), tokenises it once into a `TokenStore` and packs it as described in
-`matlm.data.packing`. The host's k-th row is row `k mod R` of epoch `k div R` (R rows per
-epoch, fresh seeded document and row orders each epoch), and step s takes rows
-[s*b, (s+1)*b), b = global_batch_size / num_hosts. A mixture interleaves its tasks'
-row streams with a seeded schedule of fixed blocks (`MixtureSchedule`), so the rates hold
-exactly per block and a row's (task, index) is computed directly. Nothing depends on the
-number of devices per host. Resuming at step N costs one epoch layout (two permutations),
-not N batches.
+How the order is defined (why resuming is immediate, and on any number of hosts). The
+split is tokenised once into a `TokenStore` and packed as described in
+`matlm.data.packing`. The global k-th row is row `k mod R` of epoch `k div R` (R rows per
+epoch, fresh seeded document and row orders each epoch); the global batch of step s is
+rows [s*B, (s+1)*B), and host h of H materialises its share, rows
+[s*B + h*b, s*B + (h+1)*b) with b = B / H — the rows `jax.make_array_from_process_local_data`
+places on its devices. So a job resumed on a slice with another number of hosts continues
+on exactly the same data. A mixture interleaves its tasks' row streams with a seeded
+schedule of fixed blocks over the global rows (`MixtureSchedule`), so the rates hold
+exactly per block and a row's (task, index) is computed directly. Resuming at step N costs
+one epoch layout (two permutations), not N batches.
+
+This is the in-memory path, for corpora that fit a host (the embedded default, local
+files of modest size): every host tokenises the whole split at start-up, so start-up
+time and memory grow with the corpus (scripts/benchmark_data.py measures it).
 
 `repeat=False` gives a finite iterator over one epoch (for evaluation): `num_batches`
 batches, the last one padded with empty rows; pass `pad_to_num_batches` (e.g. the max over
@@ -51,11 +58,13 @@ _LOG = logging.getLogger(__name__)
 _DOC_ORDER, _MIX_ORDER = 1, 2
 
 
-def tokenize_task_split(task: seqio.Task, split: str, vocab: seqio.SentencePieceVocabulary,
-                        host_index: int, num_hosts: int) -> packing.TokenStore:
-    """This host's documents of a task split, tokenised and EOS-terminated, in source order."""
+def tokenize_task_split(task: seqio.Task, split: str,
+                        vocab: seqio.SentencePieceVocabulary) -> packing.TokenStore:
+    """The documents of a task split, tokenised and EOS-terminated, in source order."""
     tasks.check_split(task, split)
-    dataset = _read_host_shard(task, split, host_index, num_hosts)
+    # No in-memory cache: each split is read once into a TokenStore anyway.
+    dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1,
+                               use_cached=False, try_in_mem_cache=False)
     eos = np.array([vocab.eos_id], np.int32)
     docs: list[np.ndarray] = []
     texts: list[str] = []
@@ -73,28 +82,8 @@ def tokenize_task_split(task: seqio.Task, split: str, vocab: seqio.SentencePiece
             flush()
     flush()
     if not docs:
-        raise DataError(f"task {task.name!r} split {split!r} has no documents for host "
-                        f"{host_index} of {num_hosts}")
+        raise DataError(f"task {task.name!r} split {split!r} has no documents")
     return packing.TokenStore.from_documents(docs)
-
-
-def _read_host_shard(task: seqio.Task, split: str, host_index: int,
-                     num_hosts: int) -> "tf.data.Dataset":
-    """This host's documents: seqio shards by file where it can, else by example."""
-    # No in-memory cache: each split is read once into a TokenStore anyway.
-    read = dict(sequence_length=None, split=split, shuffle=False, num_epochs=1,
-                use_cached=False, try_in_mem_cache=False)
-    if num_hosts == 1:
-        return task.get_dataset(**read)
-    try:
-        task.source.list_shards(split=split)
-    except KeyError:
-        # TFDS metadata without file lists (e.g. tfds.testing.mock_data): seqio cannot
-        # shard by file, so every host reads all examples and keeps every num_hosts-th.
-        _LOG.warning("cannot list the files of %s/%s; sharding by example", task.name, split)
-        return task.get_dataset(**read).shard(num_hosts, host_index)
-    return task.get_dataset(**read, shard_info=seqio.ShardInfo(index=host_index,
-                                                               num_shards=num_hosts))
 
 
 # In-process cache of token stores: rebuilding an iterator (resume, eval) re-reads nothing.
@@ -102,11 +91,10 @@ _STORES: "collections.OrderedDict[tuple, packing.TokenStore]" = collections.Orde
 _MAX_STORES = 8
 
 
-def token_store(task: seqio.Task, split: str, vocab, host_index: int,
-                num_hosts: int) -> packing.TokenStore:
-    key = (task, split, vocabulary.fingerprint(vocab), host_index, num_hosts)
+def token_store(task: seqio.Task, split: str, vocab) -> packing.TokenStore:
+    key = (task, split, vocabulary.fingerprint(vocab))
     if key not in _STORES:
-        _STORES[key] = tokenize_task_split(task, split, vocab, host_index, num_hosts)
+        _STORES[key] = tokenize_task_split(task, split, vocab)
         while len(_STORES) > _MAX_STORES:
             _STORES.popitem(last=False)
     _STORES.move_to_end(key)
@@ -231,15 +219,17 @@ class BatchIterator:
             raise DataError(f"{config.task!r} is a mixture: evaluate its tasks one by one "
                             "(repeat=False needs a single task)")
         self._streams = []
+        # Seed keys name no host: every host lays out the same global row streams. (The
+        # trailing 0, 1 keep the orders of runs made when they named host 0 of 1.)
         for i, (task, _) in enumerate(components):
-            store = token_store(task, config.split, vocab, host_index, config.num_hosts)
-            seed_key = (config.seed, i, host_index, config.num_hosts)
-            self._streams.append(TaskRows(store, config.seq_len, seed_key, config.shuffle))
-        self._schedule = (MixtureSchedule([r for _, r in components],
-                                          (config.seed, host_index, config.num_hosts))
+            store = token_store(task, config.split, vocab)
+            self._streams.append(TaskRows(store, config.seq_len, (config.seed, i, 0, 1),
+                                          config.shuffle))
+        self._schedule = (MixtureSchedule([r for _, r in components], (config.seed, 0, 1))
                           if len(components) > 1 else None)
+        # One epoch in global batches: the same count on every host.
         self.num_batches = (None if config.repeat else
-                            -(-self._streams[0].rows_per_epoch // self.per_host_batch_size))
+                            -(-self._streams[0].rows_per_epoch // config.global_batch_size))
         if pad_to_num_batches is not None and not config.repeat:
             if pad_to_num_batches < self.num_batches:
                 raise DataError(f"pad_to_num_batches={pad_to_num_batches} is below this "
@@ -249,12 +239,14 @@ class BatchIterator:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens (EOS included) in this host's epoch of each task, summed."""
+        """Tokens (EOS included) in one epoch of each task, summed."""
         return sum(s.store.num_tokens for s in self._streams)
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         b, L = self.per_host_batch_size, self.config.seq_len
-        k = step * b + np.arange(b, dtype=np.int64)
+        # This host's share of the global batch: global rows [s*B + h*b, s*B + (h+1)*b).
+        k = (step * self.config.global_batch_size + self.host_index * b
+             + np.arange(b, dtype=np.int64))
         if self._schedule is None:
             stream = self._streams[0]
             if self.config.repeat:
@@ -289,7 +281,8 @@ class BatchIterator:
 
     @property
     def state(self) -> dict[str, Any]:
-        """JSON-serialisable; the same on every host (the host index is not part of it)."""
+        """JSON-serialisable; the same on every host (the host index is not part of it, and
+        `num_hosts` is informational: the order does not depend on it)."""
         return {"version": STATE_VERSION, "step": int(self.step),
                 **dataclasses.asdict(self.config)}
 
@@ -299,13 +292,18 @@ class BatchIterator:
         self.step = int(state["step"])
 
 
+# PipelineConfig fields that do not change which rows make up a global batch.
+HOST_LAYOUT_FIELDS = frozenset({"num_hosts"})
+
+
 def check_state(state: dict[str, Any], config: PipelineConfig) -> None:
     if state.get("version") != STATE_VERSION:
         raise StateError(f"pipeline state version {state.get('version')!r} is not "
                          f"{STATE_VERSION}")
     saved = {f.name: state.get(f.name) for f in dataclasses.fields(PipelineConfig)}
     current = dataclasses.asdict(config)
-    differ = {k: (saved[k], current[k]) for k in current if saved[k] != current[k]}
+    differ = {k: (saved[k], current[k]) for k in current
+              if k not in HOST_LAYOUT_FIELDS and saved[k] != current[k]}
     if differ:
         raise StateError("saved pipeline state does not match this pipeline "
                          f"(field: (saved, now)): {differ}")
@@ -327,10 +325,13 @@ def make_batch_iterator(task_or_mixture: str, split: str, seq_len: int,
 
 
 def restore_batch_iterator(state: dict[str, Any], vocab: seqio.SentencePieceVocabulary,
-                           host_index: int = 0) -> BatchIterator:
-    """Rebuilds the iterator a saved `state` came from, positioned at its step."""
+                           host_index: int = 0, num_hosts: int = 1) -> BatchIterator:
+    """Rebuilds the iterator a saved `state` came from, positioned at its step, for this
+    job's hosts (which may be more or fewer than the saving job's: same global batches)."""
     if state.get("version") != STATE_VERSION:
         raise StateError(f"pipeline state version {state.get('version')!r} is not "
                          f"{STATE_VERSION}")
-    config = PipelineConfig(**{f.name: state[f.name] for f in dataclasses.fields(PipelineConfig)})
+    config = PipelineConfig(**{**{f.name: state[f.name]
+                                  for f in dataclasses.fields(PipelineConfig)},
+                               "num_hosts": num_hosts})
     return BatchIterator(config, vocab, host_index=host_index, start_step=int(state["step"]))

@@ -151,11 +151,11 @@ class Trainer:
                 hook.close()
 
 
-def check_data_state_matches(data_state: dict, data_config, train_config: TrainConfig,
-                             hosts: int) -> None:
-    """Resuming replays the saved pipeline: its shape and task must be this run's."""
+def check_data_state_matches(data_state: dict, data_config, train_config: TrainConfig) -> None:
+    """Resuming replays the saved pipeline: its shape and task must be this run's. The
+    number of hosts may differ: the global batches do not depend on it."""
     expected = {"task": data_config.task, "seq_len": train_config.seq_len,
-                "global_batch_size": train_config.global_batch_size, "num_hosts": hosts}
+                "global_batch_size": train_config.global_batch_size}
     diffs = [f"{k}: checkpoint {data_state.get(k)!r}, now {v!r}"
              for k, v in expected.items() if data_state.get(k) != v]
     if diffs:
@@ -265,10 +265,11 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
                                              host_index=host, num_hosts=hosts)
     else:
         params, opt_state, data_state, meta, step = restored
-        check_data_state_matches(data_state, data_config, train_config, hosts)
+        check_data_state_matches(data_state, data_config, train_config)
         state = type(target)(step=jax.device_put(np.int32(step), target.step.sharding),
                              params=params, opt_state=opt_state)
-        batches = data_lib.restore_batch_iterator(data_state, vocab, host_index=host)
+        batches = data_lib.restore_batch_iterator(data_state, vocab, host_index=host,
+                                                  num_hosts=hosts)
         print(f"resumed from {checkpointer.directory / str(step)} (step {step})")
     start = int(state.step)
     writer.resume_at(start)  # Rows a killed job wrote past `start` are written again.
