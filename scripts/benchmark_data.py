@@ -12,7 +12,8 @@ tokens/s a training step could consume, = this CPU's measured fp32 matmul peak /
 the trainer at 100% MFU training one granularity; a real trainer (lower MFU, several
 granularities per step) consumes less, so the ratio printed is a lower bound.
 
-Corpus scaling: a generated corpus of N jsonl documents (words drawn from the embedded
+Corpus scaling, for the streamed path (`streaming_files_task`, the issue-12 keys) and the
+in-memory one (`local_files_task`, keys prefixed `in_memory_`): a generated corpus of N jsonl documents (words drawn from the embedded
 Wikipedia sample's word frequencies, 20-200 words each, 10 K documents per file, written
 to a temporary dir and deleted; never committed) is read as a `local_files_task`, each
 size in a fresh process: seconds to the first batch, the process's peak RSS (VmHWM), and
@@ -94,14 +95,15 @@ def write_corpus(directory: str, num_docs: int, docs_per_file: int = 10_000, see
     return written
 
 
-def measure_corpus(directory: str, seq_len: int, batch: int, steps: int) -> dict:
-    """In this (fresh) process: time to the first batch, peak RSS, streaming tokens/s."""
+def measure_corpus(directory: str, seq_len: int, batch: int, steps: int, streamed: bool) -> dict:
+    """In this (fresh) process: time to the first batch, peak RSS, tokens/s after it."""
     from matlm import data
     from matlm.data import tasks
     vocab = data.default_vocabulary()
     start = time.perf_counter()
-    task = tasks.register_local_files_task(os.path.join(directory, "*.jsonl"),
-                                           name="benchmark_corpus")
+    register = (tasks.register_streaming_files_task if streamed
+                else tasks.register_local_files_task)
+    task = register(os.path.join(directory, "*.jsonl"), name="benchmark_corpus")
     it = data.make_batch_iterator(task, "train", seq_len, batch, vocab, seed=0)
     next(it)
     startup = time.perf_counter() - start
@@ -134,7 +136,8 @@ def trainer_78m_per_host() -> float:
     return tokens_per_s / max(chips // 4, 1)
 
 
-def corpus_scaling(sizes, steps: int) -> dict:
+def corpus_scaling(sizes, steps: int, pipelines) -> dict:
+    """{(pipeline, documents): measurement}; each corpus is generated once."""
     results = {}
     for n in sizes:
         with tempfile.TemporaryDirectory(prefix="matlm_corpus_") as directory:
@@ -142,12 +145,14 @@ def corpus_scaling(sizes, steps: int) -> dict:
             size = write_corpus(directory, n)
             print(f"generated {n:,} documents ({size / 1e6:,.0f} MB) in "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
-            child = subprocess.run(
-                [sys.executable, __file__, "--_measure", directory, "--steps", str(steps)],
-                capture_output=True, text=True)
-            if child.returncode:
-                raise SystemExit(f"measuring {n} documents failed:\n{child.stderr[-3000:]}")
-            results[n] = json.loads(child.stdout.strip().splitlines()[-1])
+            for pipeline in pipelines:
+                child = subprocess.run(
+                    [sys.executable, __file__, "--_measure", directory, "--steps", str(steps),
+                     "--_pipeline", pipeline], capture_output=True, text=True)
+                if child.returncode:
+                    raise SystemExit(f"measuring {n} documents ({pipeline}) failed:\n"
+                                     f"{child.stderr[-3000:]}")
+                results[pipeline, n] = json.loads(child.stdout.strip().splitlines()[-1])
     return results
 
 
@@ -162,39 +167,48 @@ def main():
                         help="comma-separated corpus sizes in documents ('' skips)")
     parser.add_argument("--skip_tasks", action="store_true",
                         help="skip the per-task rows (default task, TFDS mock)")
+    parser.add_argument("--pipelines", default="streamed,in_memory",
+                        help="which local-files paths to measure: streamed "
+                             "(streaming_files_task), in_memory (local_files_task)")
     parser.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_pipeline", default="streamed", help=argparse.SUPPRESS)
     args = parser.parse_args()
     seq_len, batch = 2048, 16  # The 78M recipe's rows; 16 rows per host per step.
     if args._measure:
-        print(json.dumps(measure_corpus(args._measure, seq_len, batch, args.steps)))
+        print(json.dumps(measure_corpus(args._measure, seq_len, batch, args.steps,
+                                        args._pipeline == "streamed")))
         return
     summary = {}
     if not args.skip_tasks:
         summary.update(task_rows(args.steps))
     sizes = [int(float(n)) for n in args.corpus_docs.split(",") if n.strip()]
-    if sizes:
-        scaling = corpus_scaling(sizes, args.steps)
+    pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
+    if sizes and pipelines:
+        scaling = corpus_scaling(sizes, args.steps, pipelines)
         per_host = trainer_78m_per_host()
-        print(f"\ncorpus scaling (local_files_task, rows of {seq_len}, {batch} rows per batch); "
+        print(f"\ncorpus scaling (generated jsonl, rows of {seq_len}, {batch} rows per batch); "
               f"the 78M recipe consumes {per_host:,.0f} tokens/s per host at 50 % MFU")
-        print(f"{'documents':>10} {'start-up s':>11} {'peak RSS MB':>12} {'tokens/s':>12} "
-              f"{'x 78M host':>11}")
-        for n, r in scaling.items():
-            print(f"{n:>10,} {r['startup_s']:11.1f} {r['peak_rss_mb']:12,.0f} "
+        print(f"{'pipeline':>10} {'documents':>10} {'start-up s':>11} {'peak RSS MB':>12} "
+              f"{'tokens/s':>12} {'x 78M host':>11}")
+        for (pipeline, n), r in scaling.items():
+            print(f"{pipeline:>10} {n:>10,} {r['startup_s']:11.1f} {r['peak_rss_mb']:12,.0f} "
                   f"{r['tokens_per_s']:12,.0f} {r['tokens_per_s'] / per_host:10.1f}x")
-            summary[f"startup_s_{_label(n)}"] = round(r["startup_s"], 2)
-            summary[f"peak_rss_mb_{_label(n)}"] = round(r["peak_rss_mb"])
-        largest = scaling[max(scaling)]
-        summary["tokens_per_s_streaming"] = round(largest["tokens_per_s"])
-        # Which pipeline made these figures: today local files are read and tokenised whole
-        # at start-up (in memory), so start-up and RSS grow with the corpus (issue 12).
-        summary["pipeline"] = "in_memory"
+            # The issue's keys are the streamed path's; the in-memory path's are prefixed.
+            prefix = "" if pipeline == "streamed" else f"{pipeline}_"
+            summary[f"{prefix}startup_s_{_label(n)}"] = round(r["startup_s"], 2)
+            summary[f"{prefix}peak_rss_mb_{_label(n)}"] = round(r["peak_rss_mb"])
+            summary[f"{prefix}tokens_per_s_{_label(n)}"] = round(r["tokens_per_s"])
+        for pipeline in pipelines:
+            got = {n: r for (p, n), r in scaling.items() if p == pipeline}
+            if len(got) > 1:
+                small, large = got[min(got)], got[max(got)]
+                print(f"{pipeline}: {_label(max(got))}/{_label(min(got))} start-up "
+                      f"{large['startup_s'] / small['startup_s']:.1f}x, peak RSS "
+                      f"{large['peak_rss_mb'] / small['peak_rss_mb']:.1f}x")
+        if "streamed" in pipelines:
+            streamed = {n: r for (p, n), r in scaling.items() if p == "streamed"}
+            summary["tokens_per_s_streaming"] = round(streamed[max(streamed)]["tokens_per_s"])
         summary["trainer_78m_tokens_per_s_per_host"] = round(per_host)
-        if len(scaling) > 1:
-            small, large = scaling[min(scaling)], scaling[max(scaling)]
-            print(f"ratio {_label(max(scaling))}/{_label(min(scaling))}: start-up "
-                  f"{large['startup_s'] / small['startup_s']:.1f}x, peak RSS "
-                  f"{large['peak_rss_mb'] / small['peak_rss_mb']:.1f}x")
     print(json.dumps(summary))
 
 

@@ -36,8 +36,9 @@ def test_tfds_tasks_produce_batches_from_mock_data(task, wiki_vocab):
         it = data.make_batch_iterator(task, "train", seq_len=32, global_batch_size=4,
                                       vocab=wiki_vocab, seed=0, host_index=1, num_hosts=2)
         batch = next(it)
-        # Count: mock documents are tokenised and all land in the epoch (host 1 of 2: 15).
-        assert it._streams[0].store.num_docs == 15
+        # Count: mock documents are tokenised and all land in the epoch. The in-memory path
+        # reads the whole split on every host (host 1 of 2 too): its rows of the global batch.
+        assert it._streams[0].store.num_docs == 30
         ev = data.make_batch_iterator(task, "validation", 32, 4, wiki_vocab, seed=0,
                                       repeat=False)
         total = sum(b["loss_mask"].sum() for b in ev)

@@ -47,7 +47,7 @@ from typing import Any, Iterator
 import numpy as np
 import seqio
 
-from matlm.data import packing, tasks, vocabulary
+from matlm.data import packing, streaming, tasks, vocabulary
 from matlm.data.errors import BatchSizeError, DataError, SequenceLengthError, StateError
 
 STATE_VERSION = 1
@@ -320,6 +320,18 @@ def make_batch_iterator(task_or_mixture: str, split: str, seq_len: int,
                             num_hosts=num_hosts, shuffle=shuffle, repeat=repeat)
     _LOG.info("data pipeline %s host %d/%d from step %d", config, host_index, num_hosts,
                  start_step)
+    if repeat and task_or_mixture in streaming.CORPORA:  # Training on a streamed task.
+        if not shuffle or pad_to_num_batches is not None or start_step:
+            raise DataError(f"{task_or_mixture!r} is streamed: it trains from step 0 or from "
+                            "a saved state (restore_batch_iterator), shuffled")
+        config.validate(host_index)
+        return streaming.StreamingBatches(
+            streaming.CORPORA[task_or_mixture], task_or_mixture, split, seq_len,
+            global_batch_size, vocab, seed, host_index, num_hosts)
+    if len(tasks.components(task_or_mixture)) > 1 and any(
+            t.name in streaming.CORPORA for t, _ in tasks.components(task_or_mixture)):
+        raise DataError(f"mixture {task_or_mixture!r} includes a streamed task; mixtures of "
+                        "streamed tasks are not supported yet: train on the task alone")
     return BatchIterator(config, vocab, host_index=host_index, start_step=start_step,
                          pad_to_num_batches=pad_to_num_batches)
 
@@ -328,6 +340,8 @@ def restore_batch_iterator(state: dict[str, Any], vocab: seqio.SentencePieceVoca
                            host_index: int = 0, num_hosts: int = 1) -> BatchIterator:
     """Rebuilds the iterator a saved `state` came from, positioned at its step, for this
     job's hosts (which may be more or fewer than the saving job's: same global batches)."""
+    if state.get("version") == streaming.STATE_VERSION:
+        return streaming.restore(state, vocab, host_index, num_hosts)
     if state.get("version") != STATE_VERSION:
         raise StateError(f"pipeline state version {state.get('version')!r} is not "
                          f"{STATE_VERSION}")

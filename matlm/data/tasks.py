@@ -10,7 +10,10 @@ Importing this module registers the embedded default task:
 
 Gin-configurable registration functions (each returns the registered name, so a gin
 file can write `DataConfig.task = @local_files_task()`; re-registering a name replaces it):
-- `local_files_task(name, pattern, ...)`: your own `.txt` / `.jsonl` files.
+- `local_files_task(name, pattern, ...)`: your own `.txt` / `.jsonl` files, read whole
+  at registration (modest corpora).
+- `streaming_files_task(name, pattern, ...)`: the same files streamed: nothing is read at
+  registration, training reads as it goes (`matlm.data.streaming`; corpora of any size).
 - `tfds_task(name, tfds_name, ...)`: any TFDS text dataset (see `matlm.data.tfds_tasks`
   for the built-in `matlm_c4_en`, `matlm_lm1b`, `matlm_wiki40b_en`).
 - `mixture(name, tasks_and_rates)`: a seqio Mixture sampled with the given rates.
@@ -97,6 +100,42 @@ def register_local_files_task(pattern: str,
     return _register_task(name, _in_memory_source(by_split))
 
 
+def register_streaming_files_task(pattern: str,
+                                  name: str = "matlm_streaming_files",
+                                  jsonl_field: str = "text",
+                                  txt_split: str = "file",
+                                  validation_pattern: str | None = None,
+                                  validation_fraction: float = 0.05,
+                                  max_validation_documents: int = 2000) -> str:
+    """Registers a task whose train split is streamed from `pattern`'s files (listed now,
+    read during training: `matlm.data.streaming`); returns its name. Validation is the
+    first `max_validation_documents` documents of the validation split, in file order."""
+    from matlm.data import streaming
+    if not isinstance(max_validation_documents, int) or max_validation_documents < 1:
+        raise DataError("streaming_files_task.max_validation_documents must be an integer "
+                        f">= 1, got {max_validation_documents!r}")
+    corpus = streaming.StreamingCorpus(pattern, jsonl_field, txt_split, validation_pattern,
+                                       validation_fraction, max_validation_documents)
+
+    def dataset_fn(split: str, shuffle_files: bool, seed=None):
+        del shuffle_files, seed
+        if split == "validation":
+            texts = corpus.validation_texts()
+            return tf.data.Dataset.from_tensor_slices(
+                {TEXT_KEY: tf.constant(texts, dtype=tf.string, shape=[len(texts)])})
+
+        def every_train_text():  # For `matlm vocab` (which stops at --max_documents).
+            for path in corpus.split_files("train"):
+                for _, text in corpus.records(path, "train"):
+                    yield {TEXT_KEY: text}
+        return tf.data.Dataset.from_generator(
+            every_train_text, output_signature={TEXT_KEY: tf.TensorSpec([], tf.string)})
+
+    _register_task(name, seqio.FunctionDataSource(dataset_fn, splits=list(documents.SPLITS)))
+    streaming.CORPORA[name] = corpus
+    return name
+
+
 _WIKI40B_MARKERS = r"\n?_START_(ARTICLE|SECTION|PARAGRAPH)_\n"
 
 
@@ -156,6 +195,8 @@ def register_mixture(name: str,
 # built-in registrations at import never pick up bindings meant for a user's task.
 local_files_task = gin.external_configurable(
     register_local_files_task, name="local_files_task", module="matlm")
+streaming_files_task = gin.external_configurable(
+    register_streaming_files_task, name="streaming_files_task", module="matlm")
 tfds_task = gin.external_configurable(register_tfds_task, name="tfds_task", module="matlm")
 mixture = gin.external_configurable(register_mixture, name="mixture", module="matlm")
 

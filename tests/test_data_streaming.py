@@ -1,0 +1,190 @@
+"""Streamed local-file tasks (matlm.data.streaming): one global batch for any number of
+hosts, every record read once per epoch, exact resume (also on another host count),
+start-up that reads O(streams) records whatever the corpus size, clean errors."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from matlm import data
+from matlm.data import streaming
+
+WORDS = "alpha beta gamma delta river stone cloud seven north paper light iron".split()
+
+
+def write_corpus(directory, files: int, docs_per_file: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        lines = [json.dumps({"text": f"doc {f} {d} " + " ".join(
+            rng.choice(WORDS, size=int(rng.integers(5, 60)))) }) for d in range(docs_per_file)]
+        (directory / f"part-{f:03d}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    write_corpus(tmp_path / "c", files=3, docs_per_file=40)
+    return data.register_streaming_files_task(str(tmp_path / "c" / "*.jsonl"),
+                                              name="test_stream", validation_fraction=0.1)
+
+
+def batches(task, vocab, hosts=1, host=0, steps=20, B=8, L=32, seed=0):
+    it = data.make_batch_iterator(task, "train", L, B, vocab, seed=seed, host_index=host,
+                                  num_hosts=hosts)
+    return it, [next(it) for _ in range(steps)]
+
+
+def test_hosts_materialise_their_rows_of_one_global_batch(corpus, wiki_vocab):
+    _, one = batches(corpus, wiki_vocab, steps=30)  # 3 files < 8 streams: record residues.
+    for hosts in (2, 4):
+        per_host = [batches(corpus, wiki_vocab, hosts, h, steps=30)[1] for h in range(hosts)]
+        for step in range(30):
+            for name in one[step]:
+                np.testing.assert_array_equal(
+                    np.concatenate([per_host[h][step][name] for h in range(hosts)]),
+                    one[step][name], err_msg=f"{hosts} hosts, step {step}, {name}")
+
+
+@pytest.mark.parametrize("files, B", [(3, 8), (10, 4)], ids=["fewer_files", "more_files"])
+def test_every_record_is_read_by_exactly_one_stream_per_epoch(tmp_path, files, B, wiki_vocab):
+    write_corpus(tmp_path / "c", files=files, docs_per_file=25)
+    corpus = streaming.StreamingCorpus(str(tmp_path / "c" / "*.jsonl"), validation_fraction=0.1)
+    everything = {(p, i) for p in corpus.files for i, _ in corpus.records(p, "train")}
+    for epoch in (0, 1):
+        seen = []
+        for s in range(B):
+            stream = streaming.Stream(corpus, "train", s, B, 0, 32, wiki_vocab)
+            for path, residue, modulus in stream.units(epoch):
+                seen += [(path, i) for i, _ in corpus.records(path, "train", residue, modulus)]
+        assert len(seen) == len(set(seen)) and set(seen) == everything
+
+
+def test_a_stream_packs_its_documents_back_to_back(corpus, wiki_vocab):
+    c = streaming.CORPORA[corpus]
+    stream = streaming.Stream(c, "train", 5, 8, 0, 32, wiki_vocab)
+    rows = [stream.next_row() for _ in range(12)]
+    got = np.concatenate([r["targets"][0] for r in rows])
+    path, residue, modulus = stream.units(0)[0]
+    texts = [t for _, t in c.records(path, "train", residue, modulus)]
+    want = np.concatenate([wiki_vocab.tokenizer.encode(t) + [wiki_vocab.eos_id] for t in texts])
+    np.testing.assert_array_equal(got, want[:len(got)])
+    assert all((r["segment_ids"] > 0).all() for r in rows)  # No padding while streaming.
+
+
+@pytest.mark.parametrize("resume_hosts", [1, 2, 4])
+def test_resume_equals_a_continuous_run_on_any_number_of_hosts(corpus, wiki_vocab, resume_hosts):
+    it, first = batches(corpus, wiki_vocab, steps=13)  # Past the first epoch of some streams.
+    saved = json.loads(json.dumps(it.state))
+    want = [next(it) for _ in range(10)]
+    resumed = [data.restore_batch_iterator(saved, wiki_vocab, host_index=h,
+                                           num_hosts=resume_hosts) for h in range(resume_hosts)]
+    for step in range(10):
+        got = [next(r) for r in resumed]
+        for name in want[step]:
+            np.testing.assert_array_equal(np.concatenate([g[name] for g in got]),
+                                          want[step][name])
+
+
+def test_start_up_reads_the_same_few_records_whatever_the_corpus_size(tmp_path, wiki_vocab):
+    reads = {}
+    for files in (8, 64):
+        write_corpus(tmp_path / str(files), files=files, docs_per_file=200)
+        task = data.register_streaming_files_task(str(tmp_path / str(files) / "*.jsonl"),
+                                                  name=f"test_stream_{files}")
+        before = streaming.RECORDS_READ[0]
+        batches(task, wiki_vocab, steps=1)
+        reads[files] = streaming.RECORDS_READ[0] - before
+    # Independent of the corpus (8 streams x one look-ahead of documents each, plus the
+    # validation records skipped among them, which the split's hash varies a little)...
+    assert reads[64] < 1.2 * reads[8] and reads[8] < 1.2 * reads[64]
+    assert reads[64] < 64 * 200 / 10  # ...and a small part of it.
+
+
+def test_bad_streamed_input_is_one_clear_error(tmp_path, wiki_vocab):
+    with pytest.raises(data.EmptyGlobError, match="matches no file"):
+        data.register_streaming_files_task(str(tmp_path / "none" / "*.jsonl"), name="t_none")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    task = data.register_streaming_files_task(str(tmp_path / "bad" / "*.jsonl"), name="t_bad",
+                                              validation_fraction=0.0)
+    with pytest.raises(data.DataError, match=r"a.jsonl:2: not valid JSON"):
+        batches(task, wiki_vocab, B=2, steps=3)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.jsonl").write_text("\n\n")
+    task = data.register_streaming_files_task(str(tmp_path / "empty" / "*.jsonl"),
+                                              name="t_empty", validation_fraction=0.0)
+    with pytest.raises(data.DataError, match="found no train documents in a whole epoch"):
+        batches(task, wiki_vocab, B=2, steps=1)
+
+
+@pytest.mark.slow
+def test_training_on_a_streamed_task_resumes_bitwise(tmp_path, corpus, wiki_vocab, monkeypatch):
+    import jax
+    import matlm.training.mesh as mesh_lib
+    from matlm.model import ModelConfig
+    from matlm.training.config import TrainConfig
+    from matlm.training.trainer import train
+    original = mesh_lib.make_mesh
+    monkeypatch.setattr(mesh_lib, "make_mesh",
+                        lambda shape, devices=None: original(shape, devices or jax.devices()[:1]))
+    model = ModelConfig(vocab_size=2048, d_model=32, n_layers=2, n_heads=2, d_ff=128)
+    config = TrainConfig(steps=6, seq_len=32, global_batch_size=4, warmup_steps=2, log_every=1,
+                         eval_every=0, eval_batches=1, checkpoint_every=3, mesh_shape=(1, 1, 1))
+    data_config = data.DataConfig(task=corpus)
+
+    def losses(model_dir):
+        rows = [json.loads(l) for l in (model_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+    train(model, data_config, config, tmp_path / "a", vocab=wiki_vocab, show_progress=False)
+    train(model, data_config, config, tmp_path / "b", vocab=wiki_vocab, show_progress=False,
+          stop_at=3)
+    train(model, data_config, config, tmp_path / "b", vocab=wiki_vocab, show_progress=False)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert sorted(losses(tmp_path / "b")) == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_two_processes_stream_the_one_process_batches(tmp_path, wiki_vocab):
+    """Two JAX processes (one device each) train on a streamed task: the losses equal a
+    one-process run's, and the checkpoint's stream state holds every stream's position."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    write_corpus(tmp_path / "c", files=3, docs_per_file=40)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["--no_progress", "--gin_file=configs/runs/default.gin",
+              "--gin_file=configs/data/streaming_files.gin",
+              f"--gin.streaming_files_task.pattern='{tmp_path / 'c' / '*.jsonl'}'",
+              "--gin.TrainConfig.steps=4", "--gin.TrainConfig.log_every=1",
+              "--gin.TrainConfig.checkpoint_every=2", "--gin.TrainConfig.mesh_shape=(2,1,1)",
+              "--gin.TrainConfig.seq_len=32", "--gin.TrainConfig.global_batch_size=4",
+              "--gin.TrainConfig.eval_batches=1", "--gin.ModelConfig.vocab_size=2048",
+              f"--gin.DataConfig.vocab_path='{wiki_vocab.sentencepiece_model_file}'"]
+    train = [sys.executable, "-m", "matlm.cli.main", "train"]
+    multi = [train + [f"--model_dir={tmp_path / 'multi'}", *common, "--multihost",
+                      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                      f"--process_id={i}"] for i in range(2)]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [subprocess.Popen(cmd, cwd=repo, env=env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for cmd in multi]
+    single = subprocess.run(train + [f"--model_dir={tmp_path / 'single'}", *common], cwd=repo,
+                            text=True, capture_output=True, timeout=400,
+                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+
+    def losses(model_dir):
+        rows = [json.loads(l) for l in (model_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r["train/loss"] for r in rows if "train/loss" in r]
+    np.testing.assert_allclose(losses(tmp_path / "multi"), losses(tmp_path / "single"),
+                               rtol=1e-5)
+    assert len(losses(tmp_path / "multi")) == 4
