@@ -79,6 +79,8 @@ def test_resume_equals_a_continuous_run_on_any_number_of_hosts(corpus, wiki_voca
     want = [next(it) for _ in range(10)]
     resumed = [data.restore_batch_iterator(saved, wiki_vocab, host_index=h,
                                            num_hosts=resume_hosts) for h in range(resume_hosts)]
+    if resume_hosts == 1:  # Saved again before any row: the same state.
+        assert resumed[0].state == saved
     for step in range(10):
         got = [next(r) for r in resumed]
         for name in want[step]:

@@ -145,6 +145,7 @@ class Stream:
         self.eos = vocab.eos_id
         epoch, unit, record, offset = (int(v) for v in position)
         self.epoch, self.unit = epoch, unit
+        self._initial = [epoch, unit, record, offset]  # Until the first row moves it.
         self._docs: collections.deque = collections.deque()  # (record index, tokens)
         self._reader = self._open(record)
         self._current: Optional[tuple[int, np.ndarray]] = None
@@ -170,9 +171,8 @@ class Stream:
 
     @property
     def position(self) -> list[int]:
-        if self._current is None:  # Nothing taken from the current file yet.
-            record = self._docs[0][0] if self._docs else 0
-            return [self.epoch, self.unit, record, 0]
+        if self._current is None:  # No row made yet: where it was started or restored.
+            return list(self._initial)
         return [self.epoch, self.unit, self._current[0], self._offset]
 
     def _refill(self) -> bool:
