@@ -43,7 +43,46 @@ def wiki_articles(path: str | None = None) -> tuple[tuple[str, str], ...]:
     return tuple((a.title, a.text) for a in wikitext.iter_articles(path))
 
 
-_BLANK_LINES = re.compile(r"\n\s*\n")
+BLANK_LINES = re.compile(r"\n\s*\n")  # Separates documents when txt_split="blank_lines".
+TXT_SPLITS = ("file", "blank_lines")
+
+
+def check_txt_split(txt_split: str) -> None:
+    if txt_split not in TXT_SPLITS:
+        raise DataError(f"txt_split must be 'file' or 'blank_lines', got {txt_split!r}")
+
+
+def list_local_files(pattern: str, what: str = "local files") -> list[str]:
+    """The .txt/.jsonl files matching `pattern`, sorted; EmptyGlobError or DataError
+    naming the pattern (`what`: how the error names it) when there is none or another kind."""
+    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                   if os.path.isfile(p))
+    if not paths:
+        raise EmptyGlobError(f"{what} pattern {pattern!r} matches no file")
+    unsupported = [p for p in paths if not p.endswith((".txt", ".jsonl"))]
+    if unsupported:
+        raise DataError(f"{what} pattern {pattern!r} matches files that are neither "
+                        f".txt nor .jsonl, e.g. {unsupported[0]!r}")
+    return paths
+
+
+def jsonl_text(path: str, line_number: int, line: str, field: str,
+               configurable: str = "local_files_task") -> str:
+    """The text of one non-blank jsonl line; DataError / MissingFieldError naming
+    path:line (and the gin binding that names the field) otherwise."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict) or field not in record:
+        raise MissingFieldError(
+            f"{path}:{line_number}: jsonl record has no field {field!r} "
+            f"(set {configurable}.jsonl_field to the field that holds the text)")
+    text = record[field]
+    if not isinstance(text, str):
+        raise MissingFieldError(
+            f"{path}:{line_number}: field {field!r} is {type(text).__name__}, not text")
+    return text.strip()
 
 
 def read_local_documents(pattern: str, jsonl_field: str = "text",
@@ -54,16 +93,8 @@ def read_local_documents(pattern: str, jsonl_field: str = "text",
     block (`txt_split="blank_lines"`). `.jsonl`: one document per line, its text in
     `jsonl_field`. Raises EmptyGlobError / MissingFieldError naming the problem.
     """
-    if txt_split not in ("file", "blank_lines"):
-        raise DataError(f"txt_split must be 'file' or 'blank_lines', got {txt_split!r}")
-    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                   if os.path.isfile(p))
-    if not paths:
-        raise EmptyGlobError(f"local files pattern {pattern!r} matches no file")
-    unsupported = [p for p in paths if not p.endswith((".txt", ".jsonl"))]
-    if unsupported:
-        raise DataError(f"local files pattern {pattern!r} matches files that are neither "
-                        f".txt nor .jsonl, e.g. {unsupported[0]!r}")
+    check_txt_split(txt_split)
+    paths = list_local_files(pattern)
     documents: list[tuple[str, str]] = []
     for path in paths:
         with open(path, encoding="utf-8") as f:
@@ -72,7 +103,7 @@ def read_local_documents(pattern: str, jsonl_field: str = "text",
             elif txt_split == "file":
                 documents.append((path, f.read().strip()))
             else:
-                blocks = _BLANK_LINES.split(f.read())
+                blocks = BLANK_LINES.split(f.read())
                 documents.extend((f"{path}#{i}", b.strip()) for i, b in enumerate(blocks))
     documents = [(key, text) for key, text in documents if text]
     if not documents:
@@ -82,18 +113,5 @@ def read_local_documents(pattern: str, jsonl_field: str = "text",
 
 def _jsonl_documents(path, lines, field):
     for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_number}: not valid JSON ({e.msg})") from e
-        if not isinstance(record, dict) or field not in record:
-            raise MissingFieldError(
-                f"{path}:{line_number}: jsonl record has no field {field!r} "
-                f"(set local_files_task.jsonl_field to the field that holds the text)")
-        text = record[field]
-        if not isinstance(text, str):
-            raise MissingFieldError(
-                f"{path}:{line_number}: field {field!r} is {type(text).__name__}, not text")
-        yield f"{path}:{line_number}", text.strip()
+        if line.strip():
+            yield f"{path}:{line_number}", jsonl_text(path, line_number, line, field)

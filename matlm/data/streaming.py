@@ -34,22 +34,18 @@ the validation split in file order (or of `validation_pattern`'s files), held in
 from __future__ import annotations
 
 import collections
-import glob
-import json
 import os
-import re
 from typing import Iterator, Optional
 
 import numpy as np
 
 from matlm.data import documents, packing, vocabulary
-from matlm.data.errors import DataError, EmptyGlobError, MissingFieldError, StateError
+from matlm.data.errors import DataError, StateError
 
 STATE_VERSION = "stream-1"
 _FILE_ORDER = 3  # Seed-stream tag (pipeline.py uses 1 and 2).
 _LOOKAHEAD = 128  # Documents tokenised together per stream (one SentencePiece call).
 _ENCODE_THREADS = min(4, os.cpu_count() or 1)
-_BLANK_LINES = re.compile(r"\n\s*\n")
 # Records read so far in this process (tests check that start-up reads O(streams) records).
 RECORDS_READ = [0]
 
@@ -60,10 +56,10 @@ class StreamingCorpus:
     def __init__(self, pattern: str, jsonl_field: str = "text", txt_split: str = "file",
                  validation_pattern: Optional[str] = None, validation_fraction: float = 0.05,
                  max_validation_documents: int = 2000):
-        if txt_split not in ("file", "blank_lines"):
-            raise DataError(f"txt_split must be 'file' or 'blank_lines', got {txt_split!r}")
-        self.files = _list_files(pattern)
-        self.validation_files = _list_files(validation_pattern) if validation_pattern else None
+        documents.check_txt_split(txt_split)
+        self.files = documents.list_local_files(pattern, "streaming files")
+        self.validation_files = (documents.list_local_files(validation_pattern, "streaming files")
+                                 if validation_pattern else None)
         self.jsonl_field, self.txt_split = jsonl_field, txt_split
         self.validation_fraction = validation_fraction
         self.max_validation_documents = max_validation_documents
@@ -84,7 +80,7 @@ class StreamingCorpus:
             elif self.txt_split == "file":
                 raw = iter([(0, f.read())])
             else:
-                raw = enumerate(_BLANK_LINES.split(f.read()))
+                raw = enumerate(documents.BLANK_LINES.split(f.read()))
             for index, content in raw:
                 if index < start or index % modulus != residue:
                     continue
@@ -101,14 +97,8 @@ class StreamingCorpus:
                 return "", ""
             # The key local_files_task uses: path:line (1-based), so splits agree.
             line = index + 1
-            try:
-                record = json.loads(content)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(self.jsonl_field), str):
-                raise MissingFieldError(f"{path}:{line}: jsonl record has no text field "
-                                        f"{self.jsonl_field!r} (streaming_files_task.jsonl_field)")
-            return f"{path}:{line}", record[self.jsonl_field].strip()
+            return f"{path}:{line}", documents.jsonl_text(path, line, content, self.jsonl_field,
+                                                         "streaming_files_task")
         if self.txt_split == "file":
             return path, content.strip()
         return f"{path}#{index}", content.strip()
@@ -121,18 +111,6 @@ class StreamingCorpus:
                 if len(texts) >= self.max_validation_documents:
                     return texts
         return texts
-
-
-def _list_files(pattern: str) -> list[str]:
-    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                   if os.path.isfile(p))
-    if not paths:
-        raise EmptyGlobError(f"streaming files pattern {pattern!r} matches no file")
-    unsupported = [p for p in paths if not p.endswith((".txt", ".jsonl"))]
-    if unsupported:
-        raise DataError(f"streaming files pattern {pattern!r} matches files that are neither "
-                        f".txt nor .jsonl, e.g. {unsupported[0]!r}")
-    return paths
 
 
 class Stream:

@@ -43,6 +43,15 @@ def peak_flops_per_device(configured: float | None) -> tuple[float, str]:
     return measured_matmul_flops(), f"measured fp32 matmul on {kind}"
 
 
+def _process_0s(value: np.ndarray) -> np.ndarray:
+    """Process 0's `value` on every process (only process 0 reads metrics.jsonl, and every
+    process must take the same decisions about collective evals)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.broadcast_one_to_all(value))
+
+
 class MetricsWriter:
     """Writes scalars to TensorBoard and one JSON object per call to metrics.jsonl.
 
@@ -98,21 +107,15 @@ class MetricsWriter:
         (the same answer on every process: process 0's)."""
         row = self._rows.get(step, {})
         values = [float(row[k]) for k in keys] if all(k in row for k in keys) else None
-        if jax.process_count() == 1:
-            return values
-        from jax.experimental import multihost_utils
-        found = np.asarray([values is not None] + (values or [0.0] * len(keys)), np.float32)
-        found = np.asarray(multihost_utils.broadcast_one_to_all(found))
+        found = _process_0s(np.asarray([values is not None] + (values or [0.0] * len(keys)),
+                                       np.float32))
         return [float(v) for v in found[1:]] if found[0] else None
 
     def has(self, step: int, prefix: str) -> bool:
         """Whether metrics.jsonl holds a value named `prefix...` at `step` (process 0's
         answer on every process)."""
-        found = any(k.startswith(prefix) for k in self._rows.get(step, {}))
-        if jax.process_count() == 1:
-            return found
-        from jax.experimental import multihost_utils
-        return bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+        return bool(_process_0s(np.int32(any(k.startswith(prefix)
+                                             for k in self._rows.get(step, {})))))
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import functools
 import time
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -218,19 +217,14 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
             f"{model_config.vocab_size}: set ModelConfig.vocab_size ≥ {vocab.vocab_size}")
     host, hosts = jax.process_index(), jax.process_count()
 
-    def make_eval_iterator(pad_to=None):
+    def make_eval_iterator():
+        # Each host takes its rows of the same global batches, so every host runs the same
+        # number of (collective) eval steps.
         return data_config.eval_iterator(train_config.seq_len, train_config.global_batch_size,
-                                         vocab, host_index=host, num_hosts=hosts,
-                                         pad_to_num_batches=pad_to)
-    local_eval_batches = make_eval_iterator().num_batches  # Fails now on a bad split.
-    if not local_eval_batches:
+                                         vocab, host_index=host, num_hosts=hosts)
+    if not make_eval_iterator().num_batches:  # Fails now on a bad split.
         raise TrainingError(f"the eval split {data_config.eval_split!r} of {data_config.task!r} "
-                            "is empty on this host; give a task with validation data")
-    if hosts > 1:
-        # Every host must run the same number of (collective) eval steps: pad to the max.
-        from jax.experimental import multihost_utils
-        most = int(np.max(multihost_utils.process_allgather(np.int32(local_eval_batches))))
-        make_eval_iterator = functools.partial(make_eval_iterator, pad_to=most)
+                            "is empty; give a task with validation data")
 
     spec = model_config.granularities
     writer = MetricsWriter(model_dir, enabled=host == 0)  # Opens its files on first write.
