@@ -203,3 +203,41 @@ def test_training_does_not_import_evaluation():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+FINALIZER_SIGNAL_SCRIPT = """
+import gc, os, signal, sys
+from matlm.training.preemption import SIGNALS, Preempted
+
+class SignalsWhileFinalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # The handler runs between these bytecodes.
+            pass
+
+hook_before = sys.unraisablehook
+assert SIGNALS.install()
+obj = SignalsWhileFinalized()
+del obj
+gc.collect()
+assert SIGNALS.received == "SIGINT", SIGNALS.received
+try:
+    SIGNALS.check()
+    raise SystemExit("check() did not raise")
+except Preempted:
+    pass
+SIGNALS.uninstall()
+assert sys.unraisablehook is hook_before  # uninstall() put it back.
+print("ok")
+"""
+
+
+def test_a_signal_that_lands_in_a_finalizer_is_recorded_not_printed_and_raised_later():
+    """A signal delivered while the main thread runs a `__del__` or gc callback (JAX has
+    one) cannot propagate: no "Exception ignored" traceback, and `check()` raises it.
+    In a subprocess: pytest replaces sys.unraisablehook with its own."""
+    done = subprocess.run([sys.executable, "-c", FINALIZER_SIGNAL_SCRIPT],
+                          cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+    assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -248,6 +248,7 @@ class Preemption(Hook):
 
     def open(self, trainer) -> None:
         self._installed = SIGNALS.install()
+        SIGNALS.check()  # One that landed in a gc callback at start-up (and was swallowed).
         SIGNALS.defer()  # From the first step on, a signal saves and stops the loop.
 
     def __call__(self, info: StepInfo) -> None:

@@ -15,10 +15,17 @@ A training job is in one of two modes:
 installs it before its heavy imports and `train()` (also called from Python) installs it
 if nobody has. Handlers can only be installed from the main thread; elsewhere (a
 notebook's worker thread) nothing is installed and signals keep their default action.
+
+A signal can land while the main thread runs a garbage-collector callback or a `__del__`
+(JAX registers one, `_xla_gc_callback`): Python cannot propagate an exception from there
+and prints it as "Exception ignored in …" with a traceback. The signal is recorded before
+the raise, so nothing is lost: `install()` also filters `Preempted` out of
+`sys.unraisablehook`, and the next `check()` (at the latest when the loop opens) raises it.
 """
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from typing import Optional
 
@@ -38,6 +45,7 @@ class Signals:
         self.received: Optional[str] = None  # The first signal's name, once one arrived.
         self.deferred = False
         self._previous: dict = {}
+        self._previous_unraisable_hook = None
 
     @property
     def installed(self) -> bool:
@@ -51,12 +59,17 @@ class Signals:
         self.received, self.deferred = None, False
         for sig in HANDLED:
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous_unraisable_hook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
         return True
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+        if self._previous_unraisable_hook is not None:
+            sys.unraisablehook = self._previous_unraisable_hook
+            self._previous_unraisable_hook = None
         self.received, self.deferred = None, False
 
     def defer(self) -> None:
@@ -72,6 +85,13 @@ class Signals:
         self.received = self.received or signal.Signals(signum).name
         if not self.deferred:
             raise Preempted(self.received)
+
+    def _unraisable(self, unraisable) -> None:
+        # A Preempted raised inside a gc callback or __del__ was swallowed; it is recorded
+        # in `received`, so only other unraisable exceptions are reported.
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, Preempted):
+            return
+        (self._previous_unraisable_hook or sys.__unraisablehook__)(unraisable)
 
 
 SIGNALS = Signals()
