@@ -190,3 +190,148 @@ def test_two_processes_stream_the_one_process_batches(tmp_path, wiki_vocab):
     np.testing.assert_allclose(losses(tmp_path / "multi"), losses(tmp_path / "single"),
                                rtol=1e-5)
     assert len(losses(tmp_path / "multi")) == 4
+
+
+# --- Mixtures that include streamed tasks (matlm.data.stream_mixture). ---------------------
+# Two corpora over disjoint alphabets, so a row's tokens tell which corpus it came from.
+ALPHABETS = {"a": "abcdefgh", "b": "nopqrstu"}
+
+
+def write_letters_corpus(directory, letters: str, files: int = 3, docs_per_file: int = 12):
+    rng = np.random.default_rng(len(letters) + ord(letters[0]))
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        docs = [" ".join("".join(rng.choice(list(letters), size=int(rng.integers(3, 8))))
+                         for _ in range(int(rng.integers(4, 30)))) for _ in range(docs_per_file)]
+        (directory / f"part-{f}.jsonl").write_text(
+            "".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+
+@pytest.fixture
+def stream_mixtures(tmp_path):
+    """{"two_streamed": A 3 : B 1, "streamed_and_wiki": A 3 : matlm_wiki 1} and the tasks."""
+    names = {}
+    for key, letters in ALPHABETS.items():
+        write_letters_corpus(tmp_path / key, letters)
+        names[key] = data.register_streaming_files_task(
+            str(tmp_path / key / "*.jsonl"), name=f"test_letters_{key}", validation_fraction=0.1)
+    data.register_mixture("test_smix_ab", {names["a"]: 3.0, names["b"]: 1.0})
+    data.register_mixture("test_smix_aw", {names["a"]: 3.0, "matlm_wiki": 1.0})
+    return {"two_streamed": "test_smix_ab", "streamed_and_wiki": "test_smix_aw", **names}
+
+
+MIXTURES = ["two_streamed", "streamed_and_wiki"]
+
+
+def assert_same_batches(got_per_host, want, what):
+    for step, batch in enumerate(want):
+        for name in batch:
+            np.testing.assert_array_equal(
+                np.concatenate([g[step][name] for g in got_per_host]), batch[name],
+                err_msg=f"{what}, step {step}, {name}")
+
+
+@pytest.mark.parametrize("mixture", MIXTURES)
+def test_stream_mixture_hosts_materialise_their_rows_of_one_global_batch(
+        stream_mixtures, wiki_vocab, mixture):
+    task = stream_mixtures[mixture]
+    _, one = batches(task, wiki_vocab, steps=20)
+    for hosts in (2, 4):
+        per_host = [batches(task, wiki_vocab, hosts, h, steps=20)[1] for h in range(hosts)]
+        assert all(b["targets"].shape == (8 // hosts, 32) for b in per_host[0])
+        assert_same_batches(per_host, one, f"{hosts} hosts")
+
+
+@pytest.mark.parametrize("mixture", MIXTURES)
+def test_stream_mixture_rates_per_block_and_rows_of_each_stream_in_order(
+        stream_mixtures, wiki_vocab, mixture, monkeypatch, tmp_path):
+    """Each row is classified by its tokens (not by the schedule); per block of 16 rows the
+    tasks have exactly their 3:1 shares; a streamed task's rows at position p are the rows
+    of stream p of that task read alone, in order (it advances only when chosen); the
+    matlm_wiki rows are the in-memory mixture's rows at the same places."""
+    from matlm.data import pipeline, stream_mixture
+    block, B, L, steps = 16, 8, 32, 20
+    monkeypatch.setattr(pipeline, "MIX_BLOCK_ROWS", block)
+    task = stream_mixtures[mixture]
+    components = [t.name for t, _ in data.tasks.components(task)]
+    rates = np.array([r for _, r in data.tasks.components(task)])
+    it, got = batches(task, wiki_vocab, B=B, L=L, steps=steps)
+    tokens = {}  # Token ids of each streamed corpus's train documents (plus EOS).
+    for name in components:
+        if name in streaming.CORPORA:
+            c = streaming.CORPORA[name]
+            texts = [t for p in c.files for _, t in c.records(p, "train")]
+            tokens[name] = {i for ids in wiki_vocab.tokenizer.encode(texts) for i in ids}
+            tokens[name].add(wiki_vocab.eos_id)
+    reference = {name: [streaming.Stream(streaming.CORPORA[name], "train", p, B,
+                                         (0, stream_mixture._COMPONENT_STREAMS, i), L,
+                                         wiki_vocab) for p in range(B)]
+                 for i, name in enumerate(components) if name in tokens}
+    if "matlm_wiki" in components:  # The same mixture with its streamed task in memory.
+        local = data.register_local_files_task(str(tmp_path / "a" / "*.jsonl"),
+                                               name="test_letters_a_in_memory",
+                                               validation_fraction=0.1)
+        data.register_mixture("test_mix_aw_in_memory", {local: 3.0, "matlm_wiki": 1.0})
+        in_memory = data.make_batch_iterator("test_mix_aw_in_memory", "train", L, B,
+                                             wiki_vocab, seed=0)
+    served = np.zeros([steps, B], np.int64)
+    for step in range(steps):
+        for p in range(B):
+            row = got[step]["targets"][p]
+            fits = [i for i, name in enumerate(components)
+                    if name in tokens and set(row.tolist()) <= tokens[name]]
+            served[step, p] = fits[0] if fits else components.index("matlm_wiki")
+            assert len(fits) <= 1, f"step {step} row {p} fits several corpora"
+            name = components[served[step, p]]
+            want = (reference[name][p].next_row() if name in reference
+                    else {k: in_memory.batch(step)[k][p:p + 1] for k in ("targets",
+                                                                           "segment_ids",
+                                                                           "positions")})
+            for k in want:
+                np.testing.assert_array_equal(got[step][k][p], want[k][0],
+                                              err_msg=f"step {step} row {p} ({name}) {k}")
+    np.testing.assert_array_equal(served, [it.task_of_rows(s) for s in range(steps)])
+    per_block = served.reshape(-1, block)
+    for t, rate in enumerate(rates):
+        np.testing.assert_array_equal((per_block == t).sum(1), block * rate / rates.sum())
+
+
+@pytest.mark.parametrize("mixture", MIXTURES)
+def test_stream_mixture_resumes_exactly_on_any_number_of_hosts(
+        stream_mixtures, wiki_vocab, mixture, monkeypatch):
+    from jax.experimental import multihost_utils
+    task = stream_mixtures[mixture]
+    it, _ = batches(task, wiki_vocab, steps=11)  # Past the first epoch of some streams.
+    saved = json.loads(json.dumps(it.state))
+    want = [next(it) for _ in range(8)]
+    # The state gathered on 2 hosts (process_allgather stacks the hosts' positions) is the
+    # one-host state.
+    two = [batches(task, wiki_vocab, 2, h, steps=11)[0] for h in range(2)]
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda x: np.stack([h.local_positions() for h in two]))
+    assert json.loads(json.dumps(two[0].state)) == {**saved, "num_hosts": 2}
+    for hosts in (1, 2, 4):
+        resumed = [data.restore_batch_iterator(saved, wiki_vocab, host_index=h,
+                                               num_hosts=hosts) for h in range(hosts)]
+        if hosts == 1:  # Saved again before any row: the same state.
+            assert resumed[0].state == saved
+        assert_same_batches([[next(r) for _ in range(8)] for r in resumed], want,
+                            f"resumed on {hosts} hosts")
+
+
+def test_stream_mixture_bad_input_is_one_clear_error(stream_mixtures, wiki_vocab):
+    task = stream_mixtures["two_streamed"]
+    it, _ = batches(task, wiki_vocab, steps=2)
+    other, _ = batches(stream_mixtures["streamed_and_wiki"], wiki_vocab, steps=2)
+    with pytest.raises(data.StateError, match=r"does not match this pipeline.*'task'"):
+        it.set_state(other.state)
+    with pytest.raises(data.StateError, match=r"does not match this pipeline.*'seed'"):
+        it.set_state(batches(task, wiki_vocab, steps=1, seed=1)[0].state)
+    with pytest.raises(data.StateError, match="version 'stream-1' is not stream-mix-1"):
+        it.set_state(batches(stream_mixtures["a"], wiki_vocab, steps=1)[0].state)
+    saved = it.state
+    data.register_mixture(task, {stream_mixtures["a"]: 1.0, stream_mixtures["b"]: 1.0})
+    with pytest.raises(data.StateError, match=r"test_smix_ab' changed since its state was saved"):
+        data.restore_batch_iterator(saved, wiki_vocab)
+    with pytest.raises(data.DataError, match="evaluate its tasks one by one"):
+        data.make_batch_iterator(task, "validation", 32, 8, wiki_vocab, seed=0, repeat=False)

@@ -139,7 +139,9 @@ class MixtureSchedule:
     for a slot is `block_index * counts[t] + (slots of t before it in the block)`.
     """
 
-    def __init__(self, rates: list[float], seed_key: tuple[int, ...], block: int = MIX_BLOCK_ROWS):
+    def __init__(self, rates: list[float], seed_key: tuple[int, ...], block: int | None = None):
+        # MIX_BLOCK_ROWS is read now, not bound as a default, so a test can use small blocks.
+        block = MIX_BLOCK_ROWS if block is None else block
         shares = np.asarray(rates, np.float64) / np.sum(rates) * block
         counts = np.floor(shares).astype(np.int64)
         remainder_order = np.argsort(-(shares - counts), kind="stable")
@@ -328,10 +330,21 @@ def make_batch_iterator(task_or_mixture: str, split: str, seq_len: int,
         return streaming.StreamingBatches(
             streaming.CORPORA[task_or_mixture], task_or_mixture, split, seq_len,
             global_batch_size, vocab, seed, host_index, num_hosts)
-    if len(tasks.components(task_or_mixture)) > 1 and any(
-            t.name in streaming.CORPORA for t, _ in tasks.components(task_or_mixture)):
-        raise DataError(f"mixture {task_or_mixture!r} includes a streamed task; mixtures of "
-                        "streamed tasks are not supported yet: train on the task alone")
+    components = tasks.components(task_or_mixture)
+    if len(components) > 1 and any(t.name in streaming.CORPORA for t, _ in components):
+        # A mixture with a streamed task (matlm.data.stream_mixture; imported here, as it
+        # builds on this module).
+        from matlm.data import stream_mixture
+        if not repeat:
+            raise DataError(f"{task_or_mixture!r} is a mixture: evaluate its tasks one by one "
+                            "(repeat=False needs a single task)")
+        if not shuffle or pad_to_num_batches is not None or start_step:
+            raise DataError(f"mixture {task_or_mixture!r} includes a streamed task: it trains "
+                            "from step 0 or from a saved state (restore_batch_iterator), "
+                            "shuffled")
+        config.validate(host_index)
+        return stream_mixture.make(task_or_mixture, split, seq_len, global_batch_size, vocab,
+                                   seed, host_index, num_hosts)
     return BatchIterator(config, vocab, host_index=host_index, start_step=start_step,
                          pad_to_num_batches=pad_to_num_batches)
 
@@ -342,6 +355,9 @@ def restore_batch_iterator(state: dict[str, Any], vocab: seqio.SentencePieceVoca
     job's hosts (which may be more or fewer than the saving job's: same global batches)."""
     if state.get("version") == streaming.STATE_VERSION:
         return streaming.restore(state, vocab, host_index, num_hosts)
+    from matlm.data import stream_mixture
+    if state.get("version") == stream_mixture.STATE_VERSION:
+        return stream_mixture.restore(state, vocab, host_index, num_hosts)
     if state.get("version") != STATE_VERSION:
         raise StateError(f"pipeline state version {state.get('version')!r} is not "
                          f"{STATE_VERSION}")

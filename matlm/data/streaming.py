@@ -43,7 +43,7 @@ from matlm.data import documents, packing, vocabulary
 from matlm.data.errors import DataError, StateError
 
 STATE_VERSION = "stream-1"
-_FILE_ORDER = 3  # Seed-stream tag (pipeline.py uses 1 and 2).
+_FILE_ORDER = 3  # Seed-stream tag (pipeline.py uses 1 and 2, stream_mixture.py 4).
 _LOOKAHEAD = 128  # Documents tokenised together per stream (one SentencePiece call).
 _ENCODE_THREADS = min(4, os.cpu_count() or 1)
 # Records read so far in this process (tests check that start-up reads O(streams) records).
@@ -117,9 +117,13 @@ class Stream:
     """One stream's rows (see the module docstring); `position` resumes it."""
 
     def __init__(self, corpus: StreamingCorpus, split: str, index: int, num_streams: int,
-                 seed: int, seq_len: int, vocab, position=(0, 0, 0, 0)):
+                 seed: "int | tuple[int, ...]", seq_len: int, vocab, position=(0, 0, 0, 0)):
         self.corpus, self.split, self.index, self.num_streams = corpus, split, index, num_streams
         self.seed, self.seq_len, self.vocab = seed, seq_len, vocab
+        # A tuple seed names a component of a mixture (matlm.data.stream_mixture), so two
+        # streamed components do not read their files in the same order; a single task's
+        # int seed gives the key it always had.
+        self._seed_key = tuple(int(v) for v in seed) if isinstance(seed, tuple) else (int(seed),)
         self.eos = vocab.eos_id
         epoch, unit, record, offset = (int(v) for v in position)
         self.epoch, self.unit = epoch, unit
@@ -134,7 +138,8 @@ class Stream:
     def units(self, epoch: int) -> list[tuple[str, int, int]]:
         """(file, residue, modulus) this stream reads in `epoch`, in order."""
         files = self.corpus.split_files(self.split)
-        order = np.random.default_rng([self.seed, _FILE_ORDER, epoch]).permutation(len(files))
+        order = np.random.default_rng([*self._seed_key, _FILE_ORDER, epoch]).permutation(
+            len(files))
         F, B, p = len(files), self.num_streams, self.index
         if F >= B:
             return [(files[order[j]], 0, 1) for j in range(p, F, B)]
