@@ -26,7 +26,8 @@ places on its devices. So a job resumed on a slice with another number of hosts 
 on exactly the same data. A mixture interleaves its tasks' row streams with a seeded
 schedule of fixed blocks over the global rows (`MixtureSchedule`), so the rates hold
 exactly per block and a row's (task, index) is computed directly. Resuming at step N costs
-one epoch layout (two permutations), not N batches.
+one epoch layout (two permutations), not N batches. (A mixture that includes a streamed
+task uses the same schedule: `matlm.data.stream_mixture`.)
 
 This is the in-memory path, for corpora that fit a host (the embedded default, local
 files of modest size): every host tokenises the whole split at start-up, so start-up

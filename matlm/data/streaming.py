@@ -28,6 +28,9 @@ record already emitted): four integers. The iterator's `state` holds all B posit
 hosts continues on exactly the same rows; restoring a stream re-reads its current file
 up to the record (no tokenising) — never the batches before.
 
+**Mixtures** with streamed tasks: `matlm.data.stream_mixture` (B streams per streamed
+component, one advanced each time the mixture's schedule gives it a row).
+
 **Validation** (finite, for evals) is the first `max_validation_documents` documents of
 the validation split in file order (or of `validation_pattern`'s files), held in memory.
 """
