@@ -30,8 +30,19 @@ def test_external_sentencepiece_model_works_if_installed():
     assert data.start_id(vocab) == vocab.tokenizer.bos_id()
 
 
-@pytest.mark.parametrize("task", ["matlm_c4_en", "matlm_lm1b", "matlm_wiki40b_en"])
-def test_tfds_tasks_produce_batches_from_mock_data(task, wiki_vocab):
+def in_memory_copy(builtin: str) -> str:
+    """The built-in TFDS task registered with streaming=False (tfds.testing.mock_data has
+    no shard files to stream; tests/test_data_tfds_streaming.py prepares real ones)."""
+    from matlm.data.tfds_tasks import BUILTIN_TFDS_TASKS
+    return data.register_tfds_task(name=f"{builtin}_in_memory", streaming=False,
+                                   **BUILTIN_TFDS_TASKS[builtin])
+
+
+@pytest.mark.parametrize("builtin", ["matlm_c4_en", "matlm_lm1b", "matlm_wiki40b_en"])
+def test_tfds_tasks_produce_batches_from_mock_data(builtin, wiki_vocab):
+    from matlm.data import streaming
+    assert builtin in streaming.CORPORA  # Built-in TFDS tasks stream by default.
+    task = in_memory_copy(builtin)
     with tfds.testing.mock_data(num_examples=30):
         it = data.make_batch_iterator(task, "train", seq_len=32, global_batch_size=4,
                                       vocab=wiki_vocab, seed=0, host_index=1, num_hosts=2)
@@ -47,7 +58,8 @@ def test_tfds_tasks_produce_batches_from_mock_data(task, wiki_vocab):
 
 
 def test_tfds_mixture_with_embedded_task(wiki_vocab):
-    data.register_mixture("test_c4_wiki", [("matlm_c4_en", 0.5), ("matlm_wiki", 0.5)])
+    data.register_mixture("test_c4_wiki", [(in_memory_copy("matlm_c4_en"), 0.5),
+                                           ("matlm_wiki", 0.5)])
     with tfds.testing.mock_data(num_examples=20):
         batch = data.make_batch_iterator("test_c4_wiki", "train", 32, 8, wiki_vocab,
                                          seed=0).batch(3)

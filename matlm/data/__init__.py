@@ -23,7 +23,7 @@ from matlm.data.errors import (BatchSizeError, DataError, EmptyGlobError, Missin
                                UnknownTaskError, VocabularyError)
 from matlm.data.pipeline import BatchIterator, make_batch_iterator, restore_batch_iterator
 from matlm.data.tasks import (DEFAULT_TASK, local_files_task, mixture, register_local_files_task,
-                              register_mixture, register_streaming_files_task,
+                              held_out_task, register_mixture, register_streaming_files_task,
                               register_tfds_task, registered_names, streaming_files_task,
                               tfds_task)
 from matlm.data.vocabulary import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, default_vocabulary,
@@ -36,7 +36,7 @@ __all__ = [
     "start_id", "PAD_ID", "EOS_ID", "UNK_ID", "BOS_ID", "DEFAULT_TASK",
     "local_files_task", "streaming_files_task", "tfds_task", "mixture",
     "register_local_files_task", "register_streaming_files_task",
-    "register_tfds_task", "register_mixture", "registered_names",
+    "register_tfds_task", "register_mixture", "registered_names", "held_out_task",
     "DataError", "UnknownTaskError", "UnknownSplitError", "EmptyGlobError",
     "MissingFieldError", "SequenceLengthError", "BatchSizeError", "VocabularyError",
     "StateError",

@@ -16,7 +16,7 @@ import seqio
 from matlm.config_checks import check_fields, checked
 from matlm.data import pipeline, vocabulary
 from matlm.data.errors import DataError
-from matlm.data.tasks import DEFAULT_TASK
+from matlm.data.tasks import DEFAULT_TASK, held_out_task
 from matlm.gin_config import config_from_gin
 
 
@@ -40,6 +40,11 @@ class DataConfig:
     def __post_init__(self):
         check_fields(self, DataConfigError)
 
+    @property
+    def eval_task(self) -> str:
+        """The task held-out loss reads: `task`, or a mixture's largest-rate component."""
+        return held_out_task(self.task)
+
     def vocabulary(self) -> seqio.SentencePieceVocabulary:
         if self.vocab_path:
             return vocabulary.load_vocabulary(self.vocab_path)
@@ -55,9 +60,9 @@ class DataConfig:
     def eval_iterator(self, seq_len: int, global_batch_size: int, vocab,
                       host_index: int = 0, num_hosts: int = 1,
                       pad_to_num_batches: int | None = None) -> pipeline.BatchIterator:
-        """One pass over the eval split, in source order (no shuffling)."""
+        """One pass over the eval split of `eval_task`, in source order (no shuffling)."""
         return pipeline.make_batch_iterator(
-            self.task, self.eval_split, seq_len, global_batch_size, vocab, self.seed,
+            self.eval_task, self.eval_split, seq_len, global_batch_size, vocab, self.seed,
             host_index=host_index, num_hosts=num_hosts, shuffle=False, repeat=False,
             pad_to_num_batches=pad_to_num_batches)
 

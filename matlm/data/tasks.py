@@ -26,7 +26,7 @@ from typing import Callable, Mapping, Sequence
 import gin
 import seqio
 
-from matlm.data import documents
+from matlm.data import documents, streaming, tfds_corpus
 from matlm.data.errors import DataError, UnknownSplitError, UnknownTaskError
 from matlm.data.tf_setup import tf
 
@@ -45,6 +45,7 @@ def _register_task(name: str, source: seqio.DataSource,
     if name in seqio.MixtureRegistry.names():
         seqio.MixtureRegistry.remove(name)
     seqio.TaskRegistry.remove(name)  # No-op when absent; makes registration idempotent.
+    streaming.CORPORA.pop(name, None)  # Re-registered in memory: no longer streamed.
     seqio.TaskRegistry.add(name, source=source, preprocessors=list(preprocessors),
                            output_features=TEXT_FEATURES)
     return name
@@ -110,13 +111,22 @@ def register_streaming_files_task(pattern: str,
     """Registers a task whose train split is streamed from `pattern`'s files (listed now,
     read during training: `matlm.data.streaming`); returns its name. Validation is the
     first `max_validation_documents` documents of the validation split, in file order."""
-    from matlm.data import streaming
-    if not isinstance(max_validation_documents, int) or max_validation_documents < 1:
-        raise DataError("streaming_files_task.max_validation_documents must be an integer "
-                        f">= 1, got {max_validation_documents!r}")
+    _check_max_validation_documents("streaming_files_task", max_validation_documents)
     corpus = streaming.StreamingCorpus(pattern, jsonl_field, txt_split, validation_pattern,
                                        validation_fraction, max_validation_documents)
+    return _register_streamed_task(name, corpus)
 
+
+def _check_max_validation_documents(configurable: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DataError(f"{configurable}.max_validation_documents must be an integer >= 1, "
+                        f"got {value!r}")
+
+
+def _register_streamed_task(name: str, corpus) -> str:
+    """A seqio task over a streamed corpus (`matlm.data.streaming` trains on the corpus
+    itself): its validation split is the corpus's first validation documents, its train
+    split every train text in order (for `matlm vocab`, which stops at --max_documents)."""
     def dataset_fn(split: str, shuffle_files: bool, seed=None):
         del shuffle_files, seed
         if split == "validation":
@@ -124,7 +134,7 @@ def register_streaming_files_task(pattern: str,
             return tf.data.Dataset.from_tensor_slices(
                 {TEXT_KEY: tf.constant(texts, dtype=tf.string, shape=[len(texts)])})
 
-        def every_train_text():  # For `matlm vocab` (which stops at --max_documents).
+        def every_train_text():
             for path in corpus.split_files("train"):
                 for _, text in corpus.records(path, "train"):
                     yield {TEXT_KEY: text}
@@ -156,16 +166,29 @@ def register_tfds_task(name: str,
                        splits: Mapping[str, str] | None = None,
                        data_dir: str | None = None,
                        text_key: str = "text",
-                       cleaner: str = "none") -> str:
+                       cleaner: str = "none",
+                       streaming: bool = True,
+                       max_validation_documents: int = 2000) -> str:
     """Registers a task reading prepared TFDS data; returns its name.
 
     `tfds_name` is `dataset[/config]:version`. `splits` maps matlm split names to TFDS
     splits (default train/validation). `data_dir=None` uses `TFDS_DATA_DIR` (TFDS's own
     default). Nothing is downloaded: the data must have been prepared already.
+
+    `streaming=True` (default): training streams the shards (`matlm.data.tfds_corpus`),
+    validation is the split's first `max_validation_documents` examples. `streaming=False`
+    tokenises whole splits in memory at start-up (small datasets only).
     """
     if cleaner not in TEXT_CLEANERS:
         raise DataError(f"unknown cleaner {cleaner!r}; expected one of {list(TEXT_CLEANERS)}")
     splits = dict(splits or {"train": "train", "validation": "validation"})
+    if streaming:
+        if unknown := set(splits) - set(documents.SPLITS):
+            raise DataError(f"tfds_task.splits maps unknown matlm splits {sorted(unknown)}; "
+                            f"a streamed task's keys must be among {list(documents.SPLITS)}")
+        _check_max_validation_documents("tfds_task", max_validation_documents)
+        return _register_streamed_task(name, tfds_corpus.TfdsCorpus(
+            tfds_name, splits, data_dir, text_key, cleaner, max_validation_documents))
     source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=data_dir, splits=splits)
     preprocessors = [functools.partial(seqio.preprocessors.rekey, key_map={TEXT_KEY: text_key})]
     if TEXT_CLEANERS[cleaner] is not None:
@@ -223,6 +246,14 @@ def components(name: str) -> list[tuple[seqio.Task, float]]:
         mix = seqio.MixtureRegistry.get(name)
         return [(get_task(t.name), float(mix.get_rate(t))) for t in mix.tasks]
     return [(get_task(name), 1.0)]
+
+
+def held_out_task(name: str) -> str:
+    """The task whose eval split measures held-out loss for `name`: the task itself, or a
+    mixture's component with the largest rate (the first of equals). A mixture has no
+    single finite eval stream, and its largest part is what its loss mostly reflects."""
+    parts = components(name)
+    return max(parts, key=lambda part: part[1])[0].name
 
 
 def check_split(task: seqio.Task, split: str) -> None:

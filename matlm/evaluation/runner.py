@@ -50,7 +50,8 @@ class PreparedTask:
 # --- preparation: data only ------------------------------------------------------------
 
 def _loss_task_name(name: str, options: EvalOptions) -> str:
-    return options.data_task if name == LOSS else name[len(LOSS) + 1:]
+    """`loss` reads the run's data task (a mixture's largest component), `loss:T` task T."""
+    return data.held_out_task(options.data_task) if name == LOSS else name[len(LOSS) + 1:]
 
 
 def check_task_names(names: Sequence[str]) -> None:

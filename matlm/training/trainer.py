@@ -223,8 +223,9 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
         return data_config.eval_iterator(train_config.seq_len, train_config.global_batch_size,
                                          vocab, host_index=host, num_hosts=hosts)
     if not make_eval_iterator().num_batches:  # Fails now on a bad split.
-        raise TrainingError(f"the eval split {data_config.eval_split!r} of {data_config.task!r} "
-                            "is empty; give a task with validation data")
+        raise TrainingError(f"the eval split {data_config.eval_split!r} of "
+                            f"{data_config.eval_task!r} is empty; give a task with "
+                            "validation data")
 
     spec = model_config.granularities
     writer = MetricsWriter(model_dir, enabled=host == 0)  # Opens its files on first write.
