@@ -6,17 +6,19 @@ and how its start-up time and memory scale with the corpus (10 K vs 1 M document
 
 Pipeline rows: per-host batches from `make_batch_iterator` (steady state after the
 one-time read+tokenise, which is reported separately), for the default task and for a
-packed TFDS task on `tfds.testing.mock_data`. Trainer row: an upper bound on the
+streamed TFDS task on a prepared mock of c4/en (scripts/make_mock_c4.py, 4000 documents). Trainer row: an upper bound on the
 tokens/s a training step could consume, = this CPU's measured fp32 matmul peak /
 (training FLOPs per token of the full-width (XL) model, `matlm.model.counting`), i.e.
 the trainer at 100% MFU training one granularity; a real trainer (lower MFU, several
 granularities per step) consumes less, so the ratio printed is a lower bound.
 
-Corpus scaling, for the streamed path (`streaming_files_task`, the issue-12 keys) and the
-in-memory one (`local_files_task`, keys prefixed `in_memory_`): a generated corpus of N jsonl documents (words drawn from the embedded
-Wikipedia sample's word frequencies, 20-200 words each, 10 K documents per file, written
-to a temporary dir and deleted; never committed) is read as a `local_files_task`, each
-size in a fresh process: seconds to the first batch, the process's peak RSS (VmHWM), and
+Corpus scaling, for the streamed local-files path (`streaming_files_task`, the issue-12
+keys), streamed TFDS (`tfds_task`, keys prefixed `tfds_`) and the in-memory path
+(`local_files_task`, keys prefixed `in_memory_`): a generated corpus of N documents
+(words drawn from the embedded Wikipedia sample's word frequencies, 20-200 words each;
+jsonl files of 10 K documents, or a prepared c4/en-shaped TFDS dataset with a TFRecord
+shard per 10 K documents; written to a temporary dir and deleted; never committed) is
+read in a fresh process per size and path: seconds to the first batch, the process's peak RSS (VmHWM), and
 tokens/s of the following batches at the 78M recipe's row length. The 78M trainer's
 consumption per host is its recipe's (configs/runs/c4_matlm_78m.gin) tokens per step
 at 50 % MFU on its slice, per host of 4 chips. The last line is one JSON object
@@ -32,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # make_mock_c4
 
 
 def pipeline_rate(task, seq_len, batch, vocab, steps):
@@ -68,9 +72,9 @@ def trainer_bound(model_gin, seq_len, peak):
     return peak / train_flops_per_token(config, seq_len)
 
 
-def write_corpus(directory: str, num_docs: int, docs_per_file: int = 10_000, seed: int = 0) -> int:
-    """`num_docs` jsonl documents of words drawn with the embedded sample's frequencies;
-    returns the bytes written."""
+def corpus_texts(num_docs: int, seed: int = 0, chunk: int = 10_000):
+    """`num_docs` documents of words drawn with the embedded sample's word frequencies,
+    20-200 words each, in chunks (lists) of `chunk`."""
     import collections
     import re
     import numpy as np
@@ -81,29 +85,51 @@ def write_corpus(directory: str, num_docs: int, docs_per_file: int = 10_000, see
     words = np.asarray(words, dtype=object)
     p = np.asarray(freq, np.float64) / sum(freq)
     rng = np.random.default_rng(seed)
-    written = 0
-    for first in range(0, num_docs, docs_per_file):
-        n = min(docs_per_file, num_docs - first)
+    for first in range(0, num_docs, chunk):
+        n = min(chunk, num_docs - first)
         lengths = rng.integers(20, 201, n)
         drawn = words[rng.choice(len(words), size=int(lengths.sum()), p=p)]
         ends = np.cumsum(lengths)
-        lines = [json.dumps({"text": " ".join(drawn[e - k:e])}) for e, k in zip(ends, lengths)]
-        path = os.path.join(directory, f"part-{first // docs_per_file:05d}.jsonl")
+        yield [" ".join(drawn[e - k:e]) for e, k in zip(ends, lengths)]
+
+
+def write_corpus(directory: str, num_docs: int, docs_per_file: int = 10_000, seed: int = 0) -> int:
+    """`corpus_texts` as jsonl files of `docs_per_file` documents; returns the bytes written."""
+    written = 0
+    for i, texts in enumerate(corpus_texts(num_docs, seed, docs_per_file)):
+        path = os.path.join(directory, f"part-{i:05d}.jsonl")
         with open(path, "w") as f:
-            f.write("\n".join(lines) + "\n")
+            f.write("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
         written += os.path.getsize(path)
     return written
 
 
-def measure_corpus(directory: str, seq_len: int, batch: int, steps: int, streamed: bool) -> dict:
+def write_tfds_corpus(directory: str, num_docs: int, seed: int = 0) -> int:
+    """`corpus_texts` as a prepared c4/en:3.1.0-shaped TFDS dataset (TFRecord, one shard per
+    10 K documents, as many as the jsonl corpus has files); returns its bytes."""
+    from make_mock_c4 import build_mock_c4
+    texts = (t for chunk in corpus_texts(num_docs, seed) for t in chunk)
+    path = build_mock_c4(directory, num_docs, num_shards=max(num_docs // 10_000, 1),
+                         num_validation_docs=1000, train_texts=texts)
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+
+
+PIPELINES = ("streamed", "in_memory", "tfds")
+
+
+def measure_corpus(directory: str, seq_len: int, batch: int, steps: int, pipeline: str) -> dict:
     """In this (fresh) process: time to the first batch, peak RSS, tokens/s after it."""
     from matlm import data
     from matlm.data import tasks
     vocab = data.default_vocabulary()
     start = time.perf_counter()
-    register = (tasks.register_streaming_files_task if streamed
-                else tasks.register_local_files_task)
-    task = register(os.path.join(directory, "*.jsonl"), name="benchmark_corpus")
+    if pipeline == "tfds":  # The prepared dataset under directory/tfds, streamed.
+        task = tasks.register_tfds_task("benchmark_corpus", "c4/en:3.1.0",
+                                        data_dir=os.path.join(directory, "tfds"))
+    else:
+        register = (tasks.register_streaming_files_task if pipeline == "streamed"
+                    else tasks.register_local_files_task)
+        task = register(os.path.join(directory, "*.jsonl"), name="benchmark_corpus")
     registered = time.perf_counter() - start  # In-memory: reads every file here.
     rate, setup = pipeline_rate(task, seq_len, batch, vocab, steps)
     startup = registered + setup
@@ -137,10 +163,16 @@ def corpus_scaling(sizes, steps: int, pipelines) -> dict:
     results = {}
     for n in sizes:
         with tempfile.TemporaryDirectory(prefix="matlm_corpus_") as directory:
-            start = time.perf_counter()
-            size = write_corpus(directory, n)
-            print(f"generated {n:,} documents ({size / 1e6:,.0f} MB) in "
-                  f"{time.perf_counter() - start:.0f} s", flush=True)
+            if {"streamed", "in_memory"} & set(pipelines):
+                start = time.perf_counter()
+                size = write_corpus(directory, n)
+                print(f"generated {n:,} jsonl documents ({size / 1e6:,.0f} MB) in "
+                      f"{time.perf_counter() - start:.0f} s", flush=True)
+            if "tfds" in pipelines:
+                start = time.perf_counter()
+                size = write_tfds_corpus(os.path.join(directory, "tfds"), n)
+                print(f"prepared {n:,} documents as TFDS TFRecord shards ({size / 1e6:,.0f} "
+                      f"MB) in {time.perf_counter() - start:.0f} s", flush=True)
             for pipeline in pipelines:
                 child = subprocess.run(
                     [sys.executable, __file__, "--_measure", directory, "--steps", str(steps),
@@ -163,22 +195,25 @@ def main():
                         help="comma-separated corpus sizes in documents ('' skips)")
     parser.add_argument("--skip_tasks", action="store_true",
                         help="skip the per-task rows (default task, TFDS mock)")
-    parser.add_argument("--pipelines", default="streamed,in_memory",
-                        help="which local-files paths to measure: streamed "
-                             "(streaming_files_task), in_memory (local_files_task)")
+    parser.add_argument("--pipelines", default="streamed,tfds,in_memory",
+                        help="which paths to measure: streamed (streaming_files_task), "
+                             "tfds (a streamed tfds_task on prepared shards), "
+                             "in_memory (local_files_task)")
     parser.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_pipeline", default="streamed", help=argparse.SUPPRESS)
     args = parser.parse_args()
     seq_len, batch = 2048, 16  # The 78M recipe's rows; 16 rows per host per step.
     if args._measure:
         print(json.dumps(measure_corpus(args._measure, seq_len, batch, args.steps,
-                                        args._pipeline == "streamed")))
+                                        args._pipeline)))
         return
     summary = {}
     if not args.skip_tasks:
         summary.update(task_rows(args.steps))
     sizes = [int(float(n)) for n in args.corpus_docs.split(",") if n.strip()]
     pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
+    if unknown := set(pipelines) - set(PIPELINES):
+        parser.error(f"--pipelines: unknown {sorted(unknown)}; choose from {PIPELINES}")
     if sizes and pipelines:
         scaling = corpus_scaling(sizes, args.steps, pipelines)
         per_host = trainer_78m_per_host()
@@ -209,21 +244,25 @@ def main():
 
 
 def task_rows(steps: int) -> dict:
-    import tensorflow_datasets as tfds
+    from make_mock_c4 import build_mock_c4
     from matlm import data
 
     vocab = data.default_vocabulary()
     peak = matmul_peak_flops()
     rows = []
+    mock_dir = tempfile.TemporaryDirectory(prefix="matlm_mock_c4_")
+    build_mock_c4(mock_dir.name, num_docs=4000, num_shards=16)
+    c4_task = data.register_tfds_task("benchmark_mock_c4", "c4/en:3.1.0",
+                                      data_dir=mock_dir.name)
     for model_gin, seq_len, batch in [("configs/models/tiny.gin", 256, 64),
                                       ("configs/models/matlm_78m.gin", 1024, 16)]:
         trainer = trainer_bound(model_gin, seq_len, peak)
         wiki, wiki_setup = pipeline_rate("matlm_wiki", seq_len, batch, vocab, steps)
-        with tfds.testing.mock_data(num_examples=2000):
-            c4, c4_setup = pipeline_rate("matlm_c4_en", seq_len, batch, vocab, steps)
+        c4, c4_setup = pipeline_rate(c4_task, seq_len, batch, vocab, steps)
         name = model_gin.rsplit("/", 1)[-1]
         rows.append((f"{name} L={seq_len} B={batch}", trainer, "matlm_wiki", wiki, wiki_setup))
-        rows.append(("", trainer, "matlm_c4_en (mock)", c4, c4_setup))
+        rows.append(("", trainer, "c4 mock, streamed", c4, c4_setup))
+    mock_dir.cleanup()
     print(f"CPU fp32 matmul peak (measured): {peak / 1e9:.0f} GFLOP/s")
     header = (f"{'model / batch':28} {'trainer max tok/s':>18} {'task':20} "
               f"{'pipeline tok/s':>15} {'ratio':>7} {'setup s':>8}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -22,7 +23,8 @@ WORDS = ("the of and in to a was is for on as by with he from at that his it an 
          "which this be first also new after had one two river city team film album").split()
 
 
-def make_builder_class(num_docs: int, num_validation_docs: int, seed: int):
+def make_builder_class(num_docs: int, num_validation_docs: int, seed: int,
+                       train_texts: Optional[Iterable[str]] = None):
     import tensorflow_datasets as tfds
 
     class MockC4(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -38,6 +40,10 @@ def make_builder_class(num_docs: int, num_validation_docs: int, seed: int):
 
         def _split_generators(self, dl_manager):
             del dl_manager  # Nothing is downloaded.
+            if train_texts is not None:
+                return {"train": self._given_examples(train_texts),
+                        "validation": self._generate_examples("validation",
+                                                              num_validation_docs, seed + 1)}
             return {"train": self._generate_examples("train", num_docs, seed),
                     "validation": self._generate_examples("validation", num_validation_docs,
                                                           seed + 1)}
@@ -51,17 +57,23 @@ def make_builder_class(num_docs: int, num_validation_docs: int, seed: int):
                                        "url": f"https://example.com/{split}/{i}",
                                        "timestamp": "2019-04-25T00:00:00Z"}
 
+        def _given_examples(self, texts):
+            for i, text in enumerate(texts):
+                yield f"train-{i}", {"text": text, "url": f"https://example.com/train/{i}",
+                                     "timestamp": "2019-04-25T00:00:00Z"}
+
     return MockC4
 
 
 def build_mock_c4(data_dir: str, num_docs: int, num_shards: int,
                   num_validation_docs: int = 0, file_format: str = "tfrecord",
-                  seed: int = 0) -> str:
+                  seed: int = 0, train_texts: Optional[Iterable[str]] = None) -> str:
     """Prepares the dataset under `data_dir` (TFDS's layout: c4/en/3.1.0/); returns the
-    dataset's directory. `num_validation_docs=0` makes it a tenth of `num_docs` (≥ 1)."""
+    dataset's directory. `num_validation_docs=0` makes it a tenth of `num_docs` (≥ 1).
+    `train_texts` (num_docs of them) replaces the generated train text."""
     import tensorflow_datasets as tfds
     num_validation_docs = num_validation_docs or max(num_docs // 10, 1)
-    builder = make_builder_class(num_docs, num_validation_docs, seed)(
+    builder = make_builder_class(num_docs, num_validation_docs, seed, train_texts)(
         config="en", data_dir=data_dir, file_format=file_format)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         num_shards=num_shards, download_mode=tfds.GenerateMode.REUSE_DATASET_IF_EXISTS))

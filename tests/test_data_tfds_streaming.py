@@ -167,6 +167,16 @@ def test_bad_tfds_input_is_one_clear_error(mock_c4, tmp_path, wiki_vocab):
     for path in corpus.split_files("train"):  # The other shards still read.
         if path != shard:
             assert len(list(corpus.records(path, "train"))) == NUM_DOCS // NUM_SHARDS
+    # A shard cut short: fewer records than dataset_info.json lists.
+    other = [p for p in corpus.split_files("train") if p != shard][0]
+    if mock_c4[1] == "tfrecord":
+        import tensorflow as tf
+        kept = list(tf.data.TFRecordDataset(other).take(10).as_numpy_iterator())
+        with tf.io.TFRecordWriter(other) as writer:
+            for record in kept:
+                writer.write(record)
+        with pytest.raises(data.DataError, match="has 10 records but dataset_info.json lists 25"):
+            list(corpus.records(other, "train"))
 
 
 def test_an_empty_split_is_one_clear_error(tmp_path, wiki_vocab):
