@@ -31,3 +31,43 @@ def eval_tasks():
     setup_eval_data()
     parse_gin(["configs/eval/offline.gin"], [])
     return tasks.eval_suite()
+
+
+@pytest.fixture
+def one_device(monkeypatch):
+    """In-process `train()` builds its mesh from jax.devices(): use the first of the 8 fake
+    CPU devices (a 1×1×1 mesh)."""
+    import jax
+    import matlm.training.mesh as mesh_lib
+    original = mesh_lib.make_mesh
+    monkeypatch.setattr(mesh_lib, "make_mesh",
+                        lambda shape, devices=None: original(shape, devices or jax.devices()[:1]))
+
+
+@pytest.fixture
+def continuous_and_resumed(one_device, tmp_path, wiki_vocab):
+    """`run(data_config, **train_kw)` trains a tiny model 6 steps in one job (dir a) and
+    stopped at step 3 then resumed (dir b); returns both runs' metrics.jsonl rows as
+    {(step, metric): value} (train/loss and eval/*), for resume-equals-continuous tests."""
+    import json
+    from matlm.model import ModelConfig
+    from matlm.training.config import TrainConfig
+    from matlm.training.trainer import train
+    model = ModelConfig(vocab_size=2048, d_model=32, n_layers=2, n_heads=2, d_ff=128)
+
+    def metrics(model_dir):
+        rows = [json.loads(l) for l in (model_dir / "metrics.jsonl").read_text().splitlines()]
+        return {(r["step"], k): v for r in rows for k, v in r.items()
+                if k == "train/loss" or k.startswith("eval/")}
+
+    def run(data_config, **train_kw):
+        config = TrainConfig(**{**dict(steps=6, seq_len=32, global_batch_size=4,
+                                       warmup_steps=2, log_every=1, eval_every=0,
+                                       eval_batches=1, checkpoint_every=3,
+                                       mesh_shape=(1, 1, 1)), **train_kw})
+        for model_dir, stops in ((tmp_path / "a", [None]), (tmp_path / "b", [3, None])):
+            for stop_at in stops:
+                train(model, data_config, config, model_dir, vocab=wiki_vocab,
+                      show_progress=False, stop_at=stop_at)
+        return metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    return run

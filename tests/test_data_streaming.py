@@ -121,30 +121,13 @@ def test_bad_streamed_input_is_one_clear_error(tmp_path, wiki_vocab):
 
 
 @pytest.mark.slow
-def test_training_on_a_streamed_task_resumes_bitwise(tmp_path, corpus, wiki_vocab, monkeypatch):
-    import jax
-    import matlm.training.mesh as mesh_lib
-    from matlm.model import ModelConfig
-    from matlm.training.config import TrainConfig
-    from matlm.training.trainer import train
-    original = mesh_lib.make_mesh
-    monkeypatch.setattr(mesh_lib, "make_mesh",
-                        lambda shape, devices=None: original(shape, devices or jax.devices()[:1]))
-    model = ModelConfig(vocab_size=2048, d_model=32, n_layers=2, n_heads=2, d_ff=128)
-    config = TrainConfig(steps=6, seq_len=32, global_batch_size=4, warmup_steps=2, log_every=1,
-                         eval_every=0, eval_batches=1, checkpoint_every=3, mesh_shape=(1, 1, 1))
-    data_config = data.DataConfig(task=corpus)
-
-    def losses(model_dir):
-        rows = [json.loads(l) for l in (model_dir / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
-
-    train(model, data_config, config, tmp_path / "a", vocab=wiki_vocab, show_progress=False)
-    train(model, data_config, config, tmp_path / "b", vocab=wiki_vocab, show_progress=False,
-          stop_at=3)
-    train(model, data_config, config, tmp_path / "b", vocab=wiki_vocab, show_progress=False)
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
-    assert sorted(losses(tmp_path / "b")) == list(range(1, 7))
+def test_training_on_a_streamed_task_resumes_bitwise(corpus, continuous_and_resumed):
+    continuous, resumed = continuous_and_resumed(data.DataConfig(task=corpus))
+    # (With eval_every=0 a run evaluates where it stops: the resumed run also at 3.)
+    losses = [{step: v for (step, k), v in run.items() if k == "train/loss"}
+              for run in (continuous, resumed)]
+    assert losses[0] == losses[1]
+    assert sorted(losses[1]) == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.slow

@@ -212,37 +212,16 @@ def test_the_cli_names_a_missing_tfds_dataset_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_on_a_streamed_tfds_mixture_resumes_bitwise(tmp_path, c4_task, mock_c4,
-                                                             wiki_vocab, monkeypatch):
+def test_training_on_a_streamed_tfds_mixture_resumes_bitwise(c4_task, mock_c4,
+                                                             continuous_and_resumed):
     """Through `train`: streamed C4 mixed with the embedded task; the stream-mixture state
     goes through checkpoints; the held-out loss reads the largest component (C4)."""
     if mock_c4[1] != "tfrecord":
         pytest.skip("one format is enough through the trainer")
     mixture = data.register_mixture("test_c4_wiki", [(c4_task, 3.0), ("matlm_wiki", 1.0)])
-    import jax
-    import matlm.training.mesh as mesh_lib
-    from matlm.model import ModelConfig
-    from matlm.training.config import TrainConfig
-    from matlm.training.trainer import train
-    original = mesh_lib.make_mesh
-    monkeypatch.setattr(mesh_lib, "make_mesh",
-                        lambda shape, devices=None: original(shape, devices or jax.devices()[:1]))
-    model = ModelConfig(vocab_size=2048, d_model=32, n_layers=2, n_heads=2, d_ff=128)
-    config = TrainConfig(steps=6, seq_len=32, global_batch_size=4, warmup_steps=2, log_every=1,
-                         eval_every=3, eval_batches=1, checkpoint_every=3, mesh_shape=(1, 1, 1))
     data_config = data.DataConfig(task=mixture)
     assert data_config.eval_task == c4_task
-
-    def losses(model_dir):
-        rows = [json.loads(l) for l in (model_dir / "metrics.jsonl").read_text().splitlines()]
-        return {(r["step"], k): v for r in rows for k, v in r.items()
-                if k == "train/loss" or k.startswith("eval/")}
-
-    train(model, data_config, config, tmp_path / "a", vocab=wiki_vocab, show_progress=False)
-    train(model, data_config, config, tmp_path / "b", vocab=wiki_vocab, show_progress=False,
-          stop_at=3)
-    train(model, data_config, config, tmp_path / "b", vocab=wiki_vocab, show_progress=False)
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
-    assert sorted({step for step, k in losses(tmp_path / "b") if k == "train/loss"}) == [
-        1, 2, 3, 4, 5, 6]
-    assert any(k.startswith("eval/") for _, k in losses(tmp_path / "b"))
+    continuous, resumed = continuous_and_resumed(data_config, eval_every=3)
+    assert continuous == resumed
+    assert sorted(step for step, k in resumed if k == "train/loss") == [1, 2, 3, 4, 5, 6]
+    assert any(k.startswith("eval/") for _, k in resumed)

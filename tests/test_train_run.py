@@ -36,15 +36,6 @@ def data_config():
     return data.DataConfig(task="matlm_wiki")
 
 
-@pytest.fixture
-def one_device(monkeypatch):
-    # The trainer builds its mesh from jax.devices(); use the first of the 8 fake ones.
-    import matlm.training.mesh as mesh_lib
-    original = mesh_lib.make_mesh
-    monkeypatch.setattr(mesh_lib, "make_mesh",
-                        lambda shape, devices=None: original(shape, devices or jax.devices()[:1]))
-
-
 def run(tmp, data_config, vocab, model=MODEL, stop_at=None, hooks=(), sync=False, **train_kw):
     return train(model, data_config, dataclasses.replace(TRAIN, **train_kw), tmp, vocab=vocab,
                  show_progress=False, stop_at=stop_at, hooks=hooks, sync=sync)

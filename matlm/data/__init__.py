@@ -7,11 +7,14 @@ TensorFlow first (`tf_setup`). Public API:
   host_index=0, num_hosts=1, start_step=0, shuffle=True, repeat=True,
   pad_to_num_batches=None) -> BatchIterator` (see `matlm.data.pipeline` for the batch
   format and the determinism/resume contract); `BatchIterator.state` (JSON dict) and
-  `restore_batch_iterator(state, vocab, host_index, num_hosts)`.
+  `restore_batch_iterator(state, vocab, host_index, num_hosts)`. Streamed tasks
+  (`streaming_files_task`, `tfds_task`) and mixtures including them return iterators
+  with the same contract (`matlm.data.streaming`, `matlm.data.stream_mixture`).
 - `default_vocabulary(vocab_size=8192)`, `load_vocabulary(path)`, `train_vocabulary`,
   `train_task_vocabulary`, `start_id(vocab)` (see `matlm.data.vocabulary` for special ids).
 - Tasks: `matlm_wiki` (default), `matlm_c4_en`, `matlm_lm1b`, `matlm_wiki40b_en`, and the
-  gin configurables `local_files_task`, `tfds_task`, `mixture` (`matlm.data.tasks`).
+  gin configurables `local_files_task`, `streaming_files_task`, `tfds_task`, `mixture`
+  (`matlm.data.tasks`); `held_out_task(name)`: the task a mixture's held-out loss reads.
 - `DataConfig` (gin): task, splits, seed, vocabulary of a run; `data_config_from_gin()`.
 - Errors: `DataError` (a ValueError) and its subclasses in `matlm.data.errors`.
 """

@@ -107,13 +107,19 @@ class StreamingCorpus:
         return f"{path}#{index}", content.strip()
 
     def validation_texts(self) -> list[str]:
-        texts = []
-        for path in self.split_files("validation"):
-            for _, text in self.records(path, "validation"):
-                texts.append(text)
-                if len(texts) >= self.max_validation_documents:
-                    return texts
-        return texts
+        return first_texts(self, "validation", self.max_validation_documents)
+
+
+def first_texts(corpus, split: str, limit: int) -> list[str]:
+    """The first `limit` texts of a corpus's split in unit order (a streamed task's
+    validation set: finite, in memory)."""
+    texts: list[str] = []
+    for path in corpus.split_files(split):
+        for _, text in corpus.records(path, split):
+            texts.append(text)
+            if len(texts) >= limit:
+                return texts
+    return texts
 
 
 class Stream:
