@@ -217,7 +217,7 @@ def main():
     if sizes and pipelines:
         scaling = corpus_scaling(sizes, args.steps, pipelines)
         per_host = trainer_78m_per_host()
-        print(f"\ncorpus scaling (generated jsonl, rows of {seq_len}, {batch} rows per batch); "
+        print(f"\ncorpus scaling (generated corpora, rows of {seq_len}, {batch} rows per batch); "
               f"the 78M recipe consumes {per_host:,.0f} tokens/s per host at 50 % MFU")
         print(f"{'pipeline':>10} {'documents':>10} {'start-up s':>11} {'peak RSS MB':>12} "
               f"{'tokens/s':>12} {'x 78M host':>11}")
