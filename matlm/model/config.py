@@ -28,7 +28,8 @@ class ModelConfig:
 
     `d_ff` is the full (XL) FFN width; granularities nest inside it. `layer_d_ff`
     is for *extracted* models whose FFN widths differ per layer: when set, layer `i`
-    stores kernels of width `layer_d_ff[i]` (nested training then is not meaningful).
+    stores kernels of width `layer_d_ff[i]`, and a named granularity uses
+    min(its width, layer_d_ff[i]) units there (matlm.submodels.extract).
     """
 
     # Each field declares its type and range (matlm.config_checks); __post_init__ checks
@@ -128,7 +129,7 @@ class ModelConfig:
         return GranularitySpec(d_ff=self.d_ff, n_layers=self.n_layers,
                                names=self.granularity_names, widths=self.granularity_widths,
                                alignment=self.width_alignment,
-                               nest_blocks=self.ffn_nest_blocks)
+                               nest_blocks=self.ffn_nest_blocks, layer_caps=self.layer_d_ff)
 
     def attention_blocks(self, seq_len: int) -> tuple[tuple[int, int], ...]:
         """The causal query blocks [start, end) over `seq_len` positions; each attends to

@@ -32,6 +32,10 @@ class GranularitySpec:
     widths: tuple[int, ...] = ()
     alignment: int = 1
     nest_blocks: int = 1  # Widths must split evenly over the FFN's nesting blocks.
+    # An extracted model (ModelConfig.layer_d_ff) stores fewer units in some layers: a
+    # *named* granularity uses min(m, cap) there, i.e. the parent's granularity as far as
+    # the extraction kept it (the prefix is still nested). () = every layer stores d_ff.
+    layer_caps: tuple[int, ...] = ()
 
     def __post_init__(self):
         names = tuple(self.names)
@@ -90,7 +94,8 @@ class GranularitySpec:
             if not items:
                 raise GranularityError("empty width specification")
             if len(items) == 1:
-                return (self._one(items[0], "all layers"),) * self.n_layers
+                return self._capped((self._one(items[0], "all layers"),) * self.n_layers,
+                                    [items[0]] * self.n_layers)
             value = items
         elif isinstance(value, int) and not isinstance(value, bool):
             return (self._one(value, "all layers"),) * self.n_layers
@@ -99,7 +104,16 @@ class GranularitySpec:
             raise GranularityError(
                 f"width vector has {len(items)} entries but the model has {self.n_layers} "
                 f"layers: {items}")
-        return tuple(self._one(v, f"layer {i}") for i, v in enumerate(items))
+        return self._capped(tuple(self._one(v, f"layer {i}") for i, v in enumerate(items)),
+                            items)
+
+    def _capped(self, widths: tuple, items) -> tuple:
+        """Named entries cut to their layer's cap (`layer_caps`); integers stay as given
+        (ModelConfig.resolve_widths refuses one above its layer's stored width)."""
+        if not self.layer_caps:
+            return widths
+        return tuple(min(w, cap) if isinstance(item, str) and item in self.by_name else w
+                     for w, cap, item in zip(widths, self.layer_caps, items))
 
     def _one(self, item: Union[str, int], where: str) -> int:
         if isinstance(item, str):

@@ -1,0 +1,1 @@
+"""Submodels as deliverables: extract (matlm.submodels.extract), search, export."""
