@@ -1,0 +1,95 @@
+"""`matlm export --format=hf`: one submodel of a checkpoint as a Hugging Face model dir.
+
+    matlm export --checkpoint_dir=runs/tiny --widths=M --format=hf --output=runs/tiny_M_hf
+    matlm export --checkpoint_dir=runs/tiny --widths=S,M,L,XL --format=hf --output=runs/mix_hf
+    matlm export --checkpoint_dir=runs/tiny_M --format=hf --output=runs/tiny_M_hf  # an extracted dir
+
+Uniform widths load as plain `LlamaForCausalLM`; per-layer widths as `MatLMForCausalLM`
+(remote code saved with the export: `trust_remote_code=True`). Everything the user gave —
+format, checkpoint dir, step, activation, widths, output dir, the export extra — is
+checked before parameters are read or anything is written. See matlm.export.hf and
+docs/export.md.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from matlm.config_checks import Check, check_flags
+
+FLAG_CHECKS = {"step": Check(int, ge=0)}
+FORMATS = ("hf",)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint_dir", required=True,
+                        help="a model dir written by `matlm train` or `matlm extract`")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    parser.add_argument("--widths", default=None,
+                        help="the submodel: a granularity name (M), an integer, or one "
+                             "name/integer per layer (S,M,L,XL,...); default: the stored "
+                             "widths (the whole model)")
+    parser.add_argument("--format", default="hf",
+                        help="export format: hf (a Hugging Face model dir; the only one)")
+    parser.add_argument("--output", required=True,
+                        help="the export dir (must not exist, or be empty)")
+
+
+def run(args, gin_bindings) -> int:
+    check_flags(args, FLAG_CHECKS)
+    if gin_bindings:
+        raise ValueError("matlm export takes no gin bindings: the model comes from "
+                         f"--checkpoint_dir's run_config.json (got {gin_bindings[0]!r})")
+    if args.format not in FORMATS:
+        raise ValueError(f"--format={args.format!r} is not supported; expected one of: "
+                         f"{', '.join(FORMATS)}")
+    from matlm.export import hf
+    from matlm.model.counting import param_count
+    from matlm.submodels import extract
+    from matlm.training import model_dir as model_dir_lib
+
+    start = time.time()
+    # 1. Everything the user gave, before any parameter is read or anything written.
+    model_dir = model_dir_lib.ModelDir(args.checkpoint_dir)
+    if not model_dir.path.is_dir():
+        raise model_dir_lib.CheckpointError(
+            f"--checkpoint_dir={args.checkpoint_dir!r} does not exist")
+    run_config = model_dir.read_run_config()
+    config = model_dir_lib.model_config_from_dict(run_config["model"])
+    hf.check_exportable(config)
+    widths = (config.ffn_dims if args.widths is None
+              else extract.resolve_extract_widths(config, args.widths))
+    steps = model_dir.checkpoint_steps()
+    if not steps:
+        raise model_dir_lib.CheckpointError(
+            f"--checkpoint_dir={args.checkpoint_dir!r} holds no complete checkpoint under "
+            f"{model_dir.checkpoints}")
+    if args.step is not None and args.step not in steps:
+        raise model_dir_lib.CheckpointError(
+            f"--step={args.step}: no checkpoint at that step in {model_dir.checkpoints}; "
+            f"available: {steps}")
+    output = extract.check_output_dir(args.output)
+    if not model_dir.vocab_file.is_file():
+        raise hf.ExportError(f"--checkpoint_dir={args.checkpoint_dir!r} has no vocab.model "
+                             "to export as the tokenizer")
+    hf.require_backend()
+    # 2. Load, cut, write.
+    loaded = model_dir_lib.load_checkpoint_for_inference(model_dir, args.step)
+    seq_len = (run_config.get("train") or {}).get("seq_len")
+    provenance = {"checkpoint_dir": str(model_dir.path), "step": loaded.step,
+                  "widths": list(widths), "parent_ffn_dims": list(config.ffn_dims),
+                  "parent_ffn_nest_blocks": config.ffn_nest_blocks}
+    done = hf.export_hf(loaded.params, config, widths, loaded.vocab_path, output,
+                        max_positions=seq_len, provenance=provenance)
+    parent, exported = param_count(config), param_count(done.config)
+    kind = ("MatLMForCausalLM (per-layer widths; load with trust_remote_code=True)"
+            if done.remote_code else "LlamaForCausalLM")
+    print(f"exported widths {','.join(map(str, done.widths))} of {model_dir.path} "
+          f"(step {loaded.step}) to {done.path} as {kind}")
+    print(f"  parameters: {parent:,} -> {exported:,} ({exported / parent:.3f}); "
+          f"{done.bytes / 1e6:.2f} MB on disk ({time.time() - start:.1f}s)")
+    print("  load: AutoModelForCausalLM.from_pretrained("
+          + json.dumps(str(done.path))
+          + (", trust_remote_code=True" if done.remote_code else "") + "), "
+          f"AutoTokenizer.from_pretrained({json.dumps(str(done.path))})")
+    return 0
