@@ -1,0 +1,190 @@
+"""`matlm search`: per-layer widths on the Pareto front of metric vs cost, under a budget.
+
+    matlm search --checkpoint_dir=runs/default --budget_params=1.6e6
+    matlm search --checkpoint_dir=runs/default --budget_flops=3e6 --method=heuristic
+    matlm search --checkpoint_dir=runs/default --budget_params=1.6e6 --metric=piqa \
+        --space=aligned --max_evals=200 --seed=1
+
+Every candidate is scored through the masked path (one compiled function for all width
+vectors) on a fixed held-out sample: the first `--eval_batches` validation batches of the
+checkpoint's data task (`--metric=loss`) or the first eval_batches×batch_size examples
+of an eval task. For `loss` the front is re-scored on the *next* `--eval_batches`
+batches (`metric_confirm`): the search picked its winners on the first sample, so only
+the second one is an unbiased comparison. Everything the user gave is checked before
+parameters are loaded or anything is compiled. Writes front.csv, candidates.csv,
+best.json and search.png to `--output` (default MODEL_DIR/search/<run name>), which must
+not already hold files.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from matlm.config_checks import Check, check_flags
+
+DEFAULT_GIN = "configs/eval/offline.gin"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint_dir", required=True,
+                        help="a model dir written by `matlm train` (MODEL_DIR)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    parser.add_argument("--budget_params", type=float, default=None,
+                        help="most parameters the submodel may use (embeddings included, as "
+                             "`matlm info` counts them), e.g. 1.6e6")
+    parser.add_argument("--budget_flops", type=float, default=None,
+                        help="most forward matmul FLOPs per token (at the run's seq_len), "
+                             "e.g. 3e6")
+    parser.add_argument("--metric", default="loss",
+                        help="'loss' (held-out loss on the checkpoint's data task), "
+                             "'loss:TASK', or an eval task (multiple choice and last word: "
+                             "accuracy; generative: F1)")
+    parser.add_argument("--method", default="evolution",
+                        help="heuristic (the paper's slowly-growing Mix'n'Match) or "
+                             "evolution (regularised evolution, seeded)")
+    parser.add_argument("--space", default="granularities",
+                        help="allowed widths per layer: 'granularities' (the model's S/M/L/XL "
+                             "widths) or 'aligned' (every multiple of lcm(width_alignment, "
+                             "ffn_nest_blocks))")
+    parser.add_argument("--max_evals", type=int, default=64,
+                        help="new candidates to evaluate (the uniform granularities under "
+                             "the budget are evaluated on top)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval_batches", type=int, default=8,
+                        help="held-out batches each candidate is scored on")
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="rows per batch (rounded up to a multiple of the device count)")
+    parser.add_argument("--max_len", type=int, default=1024,
+                        help="tokens per row for eval tasks")
+    parser.add_argument("--gin_file", action="append", default=[],
+                        help=f"gin files defining more tasks; {DEFAULT_GIN} is always read")
+    parser.add_argument("--output", default=None,
+                        help="output dir (default MODEL_DIR/search/<step, method, budget, "
+                             "metric, seed>); must be new or empty")
+    parser.add_argument("--no_plot", action="store_true")
+    parser.add_argument("--no_progress", action="store_true")
+
+
+FLAG_CHECKS = {
+    "step": Check(int, ge=0),
+    "budget_params": Check(float, gt=0),
+    "budget_flops": Check(float, gt=0),
+    "max_evals": Check(int, ge=1),
+    "seed": Check(int, ge=0),
+    "eval_batches": Check(int, ge=1),
+    "batch_size": Check(int, ge=1),
+    "max_len": Check(int, ge=2),
+}
+
+
+def run(args, gin_bindings) -> int:
+    from matlm.submodels import search as S
+    check_flags(args, FLAG_CHECKS)
+    if (args.budget_params is None) == (args.budget_flops is None):
+        raise S.SearchError("give exactly one of --budget_params=N and --budget_flops=F")
+    if args.method not in S.METHODS:
+        raise S.SearchError(f"--method must be one of {', '.join(S.METHODS)}, "
+                            f"got {args.method!r}")
+    # Heavy imports (TensorFlow via seqio) only when the command runs.
+    from matlm import data
+    from matlm.evaluation import runner, tasks
+    from matlm.gin_config import parse_gin
+    from matlm.training import model_dir as model_dir_lib
+
+    start = time.time()
+    model_dir = model_dir_lib.ModelDir(args.checkpoint_dir)
+    # 1. The checkpoint: its config and the step (missing dir/step: one line, no loading).
+    if not model_dir.path.is_dir():
+        raise model_dir_lib.CheckpointError(
+            f"checkpoint dir {args.checkpoint_dir!r} does not exist")
+    run_config = model_dir.read_run_config()
+    config = model_dir_lib.model_config_from_dict(run_config["model"])
+    steps = model_dir.checkpoint_steps()
+    if not steps:
+        raise model_dir_lib.CheckpointError(
+            f"{model_dir.path} holds no complete checkpoint under {model_dir.checkpoints}")
+    step = steps[-1] if args.step is None else args.step
+    if step not in steps:
+        raise model_dir_lib.CheckpointError(
+            f"--step={step}: no checkpoint at that step in {model_dir.checkpoints}; "
+            f"available: {steps}")
+    data_config = run_config.get("data") or {}
+    seq_len = int((run_config.get("train") or {}).get("seq_len") or 256)
+    # 2. Space and budget, against that config.
+    space = S.SearchSpace.build(config, args.space)
+    kind = "params" if args.budget_params is not None else "flops"
+    budget = S.Budget(kind, float(args.budget_params or args.budget_flops), seq_len)
+    S.check_budget(space, budget)
+    # 3. The metric (gin-defined tasks too).
+    parse_gin([DEFAULT_GIN, *args.gin_file], gin_bindings)
+    tasks.eval_suite()
+    try:
+        runner.check_task_names([args.metric])
+    except ValueError as e:
+        raise S.SearchError(f"--metric={args.metric!r}: {e}") from None
+    is_loss = args.metric == runner.LOSS or args.metric.startswith(runner.LOSS + ":")
+    # 4. The output dir: new or empty, so nothing is overwritten.
+    slug = (f"step{step}_{args.method}_{kind}{budget.limit:.4g}_"
+            f"{args.metric.replace(':', '_')}_{args.space}_seed{args.seed}")
+    output = Path(args.output) if args.output else model_dir.path / "search" / slug
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise S.SearchError(f"--output={str(output)!r} exists and is not empty; give a new "
+                            "dir (nothing is overwritten)")
+    # 5. Data: the search sample (+ for loss the next as many batches, to confirm).
+    vocab = model_dir.vocabulary(fallback=lambda: data.DataConfig(**data_config).vocabulary())
+    import jax
+    # Loss batches are sharded over every device: whole rows per device (as the scorer).
+    batch_size = -(-args.batch_size // jax.device_count()) * jax.device_count()
+    rows = args.eval_batches * batch_size
+    options = runner.EvalOptions(
+        num_shots=1, seed=args.seed, max_examples=2 * rows if is_loss else rows,
+        batch_size=batch_size, max_len=args.max_len, masked=True,
+        data_task=data_config.get("task", data.DEFAULT_TASK),
+        loss_split=data_config.get("eval_split", "validation"), loss_seq_len=seq_len,
+        progress=False)
+    (task,) = runner.prepare([args.metric], vocab, options)
+    confirm_task = None
+    if is_loss:
+        import dataclasses
+        confirm_task = dataclasses.replace(task, batches=task.batches[args.eval_batches:])
+        task = dataclasses.replace(task, batches=task.batches[:args.eval_batches])
+        if not confirm_task.batches:
+            confirm_task = None  # A short validation split: no second sample.
+    # 6. Parameters, then the search.
+    loaded = model_dir_lib.load_checkpoint_for_inference(model_dir, step)
+    evaluator = S.TaskEvaluator(task, config, loaded.params, vocab, options)
+    metric_name = f"{task.name} {evaluator.key}"
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=args.max_evals, desc=f"search ({args.method})", unit="candidate")
+
+    def progress(c):
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{c.metric:.4f} at {c.params / 1e6:.3f}M")
+
+    result = S.search(space, budget, evaluator, args.method, args.max_evals, args.seed,
+                      evaluator.minimize, progress)
+    if bar is not None:
+        bar.close()
+    confirm = None
+    if confirm_task is not None:
+        again = [*result.front, *result.uniform]
+        again = list({c.widths: c for c in again})
+        values = evaluator.with_task(confirm_task)([c for c in again])
+        confirm = dict(zip(again, values))
+    info = {"checkpoint": str(Path(args.checkpoint_dir)), "step": step, "seed": args.seed,
+            "max_evals": args.max_evals, "eval_rows": sum(
+                int(b["loss_mask"].any(axis=1).sum()) for b in task.batches) if is_loss
+            else len(task.rows), "compiled_functions": evaluator.compiled_count()}
+    written = S.write_outputs(result, output, metric_name, info, confirm, plot=not args.no_plot)
+    print(S.front_table(result, metric_name, confirm))
+    best = result.best
+    print(f"\nbest under {kind} <= {budget.limit:.6g}: --widths={','.join(map(str, best.widths))}"
+          f" ({best.params:,} params, {best.flops / 1e6:.3f} MFLOPs/token, "
+          f"{metric_name} {best.metric:.4f})")
+    print(f"{len(result.candidates)} candidates ({len(result.uniform)} uniform) in "
+          f"{time.time() - start:.0f}s, {evaluator.compiled_count()} compiled function(s); "
+          f"wrote {', '.join(p.name for p in written)} to {output}")
+    return 0
