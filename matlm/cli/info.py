@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gin_file", action="append", default=[],
                         help="gin file(s) describing the model (repeatable); "
                              "default configs/models/tiny.gin")
+    parser.add_argument("--checkpoint_dir", default=None,
+                        help="read the model from this model dir's run_config.json (e.g. "
+                             "one written by `matlm extract`) instead of gin files")
     parser.add_argument("--widths", action="append", default=[],
                         help="a Mix'n'Match width vector to add to the table: a granularity "
                              "name, an integer, or one comma-separated name/integer per layer "
@@ -55,8 +58,15 @@ def submodel_rows(config: ModelConfig, width_vectors, seq_len: int):
 
 
 def run(args, gin_bindings) -> int:
-    parse_gin(args.gin_file or ["configs/models/tiny.gin"], gin_bindings)
-    config = model_config_from_gin()
+    if args.checkpoint_dir is not None:
+        if args.gin_file or gin_bindings:
+            raise ValueError("--checkpoint_dir reads the model from the dir's run_config.json; "
+                             "give it or --gin_file/--gin.* bindings, not both")
+        from matlm.training.model_dir import ModelDir
+        config = ModelDir(args.checkpoint_dir).model_config()
+    else:
+        parse_gin(args.gin_file or ["configs/models/tiny.gin"], gin_bindings)
+        config = model_config_from_gin()
     width_vectors = [config.resolve_widths(w) for w in args.widths]  # Validate first.
     if args.seq_len < 1:
         raise ValueError(f"--seq_len must be positive, got {args.seq_len}")
@@ -69,7 +79,9 @@ def run(args, gin_bindings) -> int:
         ["vocab_size", config.vocab_size], ["d_model", config.d_model],
         ["n_layers", config.n_layers], ["n_heads / kv_heads / head_dim",
                                         f"{config.n_heads} / {config.num_kv_heads} / {config.head_size}"],
-        ["d_ff", config.d_ff], ["activation", config.activation],
+        ["d_ff", config.d_ff if not config.layer_d_ff else
+         f"{config.d_ff} (stored per layer: {','.join(map(str, config.layer_d_ff))})"],
+        ["activation", config.activation],
         ["tie_embeddings", config.tie_embeddings], ["compute_dtype", config.compute_dtype],
         ["granularities", ", ".join(f"{n}={w}" for n, w in config.granularities.by_name.items())],
         ["parameters (tree)", f"{tree_params:,}"],

@@ -267,6 +267,10 @@ class RunCheckpointer:
         restores and matches its checksums, or None when there is none. Unreadable or
         corrupt ones are moved aside."""
         for step in reversed(self.steps()):
+            if not (self.directory / str(step) / "opt_state").is_dir():
+                # A params-only checkpoint (`save_for_inference`, `matlm extract`): not a
+                # broken run but a model to fine-tune; never moved aside.
+                return self._restore_params_only(step, abstract_state.params)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     params=ocp.args.StandardRestore(abstract_state.params),
@@ -285,6 +289,27 @@ class RunCheckpointer:
             self.restored_step = step
             return restored.params, restored.opt_state, restored.data, restored.meta, step
         return None
+
+    def _restore_params_only(self, step: int, params_target):
+        """(params, None, None, meta, step) of a params-only checkpoint: the trainer starts
+        a fresh optimizer and data pipeline from these parameters (fine-tuning)."""
+        path = self.directory / str(step)
+        items = {"params": ocp.args.StandardRestore(params_target)}
+        if (path / "meta").is_dir():
+            items["meta"] = ocp.args.JsonRestore()
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # Orbax/TensorStore raise many kinds on bad files.
+            raise CheckpointError(f"params-only checkpoint {path} could not be read "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                                  "does the model config match the one it was saved with?"
+                                  ) from e
+        meta = restored["meta"] if "meta" in items else None
+        problem = check_integrity(path, meta, {"params": restored.params})
+        if problem is not None:
+            raise CheckpointError(f"params-only checkpoint {path} is corrupt ({problem})")
+        self.restored_step = step
+        return restored.params, None, None, meta, step
 
     def _set_aside(self, step: int, error: Exception) -> None:
         path = self.directory / str(step)

@@ -258,6 +258,17 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
         batches = data_config.train_iterator(train_config.seq_len,
                                              train_config.global_batch_size, vocab,
                                              host_index=host, num_hosts=hosts)
+    elif restored[1] is None:  # Params only (e.g. `matlm extract`): fine-tune from them.
+        params, _, _, _, step = restored
+        shardings = jax.tree.map(lambda x: x.sharding, target)
+        state = jax.jit(lambda p: type(target)(step=np.int32(step), params=p,
+                                               opt_state=optimizer.init(p)),
+                        out_shardings=shardings)(params)
+        batches = data_config.train_iterator(train_config.seq_len,
+                                             train_config.global_batch_size, vocab,
+                                             host_index=host, num_hosts=hosts)
+        print(f"fine-tuning the parameters of {checkpointer.directory / str(step)} "
+              f"(step {step}; a fresh optimizer state and data pipeline)")
     else:
         params, opt_state, data_state, meta, step = restored
         check_data_state_matches(data_state, data_config, train_config)
