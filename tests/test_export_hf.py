@@ -150,7 +150,10 @@ def test_tokenizer_equals_matlm_vocabulary(tied, tmp_path, capsys, wiki_vocab):
     paragraphs = [p for text in articles for p in text.split("\n") if p.strip()]
     multi_line = ["\n".join(text.split("\n")[:5]) for text in articles]
     assert sum("\n" in t for t in multi_line) > 100
-    texts = paragraphs + multi_line + ["  two  spaces\n\nand\ttabs, é ✓ 漢字 \n"]
+    # Leading/trailing whitespace and newlines, runs of spaces, tabs, byte-fallback text.
+    edge = ["  two  spaces\n\nand\ttabs, é ✓ 漢字 \n", "\nstarts with a newline", " x", "a\n",
+            "\n\n", "", "\t\u00a0nbsp"]
+    texts = paragraphs + multi_line + edge
     want = [list(wiki_vocab.encode(t)) for t in texts]
     got = tokenizer(texts, add_special_tokens=False)["input_ids"]
     assert sum(map(len, want)) > 500_000

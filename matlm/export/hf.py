@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -141,9 +142,10 @@ def write_tokenizer(vocab_path: str, directory: Path) -> None:
     The `tokenizers` pipeline is transformers' own SentencePiece conversion
     (`SpmConverter.build_tokenizer_from_spm_proto`: the model's normalizer charsmap,
     whitespace rules, dummy prefix, byte fallback), so it encodes like
-    SentencePieceProcessor; `legacy=False` adds the dummy prefix once per text, as
-    SentencePiece does. BOS is prepended by default: matlm starts every document with it.
+    SentencePieceProcessor, with the dummy prefix moved into the normaliser (below). BOS
+    is prepended by default: matlm starts every document with it.
     """
+    from tokenizers import Regex, normalizers, pre_tokenizers
     from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
@@ -157,6 +159,17 @@ def write_tokenizer(vocab_path: str, directory: Path) -> None:
     if backend is None:
         raise ExportError(f"vocabulary {vocab_path!r}: SentencePiece model type "
                           f"{proto.trainer_spec.model_type} is not supported (unigram or BPE)")
+    if proto.normalizer_spec.add_dummy_prefix:
+        # The converter's Metaspace(prepend_scheme="first") adds the dummy prefix only when
+        # the text's first character survives normalisation: text that starts with
+        # whitespace (" x", "\nx", stripped by the normaliser) lost its "▁" ("▁x" ->
+        # "x"). SentencePiece prefixes the normalised text whatever it started with, so
+        # the prefix goes at the end of the normaliser instead (Prepend skips empty text).
+        backend.normalizer = normalizers.Sequence([backend.normalizer, normalizers.Prepend("▁")])
+        user_defined = [p.piece for p in proto.pieces if p.type == 4]
+        backend.pre_tokenizer = (pre_tokenizers.Split(
+            Regex("|".join(re.escape(p) for p in sorted(user_defined, key=len, reverse=True))),
+            behavior="isolated") if user_defined else None)
     spec = proto.trainer_spec
     piece = lambda i: proto.pieces[i].piece if 0 <= i < len(proto.pieces) else None
     tokenizer = TokenizersBackend(
