@@ -95,6 +95,9 @@ def test_budget_respected_and_front_non_dominated(method, space_name):
     best = min(result.candidates, key=lambda c: c.metric)
     assert result.best.metric == best.metric
     assert {c.widths for c in result.uniform} == {(8,) * 4, (16,) * 4}  # 32 does not fit.
+    # The wider granularities are scored for the plot only: never candidates or front.
+    assert [c.widths for c in result.over_budget] == [(32,) * 4, (64,) * 4]
+    assert all(c.params > budget.limit for c in result.over_budget)
 
 
 def test_same_seed_same_result():

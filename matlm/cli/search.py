@@ -159,10 +159,16 @@ def run(args, gin_bindings) -> int:
         from tqdm import tqdm
         bar = tqdm(total=args.max_evals, desc=f"search ({args.method})", unit="candidate")
 
+    best_so_far = []
+
     def progress(c):
         if bar is not None:
+            objective = S.objective(c.metric, evaluator.minimize)
+            if not best_so_far or objective < best_so_far[0][0]:
+                best_so_far[:] = [(objective, c)]
+            b = best_so_far[0][1]
             bar.update(1)
-            bar.set_postfix_str(f"{c.metric:.4f} at {c.params / 1e6:.3f}M")
+            bar.set_postfix_str(f"best {b.metric:.4f} at {','.join(map(str, b.widths))}")
 
     result = S.search(space, budget, evaluator, args.method, args.max_evals, args.seed,
                       evaluator.minimize, progress)
@@ -170,7 +176,7 @@ def run(args, gin_bindings) -> int:
         bar.close()
     confirm = None
     if confirm_task is not None:
-        again = [*result.front, *result.uniform]
+        again = [*result.front, *result.uniform, *result.over_budget]
         again = list({c.widths: c for c in again})
         values = evaluator.with_task(confirm_task)([c for c in again])
         confirm = dict(zip(again, values))

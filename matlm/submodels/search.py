@@ -136,6 +136,8 @@ class SearchResult:
     best: Candidate  # Best metric under the budget (ties: cheaper).
     uniform: list  # The uniform granularities under the budget (evaluated).
     family_truncated: bool = False
+    # Uniform granularities *over* the budget: scored for the plot only, never candidates.
+    over_budget: list = dataclasses.field(default_factory=list)
 
     def cost(self, c: Candidate) -> float:
         return float(c.params if self.budget.kind == "params" else c.flops)
@@ -276,6 +278,15 @@ def search(space: SearchSpace, budget: Budget,
     uniform_levels = [(space.levels.index(w),) * space.n_layers for w in spec.widths
                       if w in space.levels and budget.fits(space.config, (w,) * space.n_layers)]
     uniform = scorer.score(uniform_levels, "uniform")
+    over = [w for w in spec.widths
+            if w <= space.levels[-1] and not budget.fits(space.config, (w,) * space.n_layers)]
+    over_budget = []
+    if over:
+        vectors = [(w,) * space.n_layers for w in over]
+        over_budget = [Candidate(v, param_count(space.config, v),
+                                 forward_flops_per_token(space.config, budget.seq_len, v),
+                                 float(m), "uniform (over budget)", -1)
+                       for v, m in zip(vectors, evaluate(vectors))]
     base = len(scorer.candidates)
     family, truncated = _family_by_cost(space, budget, seed)
     if method == "heuristic":
@@ -285,7 +296,7 @@ def search(space: SearchSpace, budget: Budget,
         _evolve(space, budget, scorer, family, max_evals, base, seed, population, tournament)
     candidates = scorer.candidates
     result = SearchResult(method, budget, space, minimize, candidates, [], None, uniform,
-                          truncated)
+                          truncated, over_budget)
     result.front = pareto_front(candidates, result.cost, minimize)
     result.best = min(candidates, key=lambda c: (objective(c.metric, minimize),
                                                  result.cost(c), c.order))
@@ -386,7 +397,7 @@ def front_table(result: SearchResult, metric_name: str, confirm: Optional[dict] 
     rows = []
     for c in result.front:
         r = _row(result, c, confirm)
-        marks = ("best" if c is result.best else "") + (" uniform" if c.source == "uniform" else "")
+        marks = "best under budget" if c is result.best else ""
         rows.append([r["widths"], f"{c.params:,}", f"{c.flops / 1e6:.3f}", f"{c.metric:.4f}"]
                     + ([f"{r['metric_confirm']:.4f}"] if confirm is not None else [])
                     + [c.source, marks.strip()])
@@ -431,6 +442,7 @@ def write_outputs(result: SearchResult, output_dir, metric_name: str, info: dict
         "nearest_uniform": describe(nearest),
         "evaluated": len(result.candidates),
         "front": [describe(c) for c in result.front],
+        "uniform_over_budget": [describe(c) for c in result.over_budget],
         "heuristic_family_truncated": result.family_truncated,
     }
     path = output_dir / "best.json"
@@ -460,7 +472,7 @@ def _plot(result: SearchResult, path, metric_name: str):
             color="black", lw=1.2, label="Pareto front")
     ax.scatter([result.cost(c) / scale for c in front], [c.metric for c in front],
                facecolors="none", edgecolors="black", s=40)
-    uni = sorted(result.uniform, key=result.cost)
+    uni = sorted(result.uniform + result.over_budget, key=result.cost)
     ax.plot([result.cost(c) / scale for c in uni], [c.metric for c in uni], "s--",
             color="tab:green", label="uniform granularities")
     for c in uni:
