@@ -267,9 +267,11 @@ class RunCheckpointer:
         restores and matches its checksums, or None when there is none. Unreadable or
         corrupt ones are moved aside."""
         for step in reversed(self.steps()):
-            if not (self.directory / str(step) / "opt_state").is_dir():
+            if not any((self.directory / str(step) / item).is_dir()
+                       for item in ("opt_state", "data")):
                 # A params-only checkpoint (`save_for_inference`, `matlm extract`): not a
-                # broken run but a model to fine-tune; never moved aside.
+                # broken run but a model to fine-tune; never moved aside. (A run's
+                # checkpoint missing one of them is still restored below and set aside.)
                 return self._restore_params_only(step, abstract_state.params)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
