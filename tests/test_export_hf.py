@@ -22,7 +22,7 @@ BASE = ModelConfig(vocab_size=2048, d_model=32, n_layers=3, n_heads=4, n_kv_head
                    head_dim=16, d_ff=64, rope_theta=500.0, norm_eps=1e-5, ffn_nest_blocks=2)
 # fp32 in both frameworks; logits are O(1-10), the differences come from the matmul and
 # softmax summation orders of XLA vs torch.
-ATOL = 1e-4
+ATOL = 2e-5  # Measured: 2.7e-6 (uniform) and 2.6e-6 (Mix'n'Match) on [4, 64] tokens.
 
 
 def _random_params(config, seed):
