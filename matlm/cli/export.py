@@ -88,8 +88,10 @@ def run(args, gin_bindings) -> int:
           f"(step {loaded.step}) to {done.path} as {kind}")
     print(f"  parameters: {parent:,} -> {exported:,} ({exported / parent:.3f}); "
           f"{done.bytes / 1e6:.2f} MB on disk ({time.time() - start:.1f}s)")
-    print("  load: AutoModelForCausalLM.from_pretrained("
-          + json.dumps(str(done.path))
-          + (", trust_remote_code=True" if done.remote_code else "") + "), "
-          f"AutoTokenizer.from_pretrained({json.dumps(str(done.path))})")
+    # The tokenizer too: without the flag, AutoTokenizer reads config.json's auto_map and
+    # asks interactively whether to run the remote code.
+    remote = ", trust_remote_code=True" if done.remote_code else ""
+    path = json.dumps(str(done.path))
+    print(f"  load: AutoModelForCausalLM.from_pretrained({path}{remote}), "
+          f"AutoTokenizer.from_pretrained({path}{remote})")
     return 0
