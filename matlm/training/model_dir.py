@@ -352,6 +352,18 @@ def read_run_config(model_dir) -> dict:
     return as_model_dir(model_dir).read_run_config()
 
 
+def open_existing(checkpoint_dir, flag: str = "--checkpoint_dir"
+                  ) -> tuple[ModelDir, dict, ModelConfig]:
+    """A model dir named on the command line, its run_config.json and ModelConfig, read
+    before any parameter is loaded; a missing dir is a one-line CheckpointError naming
+    the flag (the commands that read checkpoints: eval, search, extract, export)."""
+    model_dir = ModelDir(checkpoint_dir)
+    if not model_dir.path.is_dir():
+        raise CheckpointError(f"{flag}={str(checkpoint_dir)!r}: checkpoint dir does not exist")
+    run_config = model_dir.read_run_config()
+    return model_dir, run_config, model_config_from_dict(run_config["model"])
+
+
 def load_checkpoint_for_inference(model_dir, step: Optional[int] = None,
                                   shardings=None) -> LoadedCheckpoint:
     """The model config, parameters (only) and vocabulary path of one checkpoint.
