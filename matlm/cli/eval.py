@@ -80,13 +80,8 @@ def run(args, gin_bindings) -> int:
     from matlm.training import model_dir as model_dir_lib
 
     start = time.time()
-    model_dir = model_dir_lib.ModelDir(args.checkpoint_dir)
     # 1. The checkpoint's own config (missing or empty dir: CheckpointError naming it).
-    if not model_dir.path.is_dir():
-        raise model_dir_lib.CheckpointError(
-            f"checkpoint dir {args.checkpoint_dir!r} does not exist")
-    run_config = model_dir.read_run_config()
-    config = model_dir_lib.model_config_from_dict(run_config["model"])
+    model_dir, run_config, config = model_dir_lib.open_existing(args.checkpoint_dir)
     data_config = run_config.get("data") or {}
     # 2. Tasks (gin) and submodels, validated against that config.
     parse_gin([DEFAULT_GIN, *args.gin_file], gin_bindings)

@@ -50,31 +50,18 @@ def run(args, gin_bindings) -> int:
 
     start = time.time()
     # 1. Everything the user gave, before any parameter is read or anything written.
-    model_dir = model_dir_lib.ModelDir(args.checkpoint_dir)
-    if not model_dir.path.is_dir():
-        raise model_dir_lib.CheckpointError(
-            f"--checkpoint_dir={args.checkpoint_dir!r} does not exist")
-    run_config = model_dir.read_run_config()
-    config = model_dir_lib.model_config_from_dict(run_config["model"])
+    model_dir, run_config, config = model_dir_lib.open_existing(args.checkpoint_dir)
     hf.check_exportable(config)
     widths = (config.ffn_dims if args.widths is None
               else extract.resolve_extract_widths(config, args.widths))
-    steps = model_dir.checkpoint_steps()
-    if not steps:
-        raise model_dir_lib.CheckpointError(
-            f"--checkpoint_dir={args.checkpoint_dir!r} holds no complete checkpoint under "
-            f"{model_dir.checkpoints}")
-    if args.step is not None and args.step not in steps:
-        raise model_dir_lib.CheckpointError(
-            f"--step={args.step}: no checkpoint at that step in {model_dir.checkpoints}; "
-            f"available: {steps}")
+    step = model_dir.resolve_step(args.step)
     output = extract.check_output_dir(args.output)
     if not model_dir.vocab_file.is_file():
         raise hf.ExportError(f"--checkpoint_dir={args.checkpoint_dir!r} has no vocab.model "
                              "to export as the tokenizer")
     hf.require_backend()
     # 2. Load, cut, write.
-    loaded = model_dir_lib.load_checkpoint_for_inference(model_dir, args.step)
+    loaded = model_dir_lib.load_checkpoint_for_inference(model_dir, step)
     seq_len = (run_config.get("train") or {}).get("seq_len")
     provenance = {"checkpoint_dir": str(model_dir.path), "step": loaded.step,
                   "widths": list(widths), "parent_ffn_dims": list(config.ffn_dims),

@@ -92,22 +92,9 @@ def run(args, gin_bindings) -> int:
     from matlm.training import model_dir as model_dir_lib
 
     start = time.time()
-    model_dir = model_dir_lib.ModelDir(args.checkpoint_dir)
     # 1. The checkpoint: its config and the step (missing dir/step: one line, no loading).
-    if not model_dir.path.is_dir():
-        raise model_dir_lib.CheckpointError(
-            f"checkpoint dir {args.checkpoint_dir!r} does not exist")
-    run_config = model_dir.read_run_config()
-    config = model_dir_lib.model_config_from_dict(run_config["model"])
-    steps = model_dir.checkpoint_steps()
-    if not steps:
-        raise model_dir_lib.CheckpointError(
-            f"{model_dir.path} holds no complete checkpoint under {model_dir.checkpoints}")
-    step = steps[-1] if args.step is None else args.step
-    if step not in steps:
-        raise model_dir_lib.CheckpointError(
-            f"--step={step}: no checkpoint at that step in {model_dir.checkpoints}; "
-            f"available: {steps}")
+    model_dir, run_config, config = model_dir_lib.open_existing(args.checkpoint_dir)
+    step = model_dir.resolve_step(args.step)
     data_config = run_config.get("data") or {}
     seq_len = int((run_config.get("train") or {}).get("seq_len") or 256)
     # 2. Space and budget, against that config.

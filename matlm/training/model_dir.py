@@ -205,6 +205,20 @@ class ModelDir:
             return []
         return sorted(self.checkpoint_manager(read_only=True, create=False).all_steps())
 
+    def resolve_step(self, step: Optional[int] = None) -> int:
+        """`step` if a complete checkpoint holds it, the newest when None; otherwise a
+        one-line CheckpointError (no checkpoint at all, or none at that step)."""
+        steps = self.checkpoint_steps()
+        if not steps:
+            raise CheckpointError(f"{self.path} holds no complete checkpoint under "
+                                  f"{self.checkpoints}")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(f"--step={step}: no checkpoint at that step in "
+                                  f"{self.checkpoints}; available: {steps}")
+        return step
+
     def set_aside_checkpoints(self) -> list[Path]:
         """The `<step>.corrupt[N]` dirs that restores moved aside (see RunCheckpointer)."""
         if not self.checkpoints.is_dir():
@@ -376,15 +390,7 @@ def load_checkpoint_for_inference(model_dir, step: Optional[int] = None,
         raise CheckpointError(f"checkpoint dir {model_dir.path} does not exist")
     run_config = model_dir.read_run_config()
     model_config = model_config_from_dict(run_config["model"])
-    steps = model_dir.checkpoint_steps()
-    if not steps:
-        raise CheckpointError(f"{model_dir.path} holds no complete checkpoint under "
-                              f"{model_dir.checkpoints}")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise CheckpointError(f"no checkpoint at step {step} in {model_dir.checkpoints}; "
-                              f"available: {steps}")
+    step = model_dir.resolve_step(step)
     shapes = flax.linen.meta.unbox(abstract_params(model_config))
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
