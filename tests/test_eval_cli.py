@@ -146,3 +146,21 @@ def test_in_loop_eval_reuses_compiled_functions(wiki_vocab, eval_tasks):
     second = in_loop_eval(other, CONFIG, wiki_vocab, ["loss", "copa"], 4, widths)
     assert scorer.compiled_count() == compiled  # New parameters, no recompiling.
     assert second["eval/loss:matlm_wiki/S/loss"] != first["eval/loss:matlm_wiki/S/loss"]
+
+
+def test_a_batch_size_below_the_device_count_is_rounded_up(checkpoint, tmp_path, eval_tasks):
+    """The eval batch is split over every device (8 fake CPU ones here): --batch_size=4
+    used to stop with a sharding error. Rounded up, padding rows masked: the losses equal
+    those of a run with batches of 16."""
+    losses = {}
+    for batch_size in (4, 16):
+        out = tmp_path / f"b{batch_size}"
+        assert main(["eval", f"--checkpoint_dir={checkpoint}", "--tasks=loss",
+                     "--granularities=S", f"--batch_size={batch_size}", "--max_examples=8",
+                     "--no_progress", f"--output_dir={out}"]) == 0
+        results = json.loads((out / "results.json").read_text())
+        assert results["options"]["batch_size"] == max(batch_size, jax.device_count())
+        losses[batch_size] = results["tasks"]["loss:matlm_wiki"]["metrics"]
+    for name, metrics in losses[16].items():
+        assert losses[4][name]["tokens"] == metrics["tokens"] > 0
+        assert losses[4][name]["loss"] == pytest.approx(metrics["loss"], rel=1e-6)

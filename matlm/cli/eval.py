@@ -43,7 +43,8 @@ def add_arguments(parser) -> None:
                         help="examples per task (held-out loss: sequences)")
     parser.add_argument("--num_shots", type=int, default=1, help="0 zero-shot, 1 one-shot, ...")
     parser.add_argument("--seed", type=int, default=0, help="exemplar seed")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="rows per batch (rounded up to a multiple of the device count)")
     parser.add_argument("--max_len", type=int, default=1024,
                         help="tokens per row; longer prompts lose their start")
     parser.add_argument("--sliced", action="store_true",
@@ -94,7 +95,8 @@ def run(args, gin_bindings) -> int:
     vocab = model_dir.vocabulary(fallback=lambda: data.DataConfig(**data_config).vocabulary())
     options = runner.EvalOptions(
         num_shots=args.num_shots, seed=args.seed, max_examples=args.max_examples,
-        batch_size=args.batch_size, max_len=args.max_len, masked=not args.sliced,
+        batch_size=runner.device_batch_size(args.batch_size), max_len=args.max_len,
+        masked=not args.sliced,
         data_task=data_config.get("task", data.DEFAULT_TASK),
         loss_split=data_config.get("eval_split", "validation"),
         progress=not args.no_progress)

@@ -119,9 +119,8 @@ def run(args, gin_bindings) -> int:
                             "dir (nothing is overwritten)")
     # 5. Data: the search sample (+ for loss the next as many batches, to confirm).
     vocab = model_dir.vocabulary(fallback=lambda: data.DataConfig(**data_config).vocabulary())
-    import jax
     # Loss batches are sharded over every device: whole rows per device (as the scorer).
-    batch_size = -(-args.batch_size // jax.device_count()) * jax.device_count()
+    batch_size = runner.device_batch_size(args.batch_size)
     rows = args.eval_batches * batch_size
     options = runner.EvalOptions(
         num_shots=1, seed=args.seed, max_examples=2 * rows if is_loss else rows,

@@ -64,6 +64,13 @@ def check_task_names(names: Sequence[str]) -> None:
         tasks.get_eval_task(name)
 
 
+def device_batch_size(requested: int) -> int:
+    """`requested` rounded up to a multiple of the device count: eval batches are split
+    over every device along the data axis (extra rows are padding, masked out)."""
+    import jax
+    return -(-requested // jax.device_count()) * jax.device_count()
+
+
 def _start_id(vocab) -> int:
     return data.start_id(vocab)
 
