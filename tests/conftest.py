@@ -71,3 +71,15 @@ def continuous_and_resumed(one_device, tmp_path, wiki_vocab):
                       show_progress=False, stop_at=stop_at)
         return metrics(tmp_path / "a"), metrics(tmp_path / "b")
     return run
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    """Fails the test if parameters are loaded or a scorer is built."""
+    from matlm.evaluation import scoring
+    from matlm.training import model_dir
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("model work started before the input was validated")
+    monkeypatch.setattr(model_dir, "load_checkpoint_for_inference", forbidden)
+    monkeypatch.setattr(scoring, "SubmodelScorer", forbidden)

@@ -22,18 +22,6 @@ def checkpoint(tmp_path_factory, wiki_vocab):
     return model_dir
 
 
-@pytest.fixture
-def no_model_work(monkeypatch):
-    """Fails the test if parameters are loaded or a scorer is built."""
-    from matlm.evaluation import scoring
-    from matlm.training import model_dir
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("model work started before the input was validated")
-    monkeypatch.setattr(model_dir, "load_checkpoint_for_inference", forbidden)
-    monkeypatch.setattr(scoring, "SubmodelScorer", forbidden)
-
-
 def _error(capsys, argv) -> str:
     assert main(argv) == 2
     return capsys.readouterr().err

@@ -152,17 +152,6 @@ def checkpoint(tmp_path_factory, wiki_vocab):
     return model_dir, params
 
 
-@pytest.fixture
-def no_model_work(monkeypatch):
-    from matlm.evaluation import scoring
-    from matlm.training import model_dir
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("model work started before the input was validated")
-    monkeypatch.setattr(model_dir, "load_checkpoint_for_inference", forbidden)
-    monkeypatch.setattr(scoring, "SubmodelScorer", forbidden)
-
-
 def _oracle_losses(params, vectors, batches):
     """Held-out loss of each width vector with the dense reference on sliced kernels."""
     from matlm.model.reference import dense_forward, slice_params
