@@ -18,6 +18,7 @@ from matlm.model.config import ModelConfig
 from matlm.sharding import constrain
 # Re-exported: attention_bias lived here before the attention interface.
 from matlm.model.attention import AttentionMask, attend, attention_bias  # noqa: F401
+from matlm.model.attention import _softmax_mix
 
 # A static width (python int → slice, no FLOPs on unused units) or a traced scalar
 # (mask → one compiled function serves any width).
@@ -43,17 +44,19 @@ class RMSNorm(nn.Module):
         return (x32 * scale).astype(x.dtype)
 
 
-def rope_tables(positions_BT, head_size: int, theta: float):
+def rope_tables(positions_BT, head_size: int, theta: float, table_len: int | None = None):
     """(sin, cos) of the rotary angles, [B, T, 1, E/2] each, looked up per token.
 
     Positions are offsets within a packed segment, so they are < T (a larger one reads
-    NaN, jnp.take's fill mode, never a wrong angle). The table over [0, T) is
+    NaN, jnp.take's fill mode, never a wrong angle); cached decoding, whose few new
+    tokens sit at absolute positions up to the cache length, passes `table_len`. The
+    table over [0, table_len or T) is
     computed in numpy at trace time and embedded as a constant: computed
     under jit, XLA fuses sin/cos into every consumer and recomputes them per head,
     per layer and again in the backward pass (on CPU, costlier than the rotation).
     """
     half = head_size // 2
-    T = positions_BT.shape[1]
+    T = table_len or positions_BT.shape[1]
     freq_F = theta ** (-np.arange(half, dtype=np.float64) / half)
     angle_PF = np.arange(T, dtype=np.float64)[:, None] * freq_F
     sin_BTF = jnp.take(jnp.asarray(np.sin(angle_PF), jnp.float32), positions_BT, axis=0)
@@ -77,7 +80,12 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, rope, mask: AttentionMask):
+    def __call__(self, x_BTD, rope, mask: AttentionMask, cache=None):
+        """Attention output [B, T, D]. With `cache = (k_BSKE, v_BSKE, positions_BT)` (cached
+        decoding, matlm.decoding.kv_cache) the T new tokens' keys and values are written
+        at `positions_BT` (writes at positions >= S are dropped), the queries attend over
+        all S cache positions under `mask`, an additive [B, T, S] bias, and the result
+        is (output, (k_BSKE, v_BSKE) updated)."""
         cfg = self.config
         D, H, K, E = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_size
         dtype = jnp.dtype(cfg.compute_dtype)
@@ -95,8 +103,34 @@ class Attention(nn.Module):
         # The 1/sqrt(E) scale rides on q (fused into RoPE) rather than on the [T, S] scores.
         q_BTHE = apply_rope(q_BTHE, rope) * jnp.asarray(E ** -0.5, dtype)
         k_BTKE = apply_rope(k_BTKE, rope)
-        out_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, mask, cfg)  # matlm.model.attention
-        return (out_BTHE.reshape(B * T, H * E) @ wo.reshape(H * E, D).astype(dtype)).reshape(B, T, D)
+        if cache is None:
+            out_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, mask, cfg)  # matlm.model.attention
+        else:
+            k_BSKE, v_BSKE, positions_BT = cache
+            rows_B1 = jnp.arange(B)[:, None]
+            # A scatter, not dynamic_update_slice: each row writes at its own offset, and a
+            # write past S is dropped instead of being clamped onto valid positions.
+            k_BSKE = k_BSKE.at[rows_B1, positions_BT].set(k_BTKE.astype(k_BSKE.dtype), mode="drop")
+            v_BSKE = v_BSKE.at[rows_B1, positions_BT].set(v_BTKE.astype(v_BSKE.dtype), mode="drop")
+            out_BTHE = cached_attention(q_BTHE, k_BSKE, v_BSKE, mask)
+        out_BTD = (out_BTHE.reshape(B * T, H * E) @ wo.reshape(H * E, D).astype(dtype)
+                   ).reshape(B, T, D)
+        return out_BTD if cache is None else (out_BTD, (k_BSKE, v_BSKE))
+
+
+def cached_attention(q_BTHE, k_BSKE, v_BSKE, bias_BTS):
+    """softmax(q kᵀ + bias) v of T new queries (pre-scaled) against S cached keys, GQA
+    without repeating the cache: query head h = k·G + g reads KV head k, so the G query
+    heads of a group ride along the query axis ([B, K, G·T, E]) of the blocked path's
+    core (matlm.model.attention._softmax_mix). [B, T, H, E] in q's dtype."""
+    B, T, H, E = q_BTHE.shape
+    K = k_BSKE.shape[2]
+    G = H // K
+    q_BKNE = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)
+    k_BKSE, v_BKSE = (a.astype(q_BTHE.dtype).transpose(0, 2, 1, 3) for a in (k_BSKE, v_BSKE))
+    bias_BNS = jnp.tile(bias_BTS, (1, G, 1))  # Row g·T + t is query t of group member g.
+    out_BKNE = _softmax_mix(q_BKNE, k_BKSE, v_BKSE, bias_BNS, q_BTHE.dtype)
+    return out_BKNE.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
 
 
 def activate(name: str, gate, up=None):
@@ -187,7 +221,9 @@ class Block(nn.Module):
     stream_widths: tuple[tuple[int, ...], ...] | None = None
 
     @nn.compact
-    def __call__(self, x_BTD, rope, bias_BTT, traced_width=None):
+    def __call__(self, x_BTD, rope, bias_BTT, traced_width=None, cache=None):
+        """The block's output; with a layer's `cache` (see Attention), (output, updated
+        (k_BSKE, v_BSKE))."""
         cfg = self.config
         attn_norm, ffn_norm = (RMSNorm(cfg.norm_eps, name=n) for n in ("attn_norm", "ffn_norm"))
         attention, ffn = Attention(cfg, name="attn"), NestedFFN(cfg, self.d_ff, name="ffn")
@@ -206,6 +242,12 @@ class Block(nn.Module):
                 outs = ffn(ffn_norm(x), prefix_widths=widths)
                 outputs.append(tuple(residual(x + out.astype(x.dtype)) for out in outs))
             return tuple(outputs)
-        x_BTD = attend(x_BTD)
+        new_cache = None
+        if cache is None:
+            x_BTD = attend(x_BTD)
+        else:
+            out_BTD, new_cache = attention(attn_norm(x_BTD), rope, bias_BTT, cache)
+            x_BTD = residual(x_BTD + out_BTD.astype(x_BTD.dtype))
         width = self.static_width if traced_width is None else traced_width
-        return residual(x_BTD + ffn(ffn_norm(x_BTD), width).astype(x_BTD.dtype))
+        x_BTD = residual(x_BTD + ffn(ffn_norm(x_BTD), width).astype(x_BTD.dtype))
+        return x_BTD if cache is None else (x_BTD, new_cache)

@@ -67,12 +67,20 @@ class MatLM(nn.Module):
     def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None,
                  widths: Sequence[int] | jax.Array | None = None,
                  joint_widths: Sequence[Sequence[int]] | None = None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, kv_cache=None):
         """Returns float32 logits [B, T, vocab]; with `joint_widths` (static width vectors
         of several submodels), a tuple of them, one per submodel, computed over shared
         residual streams (matlm.model.streams). `return_hidden`: the final-normed hidden
         states [B, T, D] instead of logits, for a loss that applies the head
-        (`matlm.model.head.head_logits`) in chunks."""
+        (`matlm.model.head.head_logits`) in chunks.
+
+        `kv_cache = (keys, values, lengths_B)` (cached decoding; the public interface is
+        matlm.decoding.kv_cache): per-layer [B, S, K, E] caches whose row b holds
+        lengths_B[b] valid positions. The T tokens then sit at positions lengths_B[b] +
+        [0, T), each attending to its row's cache positions up to its own, and the result
+        is (logits, (keys, values) with the T tokens written). Unrolled layers only."""
+        if kv_cache is not None:
+            return self._cached(tokens_BT, widths, kv_cache)
         cfg = self.config
         B, T = tokens_BT.shape
         if segment_ids_BT is None:
@@ -121,6 +129,48 @@ class MatLM(nn.Module):
             stream_out = head(x)  # Identical width vectors share one stream.
             by_submodel.update((m, stream_out) for m in members)
         return tuple(by_submodel[m] for m in range(len(joint_widths)))
+
+
+    def _cached(self, tokens_BT, widths, kv_cache):
+        """The kv_cache form of __call__: the same parameters and modules as the unrolled
+        decoder (no remat: inference), attention against the cache."""
+        cfg = self.config
+        if cfg.scan_layers:
+            raise ValueError("cached decoding runs unrolled layers: unstack the parameters "
+                             "(matlm.model.layout.unstack_layers) and set scan_layers=False "
+                             "(matlm.decoding.kv_cache.extend does both)")
+        keys, values, lengths_B = kv_cache
+        B, T = tokens_BT.shape
+        S = keys[0].shape[1]
+        traced = widths is not None and not isinstance(widths, (tuple, list))
+        if widths is not None and not traced and len(widths) != cfg.n_layers:
+            raise ValueError(f"{len(widths)} widths for {cfg.n_layers} layers")
+        positions_BT = lengths_B[:, None].astype(jnp.int32) + jnp.arange(T, dtype=jnp.int32)
+        # Token t of row b sees cache positions <= its own: the row's past and the new
+        # tokens up to t. Positions past the row's length hold stale entries (rewound or
+        # never written) and stay masked until overwritten.
+        allowed_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
+        bias_BTS = jnp.where(allowed_BTS, 0.0, -1e30).astype(jnp.float32)
+        # The table covers every position a caller may pass (lengths_B[b] + T - 1 < S + T).
+        rope = rope_tables(positions_BT, cfg.head_size, cfg.rope_theta, table_len=S + T)
+
+        embedding_VD = _param(self, "embedding", (cfg.vocab_size, cfg.d_model),
+                              ("vocab", "embed"), nn.initializers.normal(stddev=1.0))
+        x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
+        new_keys, new_values = [], []
+        for i, d_ff in enumerate(cfg.ffn_dims):
+            static = None if widths is None or traced else int(widths[i])
+            block = Block(cfg, d_ff=d_ff, static_width=static, name=f"layer_{i}")
+            x_BTD, (k_BSKE, v_BSKE) = block(x_BTD, rope, bias_BTS,
+                                            widths[i] if traced else None,
+                                            cache=(keys[i], values[i], positions_BT))
+            new_keys.append(k_BSKE)
+            new_values.append(v_BSKE)
+        final_norm = RMSNorm(cfg.norm_eps, name="final_norm")
+        table = embedding_VD if cfg.tie_embeddings else _param(
+            self, "unembedding", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+            nn.initializers.normal(cfg.d_model ** -0.5))
+        return head_logits(cfg, table, final_norm(x_BTD)), (tuple(new_keys), tuple(new_values))
 
 
 def _unrolled_decoder(module: MatLM, x_BTD, rope, mask, widths, traced, joint_widths):
