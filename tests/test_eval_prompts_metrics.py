@@ -84,7 +84,8 @@ def test_real_field_mappings(eval_tasks):
     arc = tasks.load_examples("arc_challenge", "validation")[0]
     assert arc["label"] == 3 and arc["continuations"][3] == " Record the details of the investigation."
     boolq = tasks.load_examples("boolq", "validation")[0]
-    assert boolq["continuations"] == [" yes", " no"] and boolq["label"] == 1  # answer False
+    # lm-eval-harness's order: choices ["no", "yes"], gold = the bool as 0/1.
+    assert boolq["continuations"] == [" no", " yes"] and boolq["label"] == 0  # answer False
     lam = tasks.load_examples("lambada", "validation")[0]
     assert lam["target"] == " signs" and lam["context"].endswith("I don't care about")
     trivia = tasks.load_examples("trivia_qa", "validation")[0]

@@ -11,6 +11,7 @@ before parameters are loaded or anything is compiled. Results go to
 """
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def run(args, gin_bindings) -> int:
     from matlm import data
     from matlm.evaluation import report, runner, tasks
     from matlm.evaluation.submodels import resolve_submodels
-    from matlm.gin_config import parse_gin
+    from matlm.gin_config import parse_gin, unwrap_gin_error
     from matlm.training import model_dir as model_dir_lib
 
     start = time.time()
@@ -86,7 +87,15 @@ def run(args, gin_bindings) -> int:
     data_config = run_config.get("data") or {}
     # 2. Tasks (gin) and submodels, validated against that config.
     parse_gin([DEFAULT_GIN, *args.gin_file], gin_bindings)
-    suite = tasks.eval_suite()
+    try:  # Gin builds (and so validates) every task declaration here.
+        suite = tasks.eval_suite()
+    except ValueError as e:  # One line: without the "In call to configurable" lines gin adds,
+        # but naming the gin scope (the task's bindings, e.g. `piqa/multiple_choice`).
+        original = unwrap_gin_error(e)
+        scope = re.search(r"in scope '([^']+)'", str(e))
+        if scope and original is not e:
+            raise type(original)(f"{scope.group(1)}/{original}") from None
+        raise original from None
     names = _split(args.tasks) or ["loss", *suite]
     runner.check_task_names(names)
     submodels, reference = resolve_submodels(config, _split(args.granularities), args.widths,

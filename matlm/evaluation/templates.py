@@ -6,7 +6,11 @@ fields are paths, with a few one-letter conversions for the clean-ups prompts ne
 
     {premise!p}   strip trailing '.'/whitespace       {choice!l}  lower-case the first letter
     {ctx_b!c}     capitalise the first letter          {text!t}    strip whitespace
-    {ctx!b}       drop bracketed markup ('[title]' → '. ', '[header]' → '')
+    {ctx_b!C}     Python's str.capitalize (first letter upper, the rest lower: what
+                  lm-eval-harness does to hellaswag's ctx_b)
+    {support!s}   strip leading whitespace             {subject!u} '_' → ' '
+    {ctx!b}       lm-eval-harness's hellaswag `preprocess`: strip, ' [title]' → '. ',
+                  drop bracketed markup ('[header]' → ''), '  ' → ' ' 
 
 `field_maps` rewrite a field's values before formatting, e.g.
 `{"question": {"cause": "because", "effect": "therefore"}}`.
@@ -42,11 +46,14 @@ def _strip_brackets(text: str) -> str:
     return text.replace("  ", " ")
 
 
-_CONVERSIONS = {
+CONVERSIONS = {
+    "C": str.capitalize,
     "l": lambda s: s[:1].lower() + s[1:],
     "c": lambda s: s[:1].upper() + s[1:],
     "p": lambda s: s.rstrip().rstrip("."),
     "t": lambda s: s.strip(),
+    "s": lambda s: s.lstrip(),
+    "u": lambda s: s.replace("_", " "),
     "b": _strip_brackets,
 }
 
@@ -67,8 +74,8 @@ class _Formatter(string.Formatter):
         return value, field_name
 
     def convert_field(self, value, conversion):
-        if conversion in _CONVERSIONS:
-            return _CONVERSIONS[conversion](str(value))
+        if conversion in CONVERSIONS:
+            return CONVERSIONS[conversion](str(value))
         return super().convert_field(value, conversion)
 
 
