@@ -1,0 +1,199 @@
+"""A sweep's results: one row per trial from its trial.json, run_config.json and
+metrics.jsonl (and eval results when the sweep evaluated), written as sweep_results.csv,
+sweep_results.md (tabulate) and PNG plots (matplotlib) of a metric against each swept axis
+and against parameters."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+from tabulate import tabulate
+
+from matlm.sweep.runner import read_trial
+from matlm.sweep.spec import SweepSpec, Trial, format_value, labels_of
+
+CSV_FILE, MD_FILE = "sweep_results.csv", "sweep_results.md"
+
+
+def read_metrics(model_dir: Path) -> list[dict]:
+    """metrics.jsonl's rows (a line cut short by a kill is skipped)."""
+    path = Path(model_dir) / "metrics.jsonl"
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def final_val_losses(rows: Sequence[dict]) -> tuple[Optional[int], dict[str, float]]:
+    """(step, {granularity: loss}) of the newest row holding validation losses."""
+    for row in reversed(rows):
+        losses = {k.split("/")[1]: v for k, v in row.items()
+                  if k.startswith("eval/") and k.endswith("/loss") and k.count("/") == 2}
+        if losses:
+            return row["step"], losses
+    return None, {}
+
+
+def trial_row(trial: Trial, model_dir: Path, labels: dict) -> dict:
+    """One trial's row: swept values, status, params and final val loss per granularity,
+    the step reached, tokens trained, wall time, the error's last line."""
+    from matlm.model.counting import param_count
+    from matlm.training.model_dir import model_config_from_dict
+    record = read_trial(model_dir)
+    row = {"trial": trial.name}
+    row.update({labels[b]: v for b, v in trial.values.items()})
+    row["status"] = record.get("status", "pending")
+    run_config_file = model_dir / "run_config.json"
+    metrics = read_metrics(model_dir)
+    if run_config_file.is_file():
+        run_config = json.loads(run_config_file.read_text())
+        config = model_config_from_dict(run_config["model"])
+        spec = config.granularities
+        for name in spec.names:
+            row[f"params_{name}"] = param_count(config, spec.uniform(name))
+        train = run_config.get("train", {})
+        steps = [r["step"] for r in metrics if "train/loss" in r]
+        row["step"] = max(steps) if steps else 0
+        row["tokens"] = row["step"] * train.get("global_batch_size", 0) * train.get("seq_len", 0)
+    val_step, losses = final_val_losses(metrics)
+    for name, loss in losses.items():
+        row[f"val_loss_{name}"] = loss
+    if losses:
+        row["val_step"] = val_step
+    row.update(_eval_columns(model_dir) if record.get("eval_status") == "done" else {})
+    row["wall_s"] = round(record.get("wall_s", 0.0), 1)
+    error = (record.get("error") or "").strip().splitlines()
+    row["error"] = error[-1][:300] if error and row["status"] != "done" else ""
+    return row
+
+
+def _eval_columns(model_dir: Path) -> dict:
+    """From the newest `matlm eval` results: held-out loss and average accuracy per submodel."""
+    from matlm.evaluation.report import average_accuracy
+    runs = sorted((p for p in (model_dir / "eval").glob("*/results.json")),
+                  key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else -1)
+    if not runs:
+        return {}
+    results = json.loads(runs[-1].read_text())
+    out = {}
+    for task, entry in results["tasks"].items():
+        if entry["kind"] == "loss":
+            out.update({f"eval_{task}_{n}": m["loss"] for n, m in entry["metrics"].items()})
+    out.update({f"eval_acc_{n}": v for n, v in average_accuracy(results).items()
+                if not math.isnan(v)})
+    return out
+
+
+def collect(spec: SweepSpec, trials: Sequence[Trial], base_dir: Path) -> list[dict]:
+    labels = labels_of(spec)
+    return [trial_row(t, base_dir / t.name, labels) for t in trials]
+
+
+def _columns(rows: Sequence[dict]) -> list[str]:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    # Errors last: they are long.
+    return [c for c in columns if c != "error"] + ["error"]
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10000:
+        return f"{value:,}"
+    if isinstance(value, tuple):
+        return format_value(value)
+    return str(value)
+
+
+def write_results(rows: Sequence[dict], base_dir: Path, metric: str,
+                  axes_labels: Sequence[str], plots: bool = True) -> list[Path]:
+    base_dir = Path(base_dir)
+    columns = _columns(rows)
+    written = [base_dir / CSV_FILE, base_dir / MD_FILE]
+    with open(written[0], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: (format_value(row[c]) if isinstance(row.get(c), tuple)
+                                 else row.get(c, "")) for c in columns})
+    written[1].write_text(
+        f"# Sweep results ({base_dir})\n\n{format_table(rows)}\n\n"
+        f"Validation losses are each trial's last held-out evaluation (column val_step); "
+        f"params per granularity are exact counts (matlm.model.counting).\n")
+    if plots:
+        written += _plots(rows, base_dir, metric, axes_labels)
+    return written
+
+
+def format_table(rows: Sequence[dict], tablefmt: str = "github") -> str:
+    columns = _columns(rows)
+    return tabulate([[_cell(r.get(c)) for c in columns] for r in rows], headers=columns,
+                    tablefmt=tablefmt, disable_numparse=True)
+
+
+def metric_value(row: dict, metric: str) -> Optional[float]:
+    value = row.get(metric)
+    return float(value) if isinstance(value, (int, float)) and row["status"] == "done" else None
+
+
+def _plots(rows: Sequence[dict], base_dir: Path, metric: str,
+           axes_labels: Sequence[str]) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")  # No display on servers.
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if metric_value(r, metric) is not None]
+    written = []
+    for label in axes_labels:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        values = [r[label] for r in done]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric:
+            xs = values
+        else:  # Categorical axis: one tick per distinct value, in first-seen order.
+            ticks = list(dict.fromkeys(_cell(v) for v in values))
+            xs = [ticks.index(_cell(v)) for v in values]
+            ax.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right")
+        ax.scatter(xs, [metric_value(r, metric) for r in done])
+        if numeric and values and min(values) > 0 and max(values) / min(values) >= 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} vs {label} ({len(done)} trials)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = base_dir / f"{metric}_vs_{label.replace('/', '_')}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    # Against parameters: each trial's granularities as one line (loss of G vs params of G).
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in done:
+        names = [k[len("val_loss_"):] for k in row if k.startswith("val_loss_")
+                 and f"params_{k[len('val_loss_'):]}" in row]
+        names.sort(key=lambda n: row[f"params_{n}"])
+        ax.plot([row[f"params_{n}"] for n in names], [row[f"val_loss_{n}"] for n in names],
+                "o-", label=row["trial"])
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("validation loss")
+    ax.set_title("final validation loss per granularity vs parameters")
+    ax.grid(alpha=0.3)
+    if 0 < len(done) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = base_dir / "val_loss_vs_params.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(path)
+    return written
