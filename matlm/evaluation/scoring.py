@@ -89,26 +89,15 @@ class SubmodelScorer:
             logp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
             return logp_BT, jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32)
 
-        def generate(params, tokens_BL, lengths_B, widths, max_new_tokens):
-            rows_B = jnp.arange(tokens_BL.shape[0])
-            ones_BL = jnp.ones_like(tokens_BL)
-            positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
-
-            def step(_, carry):  # No KV cache: a full forward per token (short answers).
-                tokens_BL, cur_B = carry
-                logits_BLV = logits(params, tokens_BL, ones_BL, positions_BL, widths)
-                next_B = jnp.argmax(logits_BLV[rows_B, cur_B - 1], axis=-1).astype(jnp.int32)
-                return tokens_BL.at[rows_B, cur_B].set(next_B), cur_B + 1
-
-            tokens_BL, _ = jax.lax.fori_loop(0, max_new_tokens, step, (tokens_BL, lengths_B))
-            return tokens_BL
-
         if masked:
             self._token_logp = jax.jit(token_logp)
-            self._generate = jax.jit(generate, static_argnums=(4,))
         else:  # Widths are static: one compile per width vector and bucket.
             self._token_logp = jax.jit(token_logp, static_argnums=(5,))
-            self._generate = jax.jit(generate, static_argnums=(3, 4))
+        # Generation: the KV-cache decoder, its own compiled functions (counted below),
+        # rows sharded like the scoring batches. Imported here: matlm.decoding.generate
+        # reads this module's bucket helpers.
+        from matlm.decoding.generate import Decoder
+        self._decoder = Decoder(config, rows_sharding=self._rows_sharding)
 
     def with_params(self, params) -> "SubmodelScorer":
         """A scorer for new parameters of the same model that reuses the compiled
@@ -120,7 +109,7 @@ class SubmodelScorer:
 
     def compiled_count(self) -> int:
         """Compiled variants so far (a jitted function's cache size)."""
-        return self._token_logp._cache_size() + self._generate._cache_size()
+        return self._token_logp._cache_size() + self._decoder.compiled_count()
 
     def _widths(self, widths: Sequence[int]):
         widths = tuple(int(w) for w in widths)
@@ -161,26 +150,15 @@ class SubmodelScorer:
         return sums, all_greedy, greedy_tokens
 
     def generate(self, prompts: Sequence[Sequence[int]], widths: Sequence[int],
-                 max_new_tokens: int, progress: Optional[Callable[[int], None]] = None
-                 ) -> list[list[int]]:
-        """Greedy continuations of `max_new_tokens` tokens (cut at stops by the caller)."""
-        lengths = [len(p) + max_new_tokens for p in prompts]
-        out: list = [None] * len(prompts)
-        for length, indices in _batches(lengths, self.buckets, self.batch_size):
-            tokens_BL = np.zeros((self.batch_size, length), np.int32)
-            lengths_B = np.ones(self.batch_size, np.int32)  # Padding rows: harmless.
-            for b, i in enumerate(indices):
-                tokens_BL[b, :len(prompts[i])] = prompts[i]
-                lengths_B[b] = len(prompts[i])
-            tokens_BL = np.asarray(self._generate(
-                self.params, self._put(tokens_BL), self._put(lengths_B),
-                self._widths(widths), max_new_tokens))
-            for b, i in enumerate(indices):
-                start = len(prompts[i])
-                out[i] = tokens_BL[b, start:start + max_new_tokens].tolist()
-            if progress:
-                progress(len(indices))
-        return out
+                 max_new_tokens: int, progress: Optional[Callable[[int], None]] = None,
+                 stop_ids: Sequence[int] = ()) -> list[list[int]]:
+        """Greedy continuations of up to `max_new_tokens` tokens with the KV cache
+        (matlm.decoding.generate), each ending before its first stop id; text-level stops
+        are the caller's. The context is max_len tokens."""
+        return self._decoder.generate(
+            self.params, prompts, widths=self._widths(widths), max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids, batch_size=self.batch_size, max_len=self.max_len,
+            progress=progress)
 
 
 def _pad_rows(rows: Sequence[ScoreRow], length: int, batch_size: int) -> dict:
