@@ -233,13 +233,15 @@ def test_two_processes_train_together(tmp_path, wiki_vocab):
             "--gin.TrainConfig.seq_len=32", "--gin.TrainConfig.global_batch_size=8",
             "--gin.TrainConfig.eval_batches=2", "--gin.ModelConfig.vocab_size=2048",
             f"--gin.DataConfig.vocab_path='{wiki_vocab.sentencepiece_model_file}'"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    procs = [subprocess.Popen(base + [f"--process_id={i}"], cwd=REPO, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for i in range(2)]
-    outs = [p.communicate(timeout=400)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+    # The two processes are started by `matlm launch --local_processes=2` (its own loopback
+    # port, 2 fake devices each), which prefixes each process's output lines with [pI].
+    launch = [sys.executable, "-m", "matlm.cli.main", "launch", "--local_processes=2",
+              "--devices_per_process=2", f"--model_dir={model_dir}",
+              *[a for a in base if a.startswith("--gin.")]]
+    done = subprocess.run(launch, cwd=REPO, text=True, capture_output=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    outs = ["".join(l[len(f"[p{i}] "):] for l in done.stdout.splitlines(keepends=True)
+                    if l.startswith(f"[p{i}] ")) for i in range(2)]
     assert "mesh {'data': 4, 'fsdp': 1, 'tensor': 1}" in outs[0]
     assert "validation loss per granularity" in outs[0]
     losses = train_losses(model_dir)
