@@ -90,6 +90,22 @@ def _raw(spec):
             "num_random": spec.num_random, "fixed": spec.fixed, "labels": spec.labels}
 
 
+def test_list_names_name_the_list_positions():
+    spec = spec_lib.spec_from_dict({
+        "grid": {"TrainConfig.seed": [0, 1]},
+        "list": {"ModelConfig.d_ff": [256, 32], "ModelConfig.granularity_names": [
+            ["S", "M", "L", "XL"], ["S"]]},
+        "list_names": ["matlm", "dense_S"]})
+    trials = spec_lib.expand(spec)
+    assert [t.name for t in trials] == ["seed=0-matlm", "seed=0-dense_S", "seed=1-matlm",
+                                        "seed=1-dense_S"]
+    assert [t.variant for t in trials] == ["matlm", "dense_S"] * 2
+    assert trials[1].values == {"TrainConfig.seed": 0, "ModelConfig.d_ff": 32,
+                                "ModelConfig.granularity_names": ("S",)}
+    with pytest.raises(SweepSpecError, match="list_names must be 2 short names"):
+        spec_lib.spec_from_dict({"list": {"TrainConfig.seed": [0, 1]}, "list_names": ["a"]})
+
+
 def test_log_uniform_draws_are_uniform_in_log_space():
     spec = spec_lib.spec_from_dict({"random": {"TrainConfig.learning_rate":
                                                {"log_uniform": [1e-4, 1e-2]}},

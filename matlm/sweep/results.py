@@ -47,7 +47,7 @@ def trial_row(trial: Trial, model_dir: Path, labels: dict) -> dict:
     from matlm.model.counting import param_count
     from matlm.training.model_dir import model_config_from_dict
     record = read_trial(model_dir)
-    row = {"trial": trial.name}
+    row = {"trial": trial.name, **({"variant": trial.variant} if trial.variant else {})}
     row.update({labels[b]: v for b, v in trial.values.items()})
     row["status"] = record.get("status", "pending")
     run_config_file = model_dir / "run_config.json"

@@ -10,6 +10,8 @@ A spec is one mapping (docs/sweep.md has the full reference):
     random: {TrainConfig.weight_decay: {uniform: [0.0, 0.1]}}
     num_random: 3
     labels: {TrainConfig.learning_rate: lr}           # short names in trial names
+    list_names: [small, big]        # optional: one name per list position, used in trial
+                                    # names instead of the list axes' values
 
 The trials are the product of the three blocks: every grid combination x every list
 position x every random draw. The gin-style form writes the same keys one per line,
@@ -27,7 +29,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-KEYS = ("base_dir", "seed", "fixed", "grid", "list", "random", "num_random", "labels")
+KEYS = ("base_dir", "seed", "fixed", "grid", "list", "list_names", "random", "num_random",
+        "labels")
 AXIS_KINDS = ("grid", "list", "random")
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
 # A gin binding name: Configurable.param, optionally scoped/qualified (scope/a.b.C.param).
@@ -44,6 +47,7 @@ class Trial:
     name: str
     values: dict      # swept binding -> value (what differs between trials)
     fixed: dict       # binding -> value bound in every trial
+    variant: str = ""  # The list position's name (list_names), if the spec names them.
 
     @property
     def bindings(self) -> list[str]:
@@ -61,6 +65,7 @@ class SweepSpec:
     random: dict
     num_random: int
     labels: dict
+    list_names: tuple = ()
 
     @property
     def axes(self) -> list[str]:
@@ -210,11 +215,19 @@ def spec_from_dict(raw: Any, where: str = "sweep spec") -> SweepSpec:
         if not isinstance(label, str) or not re.fullmatch(r"[\w.]+", label):
             raise SweepSpecError(f"{where}: labels.{binding} must be a short word "
                                  f"(letters, digits, _ .), got {label!r}")
+    list_names = raw.get("list_names") or ()
+    if list_names:
+        n_list = next(iter(lengths.values()), 0)
+        if not isinstance(list_names, (list, tuple)) or len(list_names) != n_list or not all(
+                isinstance(n, str) and re.fullmatch(r"[\w.+-]+", n) for n in list_names):
+            raise SweepSpecError(f"{where}: list_names must be {n_list} short names (one per "
+                                 f"list position; letters, digits, _ . + -), got {list_names!r}")
     if not any(sections[k] for k in AXIS_KINDS):
         raise SweepSpecError(f"{where}: no axes; give at least one of grid, list, random")
     return SweepSpec(base_dir=base_dir, seed=seed, fixed=sections["fixed"],
                      grid=sections["grid"], list=sections["list"], random=sections["random"],
-                     num_random=num_random or 0, labels=sections["labels"])
+                     num_random=num_random or 0, labels=sections["labels"],
+                     list_names=tuple(list_names))
 
 
 def _plain(value):
@@ -288,14 +301,19 @@ def expand(spec: SweepSpec) -> list[Trial]:
                    for combo in itertools.product(*spec.grid.values())] or [{}]
     n_list = len(next(iter(spec.list.values()))) if spec.list else 0
     list_points = [{b: v[i] for b, v in spec.list.items()} for i in range(n_list)] or [{}]
+    variants = list(spec.list_names) or [""] * len(list_points)
     rng = random_lib.Random(spec.seed)
     random_points = [{b: _draw(d, rng) for b, d in spec.random.items()}
                      for _ in range(spec.num_random)] or [{}]
     labels = labels_of(spec)
     trials, names = [], {}
-    for g, l, (k, r) in itertools.product(grid_points, list_points, enumerate(random_points)):
+    for g, (variant, l), (k, r) in itertools.product(grid_points, zip(variants, list_points),
+                                                     enumerate(random_points)):
         values = {**g, **l, **r}
-        parts = [f"{labels[b]}={format_value(values[b])}" for b in spec.axes]
+        parts = [f"{labels[b]}={format_value(values[b])}" for b in spec.grid] + \
+            ([variant] if variant else [f"{labels[b]}={format_value(values[b])}"
+                                        for b in spec.list]) + \
+            [f"{labels[b]}={format_value(values[b])}" for b in spec.random]
         # Random draws may repeat a value set (choice axes): the draw index keeps names apart.
         name = "-".join(([f"r{k}"] if spec.random else []) + parts)
         if name in names:
@@ -304,7 +322,7 @@ def expand(spec: SweepSpec) -> list[Trial]:
                 "the same swept values (remove the repeated value, or set labels that tell "
                 "them apart)")
         names[name] = len(trials)
-        trials.append(Trial(name=name, values=values, fixed=dict(spec.fixed)))
+        trials.append(Trial(name=name, values=values, fixed=dict(spec.fixed), variant=variant))
     return trials
 
 
