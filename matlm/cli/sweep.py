@@ -39,8 +39,9 @@ def add_arguments(parser) -> None:
                         help="flags for each trial's matlm eval, one string "
                              "(default --tasks=loss)")
     parser.add_argument("--metric", default=None,
-                        help="the column plotted against the axes (default val_loss_<largest "
-                             "granularity>)")
+                        help="the column plotted against the axes: val_loss_<G> (default: "
+                             "the largest granularity), wall_s, tokens, or with --eval an "
+                             "eval_* column")
     parser.add_argument("--retry_failed", action="store_true",
                         help="rerun trials that failed (by default a rerun skips them)")
     parser.add_argument("--no_plots", action="store_true")
@@ -54,12 +55,11 @@ def add_arguments(parser) -> None:
                         help="--launcher=tpu: copy | git+URL[@REV] | none (see matlm launch)")
 
 
-def _metric_choices(configs: dict, with_eval: bool) -> list[str]:
+def _metric_choices(configs: dict) -> list[str]:
     names = []
     for model_config, _ in configs.values():
         names += [n for n in model_config.granularities.names if n not in names]
-    return [*(f"val_loss_{n}" for n in names), "wall_s", "tokens"] + \
-        ([f"eval_loss_{n}" for n in names] if with_eval else [])
+    return [*(f"val_loss_{n}" for n in names), "wall_s", "tokens"]
 
 
 def run(args, gin_bindings) -> int:
@@ -75,10 +75,13 @@ def run(args, gin_bindings) -> int:
     eval_flags = shlex.split(args.eval_flags)
     # Every trial's configs, built as `matlm train` builds them, before anything runs.
     configs = spec_lib.validate(trials, gin_files, gin_bindings)
-    choices = _metric_choices(configs, args.eval)
+    choices = _metric_choices(configs)
     metric = args.metric or next(c for c in reversed(choices) if c.startswith("val_loss_"))
-    if metric not in choices:
-        raise spec_lib.SweepSpecError(f"--metric={metric!r}: expected one of {', '.join(choices)}")
+    # eval_* columns are named after the eval's tasks, known once it ran (docs/sweep.md).
+    if metric not in choices and not (args.eval and metric.startswith("eval_")):
+        raise spec_lib.SweepSpecError(f"--metric={metric!r}: expected one of {', '.join(choices)}"
+                                      + (", or an eval_* column with --eval" if not args.eval
+                                         else ""))
     options = runner.SweepOptions(gin_files=gin_files, bindings=list(gin_bindings),
                                   base_dir=base_dir.absolute(), parallel=args.parallel,
                                   eval=args.eval, eval_flags=eval_flags,
