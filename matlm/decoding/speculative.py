@@ -14,15 +14,15 @@ one, `pending_B` (sampled, not yet fed); the round feeds [pending, d_1..d_k] to 
 so a row that accepts n drafts keeps base + 1 + n cache positions (the rejected tail is
 rewound, each row to its own length) and its new pending token is the resampled/bonus one.
 
-The draft keeps its own cache, which lags: it was fed pending and d_1..d_{k-1} (not d_k),
-so each round rewinds it to base - 1 and re-feeds the last verified token with the pending
-one (a 2-token extend: the same shape for every row, whatever it accepted). With
-`shared_cache=True` (the MatFormer paper's shared attention cache) the draft instead
-reads the *target's* cache for the verified prefix (attention weights are shared across
-widths, so the shapes agree) and writes its draft K/V into a copy that verification
-discards: no draft prefill and no catch-up token, at the price of draft K/V that come from
-the target's residual stream (layers after the first see XL's FFN outputs), which may
-lower acceptance. Verification never reads the draft's K/V, so the output stays exact.
+The draft keeps its own cache in step with the target's: it is fed pending, d_1..d_k
+(d_k's logits unused) and rewound to the same per-row length, so every round starts with
+a one-token draft extend. With `shared_cache=True` (the MatFormer paper's shared
+attention cache) the draft instead reads the *target's* cache for the verified prefix
+(attention weights are shared across widths, so the shapes agree) and writes its draft
+K/V into a copy that verification discards: no draft prefill and one draft extend fewer
+per round, at the price of draft K/V that come from the target's residual stream (layers
+after the first see XL's FFN outputs), which may lower acceptance. Verification never
+reads the draft's K/V, so the output stays exact.
 
 Rows that are finished keep running in the batch (shapes stay fixed: one compile) but
 their caches are rewound to where they were, so they never grow.
@@ -136,23 +136,18 @@ def _accept(keys_B, p_BJV, q_BkV, drafts_Bk, rule: str):
 
 @functools.partial(jax.jit, static_argnames=("backend", "k", "target_widths", "draft_widths",
                                              "sampling", "shared", "rule"))
-def _round(params, tcache, dcache, prev_B, pending_B, active_B, row_keys_B, round_index, *,
-           backend, k, target_widths, draft_widths, sampling, shared, rule):
-    """One draft-k-then-verify round for every row. Returns the new caches, prev/pending
+def _round(params, tcache, dcache, pending_B, active_B, row_keys_B, round_index, *, backend, k,
+           target_widths, draft_widths, sampling, shared, rule):
+    """One draft-k-then-verify round for every row. Returns the new caches, the pending
     tokens, the emitted tokens [B, k + 1] (the first n_B + 1 are valid) and n_B.
     Row b draws from fold_in(row_keys_B[b], round_index) only: its output depends on its
     prompt's key, not on the other rows of the batch."""
     keys_B = jax.vmap(lambda key: jax.random.fold_in(key, round_index))(row_keys_B)
     keys_JB = _split_rows(keys_B, k + 1)  # [0]: acceptance, [1..k]: the k draft draws.
     base_B = tcache.lengths_B
-    if shared:
-        # The target's cache already holds everything before `pending`.
-        logits_BKV, dcache_run = backend.extend(params, tcache, pending_B[:, None],
-                                                draft_widths)
-    else:
-        dcache_run = dcache.rewind(base_B - 1)
-        logits_BKV, dcache_run = backend.extend(
-            params, dcache_run, jnp.stack([prev_B, pending_B], axis=1), draft_widths)
+    # Both caches hold everything before `pending` (the shared variant: the target's).
+    logits_B1V, dcache_run = backend.extend(params, tcache if shared else dcache,
+                                            pending_B[:, None], draft_widths)
 
     def draft_step(carry, step_keys_B):
         cache, logits_BV = carry
@@ -160,27 +155,32 @@ def _round(params, tcache, dcache, prev_B, pending_B, active_B, row_keys_B, roun
         next_logits_B1V, cache = backend.extend(params, cache, token_B[:, None], draft_widths)
         return (cache, next_logits_B1V[:, 0]), (token_B, token_probs(logits_BV, sampling))
 
-    (dcache_run, last_logits_BV), (tokens_kB, q_kBV) = jax.lax.scan(
-        draft_step, (dcache_run, logits_BKV[:, -1]), keys_JB[1:k])
-    last_B = _sample_rows(keys_JB[k], last_logits_BV, sampling)
-    drafts_Bk = jnp.concatenate([tokens_kB.T, last_B[:, None]], axis=1)
-    q_BkV = jnp.concatenate([jnp.swapaxes(q_kBV, 0, 1),
-                             token_probs(last_logits_BV, sampling)[:, None]], axis=1)
+    # The own cache also takes d_k (its logits unused), so that after every round it holds
+    # exactly the target's accepted prefix: the next round starts with a 1-token extend.
+    # (One token, not a 2-token catch-up: a multi-token extend costs several 1-token ones
+    # on CPU.) The shared variant's cache is discarded, so it skips that extend.
+    scanned = k - 1 if shared else k
+    (dcache_run, last_logits_BV), (tokens_sB, q_sBV) = jax.lax.scan(
+        draft_step, (dcache_run, logits_B1V[:, 0]), keys_JB[1:scanned + 1])
+    drafts_Bk, q_BkV = tokens_sB.T, jnp.swapaxes(q_sBV, 0, 1)
+    if shared:
+        last_B = _sample_rows(keys_JB[k], last_logits_BV, sampling)
+        drafts_Bk = jnp.concatenate([drafts_Bk, last_B[:, None]], axis=1)
+        q_BkV = jnp.concatenate([q_BkV, token_probs(last_logits_BV, sampling)[:, None]],
+                                axis=1)
 
     fed_BJ = jnp.concatenate([pending_B[:, None], drafts_Bk], axis=1)
     logits_BJV, tcache = backend.extend(params, tcache, fed_BJ, target_widths)
     n_B, next_B = _accept(keys_JB[0], token_probs(logits_BJV, sampling), q_BkV, drafts_Bk, rule)
 
-    rows_B = jnp.arange(fed_BJ.shape[0])
-    # A finished row keeps its length, so its cache never grows past the bound.
-    tcache = tcache.rewind(jnp.where(active_B, base_B + 1 + n_B, base_B))
+    # A finished row keeps its length, so its caches never grow past the bound.
+    lengths_B = jnp.where(active_B, base_B + 1 + n_B, base_B)
+    tcache = tcache.rewind(lengths_B)
+    dcache = None if shared else dcache_run.rewind(lengths_B)
     emitted_BJ = jnp.where(jnp.arange(k + 1)[None] < n_B[:, None],
                            jnp.concatenate([drafts_Bk, next_B[:, None]], axis=1),
                            next_B[:, None])
-    new_prev_B = jnp.where(active_B, fed_BJ[rows_B, n_B], prev_B)
-    new_pending_B = jnp.where(active_B, next_B, pending_B)
-    return (tcache, None if shared else dcache_run, new_prev_B, new_pending_B, emitted_BJ,
-            n_B)
+    return tcache, dcache, jnp.where(active_B, next_B, pending_B), emitted_BJ, n_B
 
 
 @functools.partial(jax.jit, static_argnames=("backend", "widths", "sampling"))
@@ -275,18 +275,16 @@ def _decode_batch(params, backend, prompts, rows, budgets, outputs, stats, *, B,
                   draft, k, sampling, base_key, stop_ids, stop_fn, on_tokens, shared, rule):
     from matlm.decoding.generate import cache_buckets
     T = cache_buckets(None, max(len(prompts[i]) for i in rows))
-    # The deepest write: an active row holds at most prompt + budget - 2 target positions
-    # at the start of a round, and the round appends k + 1 (the draft cache one fewer).
+    # The deepest write: an active row holds at most prompt + budget - 2 positions at the
+    # start of a round, and the round appends k + 1 (to either cache).
     # Past the context (max_len) only draft tokens are written: the accepted ones stay
     # within it (budgets), so S is a power of two, not capped at max_len.
     S = cache_buckets(None, max(len(prompts[i]) + budgets[i] for i in rows) + k)
     tokens_BT = np.zeros((B, T), np.int32)
     lengths_B = np.ones(B, np.int32)  # Padding rows: one token; they start finished.
-    last_B = np.zeros(B, np.int32)
     for b, i in enumerate(rows):
         tokens_BT[b, :len(prompts[i])] = prompts[i]
         lengths_B[b] = len(prompts[i])
-        last_B[b] = prompts[i][-1]
     indices_B = np.array(rows + [0] * (B - len(rows)), np.uint32)
     row_keys_B = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(indices_B)
     tcache, pending_B = _prefill(params, backend.init_cache(B, S), tokens_BT, lengths_B,
@@ -319,19 +317,18 @@ def _decode_batch(params, backend, prompts, rows, budgets, outputs, stats, *, B,
     first_B = np.asarray(pending_B)
     for b in range(len(rows)):
         take(b, first_B[b:b + 1])
-    prev_B = jnp.asarray(last_B)
     round_index = 1  # 0 was the prefill's draw.
     while not done.all():
         active = ~done
-        tcache, dcache, prev_B, pending_B, emitted_BJ, n_B = _round(
-            params, tcache, dcache, prev_B, pending_B, jnp.asarray(active), row_keys_B,
+        tcache, dcache, pending_B, emitted_BJ, n_B = _round(
+            params, tcache, dcache, pending_B, jnp.asarray(active), row_keys_B,
             round_index, backend=backend, k=k, target_widths=target, draft_widths=draft,
             sampling=sampling, shared=shared, rule=rule)
         round_index += 1
         emitted, n = np.asarray(emitted_BJ), np.asarray(n_B)
         stats.rounds += 1
         stats.target_passes += 1
-        stats.draft_passes += k
+        stats.draft_passes += k if shared else k + 1
         stats.drafted += k * int(active.sum())
         stats.accepted += int(n[active].sum())
         for b in np.flatnonzero(active):
