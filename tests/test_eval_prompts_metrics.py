@@ -56,7 +56,7 @@ def test_exemplars_come_from_train_split_when_it_exists(tmp_path, eval_tasks):
                                                  for s in ("train", "validation")}),
         mappings.GenerativeQA(context="Q: {q}\nA:", answers_field="a"))
     assert tasks.get_eval_task("test_with_train").exemplar_split == "train"
-    plan = runner.prepare(["test_with_train"], _Vocab(), runner.EvalOptions())
+    plan = runner.prepare(["test_with_train"], _Vocab(), runner.EvalOptions(num_shots=1))
     for request in plan[0].requests:
         shot = request.contexts[0].split("\n\n")[0]
         assert shot in ("Q: t1\nA: T1", "Q: t2\nA: T2")
@@ -71,7 +71,10 @@ class _Vocab:  # Enough of a vocabulary for preparing a QA task.
             return 3
 
     def encode(self, text):
-        return [ord(c) % 100 + 4 for c in text]
+        return [ord(c) + 4 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i - 4) for i in ids)
 
 
 def test_real_field_mappings(eval_tasks):

@@ -1,7 +1,8 @@
 """The TFDS-backed eval suite (configs/eval/tfds.gin) on `tfds.testing.mock_data`: every
 task's field mapping fits its TFDS builder's features, and prompts build from train-split
 exemplars. Fields whose values carry meaning (COPA's cause/effect, RACE's answer letters,
-Winogrande's blank, LAMBADA's last word) get hand-written mock examples."""
+Winogrande's blank, LAMBADA's last word, ARC's label list, which must have one entry per
+choice) get hand-written mock examples."""
 import pytest
 
 MEANINGFUL_VALUES = {
@@ -14,6 +15,10 @@ MEANINGFUL_VALUES = {
                       "answers": ["A", "A"]}] * 2,
     "winogrande": lambda: [{"sentence": "Ann gave Bo a gift because _ was kind.",
                             "option1": "Ann", "option2": "Bo", "label": i % 2} for i in range(3)],
+    "ai2_arc": lambda: [{"id": str(i), "question": "Which is a metal?",
+                         "choices": {"text": ["iron", "wood", "glass", "salt"],
+                                     "label": [0, 1, 2, 3]}, "answerKey": i % 4}
+                        for i in range(3)],
     "lambada": lambda: [{"passage": "she opened the door and saw her " + w} for w in
                         ("mother", "father", "dog")],
 }
@@ -50,8 +55,7 @@ def test_tfds_tasks_map_mock_data(tfds_tasks, wiki_vocab):
     import tensorflow_datasets as tfds
     from matlm.evaluation import mappings, runner, tasks
     special = {"tfds_copa", "tfds_race_high", "tfds_race_middle", "tfds_lambada",
-               "tfds_winogrande"}
-    options = runner.EvalOptions(max_examples=2, max_len=128)
+               "tfds_winogrande", "tfds_arc_easy", "tfds_arc_challenge"}
     kinds = set()
     for group, kwargs in ((set(tfds_tasks) - special, dict(num_examples=3, max_value=2)),
                           (special, dict(as_dataset_fn=_as_dataset))):
@@ -61,6 +65,9 @@ def test_tfds_tasks_map_mock_data(tfds_tasks, wiki_vocab):
                 task = tasks.get_eval_task(name)
                 examples = tasks.load_examples(name, task.eval_split)
                 assert len(examples) >= 2, name
+                # 1-shot from a train split; the mock splits are too small for a pool.
+                shots = int(task.exemplar_split != task.eval_split)
+                options = runner.EvalOptions(max_examples=2, max_len=128, num_shots=shots)
                 [prepared] = runner.prepare([name], wiki_vocab, options)
                 assert len(prepared.requests) == 2 and prepared.rows, name
                 if task.exemplar_split != task.eval_split:  # Shots from the train split.

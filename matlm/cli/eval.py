@@ -2,17 +2,22 @@
 
     matlm eval --checkpoint_dir=runs/tiny --max_examples=50
     matlm eval --checkpoint_dir=runs/tiny --tasks=loss,hellaswag,trivia_qa \
-        --granularities=S,XL --widths=S,XL,M,L --widths=mixnmatch:10 --num_shots=0
+        --granularities=S,XL --widths=S,XL,M,L --widths=mixnmatch:10 --num_shots=1
+    matlm eval --checkpoint_dir=runs/tiny --tasks=mmlu --num_shots=5 --log_samples
 
 The model is rebuilt from the checkpoint's own `run_config.json`. Everything the user
 gave is checked — checkpoint dir, task names, widths, task data and field mappings —
 before parameters are loaded or anything is compiled. Results go to
-`--output_dir` (default `MODEL_DIR/eval/STEP/`): results.json, results.md, plots.
+`--output_dir` (default `MODEL_DIR/eval/STEP/`): results.json, results.md, plots and,
+with --log_samples, samples/<submodel>/samples_<task>.jsonl. docs/eval.md says which
+numbers compare with which published tables.
 """
 from __future__ import annotations
 
 import re
+import sys
 import time
+import warnings
 from pathlib import Path
 
 from matlm.config_checks import Check, check_flags
@@ -28,9 +33,10 @@ def add_arguments(parser) -> None:
                         help=f"gin files defining more tasks (repeatable); {DEFAULT_GIN} is "
                              "always read first, e.g. add configs/eval/tfds.gin")
     parser.add_argument("--tasks", default=None,
-                        help="comma-separated tasks (default: loss and every offline task). "
-                             "'loss' = held-out loss on the checkpoint's data task; "
-                             "'loss:TASK' on any seqio text task")
+                        help="comma-separated tasks or groups (default: loss and every offline "
+                             "task). 'loss' = held-out loss on the checkpoint's data task; "
+                             "'loss:TASK' on any seqio text task; groups: 'mmlu' (57 "
+                             "subjects), 'paper_suite'")
     parser.add_argument("--granularities", default=None,
                         help="comma-separated granularity names (default: all of the model's)")
     parser.add_argument("--widths", action="append", default=[],
@@ -42,7 +48,18 @@ def add_arguments(parser) -> None:
                              "granularity, XL)")
     parser.add_argument("--max_examples", type=int, default=None,
                         help="examples per task (held-out loss: sequences)")
-    parser.add_argument("--num_shots", type=int, default=1, help="0 zero-shot, 1 one-shot, ...")
+    parser.add_argument("--num_shots", type=int, default=0,
+                        help="exemplars per prompt: 0 (zero-shot, lm-eval-harness's default), "
+                             "5 for MMLU's usual 5-shot, ... (from a train/dev split, else "
+                             "from a fixed pool of the evaluated split that is not evaluated)")
+    parser.add_argument("--acc_uncond", action="store_true",
+                        help="also report acc_uncond for multiple choice (OLMES/PMI: each "
+                             "choice's log-likelihood minus its log-likelihood after "
+                             "'Answer:' alone; scores every choice twice)")
+    parser.add_argument("--log_samples", action="store_true",
+                        help="write samples/<submodel>/samples_<task>.jsonl: every example's "
+                             "prompt, choices, log-likelihoods (or generated text), "
+                             "prediction and gold")
     parser.add_argument("--seed", type=int, default=0, help="exemplar seed")
     parser.add_argument("--batch_size", type=int, default=8,
                         help="rows per batch (rounded up to a multiple of the device count)")
@@ -55,6 +72,10 @@ def add_arguments(parser) -> None:
                         help="where to write results (default MODEL_DIR/eval/STEP)")
     parser.add_argument("--no_plots", action="store_true")
     parser.add_argument("--no_progress", action="store_true")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"matlm eval: warning: {message}", file=sys.stderr)
 
 
 def _split(text):
@@ -97,7 +118,7 @@ def run(args, gin_bindings) -> int:
             raise type(original)(f"{scope.group(1)}/{original}") from None
         raise original from None
     names = _split(args.tasks) or ["loss", *suite]
-    runner.check_task_names(names)
+    names, groups = runner.expand_groups(names)
     submodels, reference = resolve_submodels(config, _split(args.granularities), args.widths,
                                              args.reference)
     # 3. Data: vocabulary, tasks, prompts (field mappings and empty splits fail here).
@@ -108,11 +129,15 @@ def run(args, gin_bindings) -> int:
         masked=not args.sliced,
         data_task=data_config.get("task", data.DEFAULT_TASK),
         loss_split=data_config.get("eval_split", "validation"),
-        progress=not args.no_progress)
-    plan = runner.prepare(names, vocab, options)
+        progress=not args.no_progress, acc_uncond=args.acc_uncond)
+    with warnings.catch_warnings():  # One line per task on stderr, not a code location.
+        warnings.simplefilter("always", runner.VocabularyRoundTripWarning)
+        warnings.showwarning = _show_warning
+        plan = runner.prepare(names, vocab, options)
     # 4. Parameters, then the model.
     loaded = model_dir_lib.load_checkpoint_for_inference(model_dir, args.step)
-    results = runner.run(plan, config, loaded.params, submodels, reference, vocab, options)
+    results = runner.run(plan, config, loaded.params, submodels, reference, vocab, options,
+                         groups=groups, log_samples=args.log_samples)
     results.update(checkpoint=str(Path(args.checkpoint_dir)), step=loaded.step)
     output_dir = Path(args.output_dir or model_dir.eval_dir(loaded.step))
     written = report.write_results(results, output_dir, plots=not args.no_plots)
@@ -120,5 +145,7 @@ def run(args, gin_bindings) -> int:
     print(f"\n{len(submodels)} submodels x {len(plan)} tasks in {time.time() - start:.0f}s "
           f"({results['compiled_functions']} compiled functions, "
           f"{'sliced' if args.sliced else 'masked'} path); wrote "
-          f"{', '.join(p.name for p in written)} to {output_dir}")
+          f"{', '.join(p.name for p in written if p.parent == output_dir)}"
+          + (f" and {len(written) - sum(p.parent == output_dir for p in written)} sample "
+             "files under samples/" if args.log_samples else "") + f" to {output_dir}")
     return 0

@@ -11,9 +11,16 @@ mistral-common's) keep their own ids; the pipeline only relies on:
 - the "start" input of each document (`start_id`): the model's BOS if it has one, else
   pad = 0 (T5's convention). It is only ever an *input*, never a target.
 
+Text is kept as it is (format version 2): no normalisation ("identity" rule, so no
+NFKC either), no squashing of whitespace, "\n" a piece of its own (a user-defined
+symbol) and runs of spaces allowed as pieces. Every string round-trips through
+encode/decode, so prompts keep their line breaks and a "\n" stop sequence can fire.
+Version 1 vocabularies (before 2026-11) normalised with `nmt_nfkc` and squashed
+whitespace: "\n" became " ", so models trained with them never saw a line break.
+
 The default vocabulary (`default_vocabulary`) is trained on `matlm_wiki`'s training
-split on first use (a few seconds) and cached under `$MATLM_CACHE_DIR/vocab/`
-(default `<repo>/.matlm_cache/`), so no model file is shipped.
+split on first use and cached under `$MATLM_CACHE_DIR/vocab/` (default
+`<repo>/.matlm_cache/`), so no model file is shipped.
 """
 from __future__ import annotations
 
@@ -35,6 +42,15 @@ DEFAULT_VOCAB_SIZE = 8192
 # Byte fallback alone needs 256 + 4 ids; below 300 there is hardly room for any piece.
 MIN_VOCAB_SIZE = 300
 CACHE_ENV_VAR = "MATLM_CACHE_DIR"
+# Part of the default vocabulary's cache key: a cache trained by an older version (which
+# normalised "\n" to " ") is not reused.
+VOCAB_FORMAT_VERSION = 2
+# Training sentences: paragraphs joined with their "\n" up to this many characters, so
+# the trainer sees line starts (words after "\n" carry no "▁" prefix).
+_CHUNK_CHARS = 4096
+# SentencePiece trainer options that keep text as it is (see the module docstring).
+_VERBATIM = dict(normalization_rule_name="identity", remove_extra_whitespaces=False,
+                 user_defined_symbols=["\n"], allow_whitespace_only_pieces=True)
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -56,7 +72,7 @@ def train_vocabulary(texts: Iterable[str], vocab_size: int, output_path: str | o
             sentence_iterator=_lines(texts), model_writer=model, vocab_size=vocab_size,
             model_type=model_type, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=BOS_ID,
             byte_fallback=True, character_coverage=0.9995, max_sentence_length=1 << 16,
-            num_threads=os.cpu_count() or 1, minloglevel=2)
+            num_threads=os.cpu_count() or 1, minloglevel=2, **_VERBATIM)
     except RuntimeError as e:  # e.g. "Vocabulary size too high (N). Please set it to a value <= M."
         raise VocabularyError(f"cannot train a {vocab_size}-piece vocabulary: {e}") from e
     output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,11 +117,26 @@ def check_output_path(output_path: str | os.PathLike) -> Path:
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:
-    """SentencePiece trains on sentences; paragraphs (lines) of each document are enough."""
+    """Training sentences: each document's non-blank lines, each with its "\n", packed
+    into chunks of up to _CHUNK_CHARS characters (a longer line is a chunk of its own;
+    past max_sentence_length the trainer skips it)."""
     for text in texts:
+        chunk = ""
         for line in text.split("\n"):
-            if line.strip():
-                yield line
+            if not line.strip():
+                continue
+            if chunk and len(chunk) + len(line) + 1 > _CHUNK_CHARS:
+                yield chunk
+                chunk = ""
+            chunk += line + "\n"
+        if chunk:
+            yield chunk
+
+
+def round_trips(vocab, text: str) -> bool:
+    """Whether `text` decodes back to itself (an old, normalising vocabulary turns "\n"
+    into " " and squashes runs of spaces)."""
+    return vocab.decode(vocab.encode(text)) == text
 
 
 def load_vocabulary(path: str | os.PathLike) -> seqio.SentencePieceVocabulary:
@@ -163,10 +194,11 @@ def default_vocabulary(vocab_size: int = DEFAULT_VOCAB_SIZE,
     """The vocabulary trained on `matlm_wiki` (train split), cached after the first call."""
     directory = Path(cache) if cache else cache_dir() / "vocab"
     source = wikitext.gensim_wiki_dump_path()
-    # The key changes with the corpus, the stripping rules and the size.
+    # The key changes with the corpus, the stripping rules, the size and the trainer's
+    # options (VOCAB_FORMAT_VERSION).
     key = hashlib.sha256(
-        f"{os.path.getsize(source)}:{wikitext.STRIPPER_VERSION}:{vocab_size}".encode()
-    ).hexdigest()[:10]
+        f"{os.path.getsize(source)}:{wikitext.STRIPPER_VERSION}:{vocab_size}:"
+        f"v{VOCAB_FORMAT_VERSION}".encode()).hexdigest()[:10]
     path = directory / f"matlm_wiki_sp{vocab_size}_{key}.model"
     if not path.is_file():
         train_texts = documents.select_split(documents.wiki_articles(), "train",

@@ -1,13 +1,17 @@
 """k-shot prompts: exemplars drawn deterministically, prepended to each query.
 
-Exemplars for query `i` are drawn with `numpy.random.default_rng([seed, i])` from the
-task's train split when it has one, else from the evaluated split *without query i*
-(the offline data ships validation splits only). The same (seed, query) always gives
+Exemplars for query `i` come from the task's pool: its train split when it has one,
+else a fixed set of its evaluated split that is then not evaluated (runner.prepare; the
+offline data ships validation splits only). The "random" sampler draws them with
+`numpy.random.default_rng([seed, i])`; "first_n" takes the pool's first k in order
+(lm-eval-harness's MMLU: the dev split's first 5). The same (seed, query) always gives
 the same prompt, whatever else is evaluated or however examples are batched.
 
 A shot is the example's context followed by its gold answer (the gold choice's
 continuation, the first answer alias, or the target word); shots and the query are
-joined by a blank line.
+joined by a blank line (lm-eval-harness's fewshot_delimiter "\n\n"). A task's
+description (MMLU's "The following are multiple choice questions ...\n\n") comes
+once, before the first shot.
 """
 from __future__ import annotations
 
@@ -65,9 +69,16 @@ class Request:
 
 
 def build_request(mapping, example: dict, pool: Sequence[dict], num_shots: int, seed: int,
-                  exclude_query: bool) -> Request:
-    shots = exemplar_indices(example["index"], len(pool), num_shots, seed, exclude_query)
-    prefix = "".join(shot_text(mapping, pool[j]) + SHOT_SEPARATOR for j in shots)
+                  exclude_query: bool, sampler: str = "random",
+                  description: str = "") -> Request:
+    if sampler == "first_n":
+        if num_shots > len(pool):
+            raise EvalError(f"{num_shots}-shot needs {num_shots} exemplars; the pool has "
+                            f"{len(pool)}")
+        shots = list(range(num_shots))
+    else:
+        shots = exemplar_indices(example["index"], len(pool), num_shots, seed, exclude_query)
+    prefix = description + "".join(shot_text(mapping, pool[j]) + SHOT_SEPARATOR for j in shots)
     if mapping.kind == mappings.MULTIPLE_CHOICE:
         return Request(example["index"], mapping.kind,
                        tuple(prefix + c for c in example["contexts"]),

@@ -1,19 +1,38 @@
-"""Writes evaluation results: results.json, results.md (tasks × submodels) and PNG plots
-of loss and average accuracy against parameter count."""
+"""Writes evaluation results: results.json, results.md (tasks × submodels), PNG plots
+of loss and average accuracy against parameter count, and (with samples) one
+`samples/<submodel>/samples_<task>.jsonl` per task and submodel.
+
+Each task's row shows its primary metric (`metric` in results.json: what published
+tables report, e.g. acc_norm for hellaswag); multiple-choice tasks also show the other
+of acc/acc_norm (and acc_uncond when computed). A group shows its micro and macro
+averages; members of groups larger than GROUP_ROWS_LIMIT only appear in results.json."""
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from tabulate import tabulate
 
 from matlm.evaluation import mappings
 
-# The metric shown in the table (and averaged into "average accuracy") per task kind.
+# The metric per task kind for results without a task's own `metric` (older files).
 PRIMARY = {mappings.MULTIPLE_CHOICE: "acc", mappings.LAST_WORD: "acc",
            mappings.GENERATIVE_QA: "exact_match"}
 AVERAGE_ACCURACY = "average accuracy"
+GROUP_ROWS_LIMIT = 16  # MMLU's 57 subjects stay out of results.md.
+
+
+def primary(entry: dict) -> str:
+    return entry.get("metric") or PRIMARY[entry["kind"]]
+
+
+def shown_tasks(results: dict) -> list[str]:
+    """The tasks with a row of their own: all but the members of large groups."""
+    hidden = {t for g in results.get("groups", {}).values() if len(g["tasks"]) > GROUP_ROWS_LIMIT
+              for t in g["tasks"]}
+    return [t for t in results["tasks"] if t not in hidden]
 
 
 def _human(n: int) -> str:
@@ -24,11 +43,14 @@ def _human(n: int) -> str:
 
 
 def average_accuracy(results: dict) -> dict[str, float]:
-    """Per submodel: the mean primary metric over the one-shot tasks (nan if none)."""
+    """Per submodel: the mean primary metric over the tasks with a row of their own, each
+    large group counting once by its micro average (nan if none)."""
     out = {}
+    shown = [results["tasks"][t] for t in shown_tasks(results)]
+    large = [g for g in results.get("groups", {}).values() if len(g["tasks"]) > GROUP_ROWS_LIMIT]
     for name in results["submodels"]:
-        values = [t["metrics"][name][PRIMARY[t["kind"]]] for t in results["tasks"].values()
-                  if t["kind"] in PRIMARY]
+        values = [t["metrics"][name][primary(t)] for t in shown if t["kind"] in PRIMARY]
+        values += [g["metrics"][name]["micro"] for g in large]
         out[name] = sum(values) / len(values) if values else math.nan
     return out
 
@@ -38,7 +60,8 @@ def table_rows(results: dict) -> tuple[list[str], list[list]]:
     reference = results["reference"]
     headers = ["task", "metric", *names]
     rows = [["params", "", *[_human(results["submodels"][n]["params"]) for n in names]]]
-    for task, entry in results["tasks"].items():
+    for task in shown_tasks(results):
+        entry = results["tasks"][task]
         m = entry["metrics"]
         if entry["kind"] == "loss":
             rows.append([task, "loss", *[f"{m[n]['loss']:.3f}" for n in names]])
@@ -46,15 +69,23 @@ def table_rows(results: dict) -> tuple[list[str], list[list]]:
             rows.append([task, f"greedy agree w/ {reference}",
                          *[f"{m[n]['greedy_agreement']:.3f}" for n in names]])
             continue
-        rows.append([task, PRIMARY[entry["kind"]],
-                     *[f"{100 * m[n][PRIMARY[entry['kind']]]:.1f}" for n in names]])
-        if entry["kind"] == mappings.GENERATIVE_QA:
-            rows.append([task, "f1", *[f"{100 * m[n]['f1']:.1f}" for n in names]])
+        metric = primary(entry)
+        rows.append([task, metric, *[f"{100 * m[n][metric]:.1f}" for n in names]])
+        others = {mappings.GENERATIVE_QA: ("f1",),
+                  mappings.MULTIPLE_CHOICE: ("acc", "acc_norm", "acc_uncond")}
+        for other in others.get(entry["kind"], ()):
+            if other != metric and other in m[names[0]]:
+                rows.append([task, other, *[f"{100 * m[n][other]:.1f}" for n in names]])
+    for group, entry in results.get("groups", {}).items():
+        for kind in ("micro", "macro"):
+            rows.append([group, f"{kind} avg ({len(entry['tasks'])} tasks)",
+                         *[f"{100 * entry['metrics'][n][kind]:.1f}" for n in names]])
     average = average_accuracy(results)
     if any(not math.isnan(v) for v in average.values()):
         rows.append([AVERAGE_ACCURACY, "", *[f"{100 * average[n]:.1f}" for n in names]])
-        agreements = {n: [t["metrics"][n]["answer_agreement"] for t in results["tasks"].values()
-                          if t["kind"] != "loss"] for n in names}
+        agreements = {n: [results["tasks"][t]["metrics"][n]["answer_agreement"]
+                          for t in shown_tasks(results)
+                          if results["tasks"][t]["kind"] != "loss"] for n in names}
         rows.append([f"answer agree w/ {reference}", "avg",
                      *[f"{100 * sum(a) / len(a):.1f}" for a in agreements.values()]])
     return headers, rows
@@ -69,16 +100,38 @@ def write_results(results: dict, output_dir: str | Path, plots: bool = True) -> 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = [output_dir / "results.json", output_dir / "results.md"]
+    samples = results.get("samples")
+    results = {k: v for k, v in results.items() if k != "samples"}
     written[0].write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
     mixes = [n for n, s in results["submodels"].items() if len(set(s["widths"])) > 1]
     notes = "".join(f"- `{n}`: widths {results['submodels'][n]['widths']}\n" for n in mixes)
     written[1].write_text(
         f"# Evaluation of {results.get('checkpoint', 'a model')} (step {results.get('step')})\n\n"
         f"{format_table(results)}\n\nAccuracies in %, {results['options']['num_shots']}-shot; "
-        f"agreement is with the reference submodel {results['reference']}.\n"
+        f"agreement is with the reference submodel {results['reference']}. Each task's first "
+        "row is its primary metric (what published tables report; see docs/eval.md).\n"
         + (f"\n{notes}" if notes else ""))
+    if samples:
+        written += write_samples(samples, output_dir)
     if plots:
         written += _plots(results, output_dir)
+    return written
+
+
+def _file_name(name: str) -> str:
+    return re.sub(r"[^\w.+-]", "_", name)
+
+
+def write_samples(samples: dict, output_dir: str | Path) -> list[Path]:
+    """`samples/<submodel>/samples_<task>.jsonl`: one line per evaluated example."""
+    written = []
+    for task, per_model in samples.items():
+        for submodel, rows in per_model.items():
+            path = Path(output_dir) / "samples" / _file_name(submodel) / \
+                f"samples_{_file_name(task)}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            written.append(path)
     return written
 
 

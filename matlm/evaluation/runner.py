@@ -39,7 +39,7 @@ class VocabularyRoundTripWarning(UserWarning):
 
 @dataclasses.dataclass(frozen=True)
 class EvalOptions:
-    num_shots: int = 1
+    num_shots: int = 0  # lm-eval-harness's default; the trainer's hook and search pass 1.
     seed: int = 0  # Exemplar draws.
     max_examples: Optional[int] = None  # Per task (held-out loss: sequences).
     batch_size: int = 8

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import gin
 import seqio
@@ -22,6 +22,7 @@ from matlm.data.tf_setup import tf  # Also imports matlm.data: its gin names reg
 from matlm.evaluation import mappings, sources
 from matlm.evaluation.errors import (EmptySplitError, EvalError, FieldMappingError,
                                      UnknownEvalTaskError)
+from matlm.evaluation.templates import render
 
 SEQIO_PREFIX = "matlm_eval_"
 
@@ -116,10 +117,90 @@ def registered_eval_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
+# --- groups ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class EvalGroup:
+    """Member tasks scored together; reported with the micro average (over all member
+    examples) and the macro average (over members) of the members' primary metrics."""
+    name: str
+    tasks: tuple
+
+
+_GROUPS: dict[str, EvalGroup] = {}
+
+
+def register_eval_group(name: str, tasks: Sequence[str]) -> str:
+    """Registers (or replaces) a group of registered eval tasks; returns its name."""
+    if not isinstance(name, str) or not name or "," in name:
+        raise EvalError(f"eval_group: name={name!r} is not valid; expected a non-empty name "
+                        "without commas")
+    if isinstance(tasks, str) or not tasks:
+        raise EvalError(f"group {name!r}: tasks={tasks!r}; expected a non-empty list of "
+                        "task names")
+    if not all(isinstance(t, str) for t in tasks):
+        raise EvalError(f"group {name!r}: tasks={tasks!r}; expected task names")
+    # Members are checked when the group is used (get_group): gin may build a group
+    # before the tasks it names.
+    _GROUPS[name] = EvalGroup(name, tuple(dict.fromkeys(tasks)))
+    return name
+
+
+def is_group(name: str) -> bool:
+    return name in _GROUPS
+
+
+def get_group(name: str) -> EvalGroup:
+    group = _GROUPS[name]
+    if name in _TASKS:
+        raise EvalError(f"group {name!r}: a task has the same name")
+    for task in group.tasks:
+        if task not in _TASKS:
+            raise EvalError(f"group {name!r}: member {task!r} is not a registered eval task"
+                            + (" (groups do not nest)" if task in _GROUPS else ""))
+    return group
+
+
+def registered_groups() -> list[str]:
+    return sorted(_GROUPS)
+
+
+def register_subject_tasks(prefix: str, subjects: Sequence[str], path: str, mapping,
+                           splits: Mapping[str, str], eval_split: str = "test",
+                           train_split: Optional[str] = "dev",
+                           description: str = "", fewshot_sampler: str = "random",
+                           primary_metric: Optional[str] = None,
+                           data_root: Optional[str] = None) -> list[str]:
+    """One task per subject, named `prefix + subject`, over `path.format(subject=...)`
+    (an arrow_source), all with the same mapping and description; returns the names
+    (for an eval_group: MMLU's 57 subjects)."""
+    if isinstance(subjects, str) or not subjects:
+        raise EvalError(f"subject_tasks {prefix!r}: subjects={subjects!r}; expected a "
+                        "non-empty list")
+    if "{subject}" not in path:
+        raise EvalError(f"subject_tasks {prefix!r}: path={path!r} has no '{{subject}}'")
+    return [register_eval_task(prefix + subject,
+                               sources.ArrowSource(path.format(subject=subject), dict(splits),
+                                                   data_root),
+                               mapping, eval_split, train_split, (), primary_metric,
+                               description, fewshot_sampler)
+            for subject in subjects]
+
+
+def _listed_tasks() -> list[str]:
+    """Registered tasks for an error message: a large group's members (MMLU's 57
+    subjects) are summarised as `<group>'s N members`."""
+    large = [g for g in _GROUPS.values() if len(g.tasks) > 16]
+    hidden = {t for g in large for t in g.tasks}
+    return ([t for t in registered_eval_tasks() if t not in hidden]
+            + [f"{g.name}'s {len(g.tasks)} members ({g.tasks[0]}, ...)" for g in large])
+
+
 def get_eval_task(name: str) -> EvalTask:
     if name not in _TASKS:
         raise UnknownEvalTaskError(
-            f"unknown task {name!r}. Eval tasks: {', '.join(registered_eval_tasks()) or 'none'}; "
+            f"unknown task {name!r}. Eval tasks: {', '.join(_listed_tasks()) or 'none'}; "
+            f"groups: {', '.join(registered_groups()) or 'none'}; "
             "held-out loss: 'loss' (the checkpoint's data task) or 'loss:<seqio task>'. "
             "New tasks are defined in gin (see configs/eval/offline.gin)")
     return _TASKS[name]
@@ -148,8 +229,10 @@ def load_examples(name: str, split: str) -> tuple[dict, ...]:
         raise EmptySplitError(f"task {name!r} split {split!r} has no examples")
     examples = []
     for index, record in enumerate(records):
-        example = task.mapping(record, where=f"task {name!r} ({split} example {index}): ",
-                               index=index)
+        where = f"task {name!r} ({split} example {index}): "
+        example = task.mapping(record, where=where, index=index)
+        if task.description:  # A template over the record (MMLU: its subject).
+            example["description"] = render(task.description, record, where=where)
         examples.append({**example, "index": index})
     return tuple(examples)
 
@@ -210,6 +293,9 @@ generative_qa = gin.external_configurable(mappings.GenerativeQA, name="generativ
                                           module="matlm")
 last_word = gin.external_configurable(mappings.LastWord, name="last_word", module="matlm")
 eval_task = gin.external_configurable(register_eval_task, name="eval_task", module="matlm")
+eval_group = gin.external_configurable(register_eval_group, name="eval_group", module="matlm")
+subject_tasks = gin.external_configurable(register_subject_tasks, name="subject_tasks",
+                                          module="matlm")
 
 
 @gin.configurable("eval_suite", module="matlm")
