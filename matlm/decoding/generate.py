@@ -203,16 +203,15 @@ class Decoder:
                     if new and on_tokens is not None:
                         on_tokens(i, new)
 
-            put = self._put
-            traced = None if traced_widths is None else traced_widths
+            row_keys_B = self._put(row_keys_B)
             next_B, cache = self._prefill(
-                params, put(tokens_BT), put(lengths_B), put(row_keys_B), traced,
+                params, self._put(tokens_BT), self._put(lengths_B), row_keys_B, traced_widths,
                 static_widths=static_widths, sampling=sampling, cache_len=S)
             accept(np.asarray(next_B)[:, None])
             step = 1
             while not all(done):
                 tokens_BN, cache, next_B = self._decode(
-                    params, cache, next_B, put(row_keys_B), step, traced,
+                    params, cache, next_B, row_keys_B, step, traced_widths,
                     static_widths=static_widths, sampling=sampling, steps=self.chunk_steps)
                 accept(np.asarray(tokens_BN))
                 step += self.chunk_steps
