@@ -185,10 +185,12 @@ def report(result: dict, scale_name: str, wall_s: float) -> str:
         "granularity", "params", "baseline loss", "MatLM loss", "MatLM-v2 loss",
         "MatLM - baseline", "baseline agree w/ baseline XL", "MatLM agree w/ MatLM XL",
         "MatLM agree w/ baseline XL"], tablefmt="github", disable_numparse=True)
-    fits = tabulate([[fam, *(f"{fit[k]:.4g}" for k in ("a", "b", "c", "rmse"))]
-                     if "error" not in fit else [fam, fit["error"], "", "", ""]
+    # b pinned at a bound of the fit (0 or -10) means the points do not determine a, b, c.
+    fits = tabulate([[fam, *(f"{fit[k]:.4g}" for k in ("a", "b", "c", "rmse")),
+                      "b at its bound: not determined" if fit["b"] in (0.0, -10.0) else ""]
+                     if "error" not in fit else [fam, fit["error"], "", "", "", ""]
                      for fam, fit in result["fits"].items()],
-                    headers=["family", "a", "b", "c", "rmse"], tablefmt="github",
+                    headers=["family", "a", "b", "c", "rmse", "note"], tablefmt="github",
                     disable_numparse=True)
     beats = [r for r in result["granularities"]
              if r["matlm_loss"] <= r["dense_loss"]]

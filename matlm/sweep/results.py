@@ -108,7 +108,8 @@ def _cell(value) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}" if abs(value) < 1e6 \
+            else f"{value:.4g}"
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10000:
         return f"{value:,}"
     if isinstance(value, tuple):

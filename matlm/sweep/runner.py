@@ -220,6 +220,13 @@ def run_sweep(trials: Sequence[Trial], steps_of: dict, options: SweepOptions,
     # Threads only wait on subprocesses: the trials run in parallel in their own processes.
     with ThreadPoolExecutor(max_workers=max(1, options.parallel)) as pool:
         futures = [pool.submit(run_trial, t, steps_of[t.name], options, progress) for t in to_run]
-        for future in futures:
-            future.result()
+        try:
+            for future in futures:
+                future.result()
+        except KeyboardInterrupt:
+            # Ctrl-C reached the running trials too (same process group): they save and
+            # stop (`interrupted`); trials not started yet must not start now.
+            for future in futures:
+                future.cancel()
+            raise
     return {t.name: read_trial(options.base_dir / t.name) for t in trials}
