@@ -187,6 +187,9 @@ def test_greedy_generate_equals_no_cache_decoding(all_params):
                              batch_size=3)
     assert got == want and all(len(g) == 21 for g in got)
     assert len({tuple(g) for g in got}) > 1  # Rows really differ.
+    scanned = dataclasses.replace(config, scan_layers=True)  # Stacked parameters decode too.
+    assert generate(stack_layers(params), scanned, prompts, widths=widths, max_new_tokens=21,
+                    batch_size=2) == got
 
 
 def test_no_cache_decoder_is_plain_argmax_of_full_recomputation(all_params):
