@@ -44,7 +44,8 @@ def run(args, gin_bindings) -> int:
     start = time.time()
     path = data.train_task_vocabulary(task, args.vocab_size, args.output, args.max_documents)
     vocab = data.load_vocabulary(path)
-    sample = "MatFormer models nest smaller models inside a larger one."
+    # A line break and a run of spaces: both survive (matlm.data.vocabulary keeps text as is).
+    sample = "MatFormer models nest smaller models\n  inside a larger one."
     ids = vocab.encode(sample)
     print(f"wrote {path} ({vocab.vocab_size} pieces, trained on {task!r} in "
           f"{time.time() - start:.1f}s)")
