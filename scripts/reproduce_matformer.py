@@ -95,7 +95,11 @@ def score_checkpoints(base_dir: Path, trials, eval_sequences: int, seq_len: int,
     for trial in trials:
         loaded = model_dir_lib.load_checkpoint_for_inference(base_dir / trial.name)
         config = loaded.model_config
-        extra = [f"mixnmatch:{mixes}:0"] if trial.variant == "matlm" else []
+        # At most the non-uniform vectors that exist (g^L - g: 12 for the quick scale's 2
+        # layers, 252 for the full scale's 4).
+        available = len(config.granularities.names) ** config.n_layers - \
+            len(config.granularities.names)
+        extra = [f"mixnmatch:{min(mixes, available)}:0"] if trial.variant == "matlm" else []
         submodels, _ = resolve_submodels(config, None, extra, None)
         scorer = SubmodelScorer(config, loaded.params, options.batch_size, seq_len, masked=True)
         out[trial.name] = {}
@@ -108,6 +112,7 @@ def score_checkpoints(base_dir: Path, trials, eval_sequences: int, seq_len: int,
                 tokens += float(mask_BT.sum())
                 greedy.append(greedy_BT[mask_BT])
             out[trial.name][sub.name] = {"loss": nll / tokens, "params": sub.params,
+                                         "non_embedding_params": sub.non_embedding_params,
                                          "widths": list(sub.widths),
                                          "greedy": np.concatenate(greedy)}
     return out
@@ -157,7 +162,10 @@ def analyse(scores, trials, tokens: int) -> dict:
                      ("matlm_v2", lambda s, g: by[(s, "matlm_v2")][g])):
         points = [key(s, g) for s in seeds for g in NAMES]
         try:
-            fit = fit_scaling_law([p["params"] for p in points], [tokens] * len(points),
+            # N = non-embedding parameters (Kaplan et al.): at this scale the shared
+            # embedding is most of every model and would squeeze the S..XL range of N.
+            fit = fit_scaling_law([p["non_embedding_params"] for p in points],
+                                  [tokens] * len(points),
                                   [p["loss"] for p in points])
             fits[fam] = {"a": fit.a, "b": fit.b, "c": fit.c, "rmse": fit.rmse,
                          "points": fit.points}
@@ -169,7 +177,7 @@ def analyse(scores, trials, tokens: int) -> dict:
             "fits": fits}
 
 
-def report(result: dict, scale_name: str, wall_s: float) -> str:
+def report(result: dict, scale_name: str, wall_s: float, train_s: float) -> str:
     from tabulate import tabulate
     f = lambda v, d=3: "" if v is None else f"{v:.{d}f}"  # noqa: E731
     rows = []
@@ -187,7 +195,8 @@ def report(result: dict, scale_name: str, wall_s: float) -> str:
         "MatLM agree w/ baseline XL"], tablefmt="github", disable_numparse=True)
     # b pinned at a bound of the fit (0 or -10) means the points do not determine a, b, c.
     fits = tabulate([[fam, *(f"{fit[k]:.4g}" for k in ("a", "b", "c", "rmse")),
-                      "b at its bound: not determined" if fit["b"] in (0.0, -10.0) else ""]
+                      "b at its bound: not determined" if fit["b"] > -1e-6 or fit["b"] < -9.999
+                      else ""]
                      if "error" not in fit else [fam, fit["error"], "", "", "", ""]
                      for fam, fit in result["fits"].items()],
                     headers=["family", "a", "b", "c", "rmse", "note"], tablefmt="github",
@@ -202,11 +211,13 @@ def report(result: dict, scale_name: str, wall_s: float) -> str:
                f"({', '.join(r['granularity'] for r in beyond_noise) or 'none'}).")
     return (f"# MatFormer reproduction ({scale_name} scale)\n\n"
             f"Seeds {result['seeds']}, {result['tokens_per_model']:,} training tokens per model, "
-            f"wall time {wall_s / 60:.1f} min. Loss: held-out cross entropy (nats/token), mean "
+            f"trials' training wall time {train_s / 60:.1f} min (summed over trials), this "
+            f"invocation {wall_s / 60:.1f} min. Loss: held-out cross entropy (nats/token), mean "
             f"± spread (max - min) over seeds; agreement: fraction of held-out positions with "
             f"the same greedy next token.\n\n{table}\n\n{verdict}\n\n"
-            f"Scaling fit loss = a (N D)^b + c per family (N params, D tokens; every point has "
-            f"the same D here, so the fit is in N alone):\n\n{fits}\n\n"
+            f"Scaling fit loss = a (N D)^b + c per family (N non-embedding params, D tokens; "
+            f"every point has the same D here, so the fit is in N alone; 4 sizes x seeds for "
+            f"3 coefficients):\n\n{fits}\n\n"
             f"{len(mixes)} Mix'n'Match submodels of the MatLM: params "
             f"{min(m['params'] for m in mixes):,}–{max(m['params'] for m in mixes):,}, loss "
             f"{min(m['loss'] for m in mixes):.3f}–{max(m['loss'] for m in mixes):.3f} "
@@ -276,7 +287,9 @@ def main(argv=None) -> int:
     (out / "reproduce.json").write_text(json.dumps({"scale": scale_name, **scale, **result,
                                                     "wall_s": wall}, indent=2) + "\n")
     plot(result, out / "loss_vs_params.png")
-    text = report(result, scale_name, wall)
+    train_s = sum(json.loads((out / "sweep" / t.name / "trial.json").read_text())["wall_s"]
+                  for t in trials)
+    text = report(result, scale_name, wall, train_s)
     (out / "reproduce.md").write_text(text)
     print("\n" + text)
     print(f"wrote reproduce.md, reproduce.json, loss_vs_params.png to {out}")

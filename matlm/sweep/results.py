@@ -63,8 +63,10 @@ def trial_row(trial: Trial, model_dir: Path, labels: dict) -> dict:
         row["step"] = max(steps) if steps else 0
         row["tokens"] = row["step"] * train.get("global_batch_size", 0) * train.get("seq_len", 0)
     val_step, losses = final_val_losses(metrics)
-    for name, loss in losses.items():
-        row[f"val_loss_{name}"] = loss
+    order = list(spec.names) if run_config_file.is_file() else []
+    # In the model's granularity order (metrics.jsonl keys are sorted by name: L, M, S, XL).
+    for name in sorted(losses, key=lambda n: order.index(n) if n in order else len(order)):
+        row[f"val_loss_{name}"] = losses[name]
     if losses:
         row["val_step"] = val_step
     row.update(_eval_columns(model_dir) if record.get("eval_status") == "done" else {})
