@@ -130,7 +130,6 @@ class MatLM(nn.Module):
             by_submodel.update((m, stream_out) for m in members)
         return tuple(by_submodel[m] for m in range(len(joint_widths)))
 
-
     def _cached(self, tokens_BT, widths, kv_cache):
         """The kv_cache form of __call__: the same parameters and modules as the unrolled
         decoder (no remat: inference), attention against the cache."""
