@@ -15,6 +15,8 @@ CORE = [
     "matplotlib==3.11.2",  # Eval plots (loss / accuracy against parameters).
     "pyarrow==26.0.1",  # Reads the offline eval data (Arrow files).
     "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow.
+    "PyYAML==6.0.4",  # matlm sweep specs (YAML).
+    "scipy==1.17.1",  # The scaling-law fit (matlm.sweep.scaling); jax needs it anyway.
 ]
 # The data layer (the only place TensorFlow is imported).
 DATA = [
