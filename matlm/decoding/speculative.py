@@ -192,6 +192,17 @@ def _prefill(params, cache, tokens_BT, lengths_B, row_keys_B, *, backend, widths
     return cache, _sample_rows(keys_B, last_BV, sampling)
 
 
+@functools.partial(jax.jit, static_argnames=("backend", "batch_size", "max_len"))
+def _empty_cache(*, backend, batch_size, max_len):
+    # Jitted: built op by op, the per-layer zeros cost more than a short decode's rounds.
+    return backend.init_cache(batch_size, max_len)
+
+
+@jax.jit
+def _row_keys(base_key, indices_B):
+    return jax.vmap(lambda i: jax.random.fold_in(base_key, i))(indices_B)
+
+
 def check_speculative_args(config, target_widths, draft_widths, draft_tokens: int
                            ) -> tuple[tuple, tuple]:
     """(target, draft) width vectors, validated; a one-line SpeculativeError naming the
@@ -286,14 +297,15 @@ def _decode_batch(params, backend, prompts, rows, budgets, outputs, stats, *, B,
         tokens_BT[b, :len(prompts[i])] = prompts[i]
         lengths_B[b] = len(prompts[i])
     indices_B = np.array(rows + [0] * (B - len(rows)), np.uint32)
-    row_keys_B = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(indices_B)
-    tcache, pending_B = _prefill(params, backend.init_cache(B, S), tokens_BT, lengths_B,
-                                 row_keys_B, backend=backend, widths=target, sampling=sampling)
+    row_keys_B = _row_keys(base_key, indices_B)
+    empty = _empty_cache(backend=backend, batch_size=B, max_len=S)
+    tcache, pending_B = _prefill(params, empty, tokens_BT, lengths_B, row_keys_B,
+                                 backend=backend, widths=target, sampling=sampling)
     stats.target_passes += 1
     dcache = None
     if not shared:
-        dcache, _ = _prefill(params, backend.init_cache(B, S), tokens_BT, lengths_B,
-                             row_keys_B, backend=backend, widths=draft, sampling=sampling)
+        dcache, _ = _prefill(params, empty, tokens_BT, lengths_B, row_keys_B,
+                             backend=backend, widths=draft, sampling=sampling)
         stats.draft_passes += 1
     done = np.array([b >= len(rows) for b in range(B)])
     stop_set = {int(s) for s in stop_ids}
