@@ -16,8 +16,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from matlm.decoding.sampling import SamplingConfig
-from matlm.decoding.speculative import (SpeculativeError, SpeculativeStats,
-                                        speculative_generate)
+from matlm.decoding.speculative import SpeculativeStats, speculative_generate
 from matlm.model import ModelConfig, init_params
 from matlm.model.reference import dense_forward, slice_params
 
