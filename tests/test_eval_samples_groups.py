@@ -93,7 +93,7 @@ def test_logged_samples_reproduce_the_metrics(tmp_path, eval_tasks, wiki_vocab):
     assert len(_read_samples(tmp_path, "S", "winogrande")[0]["prompt"]) == 2
 
 
-def test_group_micro_and_macro_equal_a_brute_force_recomputation(eval_tasks, wiki_vocab):
+def test_group_micro_and_macro_equal_a_brute_force_recomputation(eval_tasks, wiki_vocab, monkeypatch):
     subjects = ["mmlu_abstract_algebra", "mmlu_anatomy", "mmlu_astronomy"]  # 100/135/152.
     tasks.register_eval_group("mmlu3", subjects)
     results = _run(["mmlu3"], wiki_vocab)
@@ -110,6 +110,14 @@ def test_group_micro_and_macro_equal_a_brute_force_recomputation(eval_tasks, wik
     rows = {(r[0], r[1]): r[2:] for r in report.table_rows(results)[1]}
     assert rows[("mmlu3", "micro avg (3 tasks)")] == [
         f"{100 * results['groups']['mmlu3']['metrics'][s]['micro']:.1f}" for s in ("S", "XL")]
+    # A large group alone (its members have no rows, as `--tasks=mmlu`): the table still
+    # renders (it divided by zero), agreement counted as the mean over the members.
+    monkeypatch.setattr(report, "GROUP_ROWS_LIMIT", 2)
+    rows = {(r[0], r[1]): r[2:] for r in report.table_rows(results)[1]}
+    assert ("mmlu_anatomy", "acc") not in rows
+    assert rows[("answer agree w/ XL", "avg")] == [
+        f"{100 * np.mean([results['tasks'][t]['metrics'][s]['answer_agreement'] for t in subjects]):.1f}"
+        for s in ("S", "XL")]
 
 
 def test_unknown_group_member_is_an_error(eval_tasks):

@@ -83,12 +83,28 @@ def table_rows(results: dict) -> tuple[list[str], list[list]]:
     average = average_accuracy(results)
     if any(not math.isnan(v) for v in average.values()):
         rows.append([AVERAGE_ACCURACY, "", *[f"{100 * average[n]:.1f}" for n in names]])
-        agreements = {n: [results["tasks"][t]["metrics"][n]["answer_agreement"]
-                          for t in shown_tasks(results)
-                          if results["tasks"][t]["kind"] != "loss"] for n in names}
-        rows.append([f"answer agree w/ {reference}", "avg",
-                     *[f"{100 * sum(a) / len(a):.1f}" for a in agreements.values()]])
+        agreements = answer_agreement(results)
+        if any(not math.isnan(v) for v in agreements.values()):
+            rows.append([f"answer agree w/ {reference}", "avg",
+                         *[f"{100 * agreements[n]:.1f}" for n in names]])
     return headers, rows
+
+
+def answer_agreement(results: dict) -> dict[str, float]:
+    """Per submodel: the mean answer agreement with the reference, counted as
+    `average_accuracy` counts (tasks with a row of their own, each large group once, by
+    the mean over its members); nan if there are none (e.g. --tasks=mmlu alone)."""
+    tasks = results["tasks"]
+    shown = [t for t in shown_tasks(results) if tasks[t]["kind"] != "loss"]
+    large = [g["tasks"] for g in results.get("groups", {}).values()
+             if len(g["tasks"]) > GROUP_ROWS_LIMIT]
+    out = {}
+    for name in results["submodels"]:
+        values = [tasks[t]["metrics"][name]["answer_agreement"] for t in shown]
+        values += [sum(tasks[t]["metrics"][name]["answer_agreement"] for t in members)
+                   / len(members) for members in large]
+        out[name] = sum(values) / len(values) if values else math.nan
+    return out
 
 
 def format_table(results: dict, tablefmt: str = "github") -> str:
