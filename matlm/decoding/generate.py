@@ -93,6 +93,48 @@ def check_prompts(prompts, config: ModelConfig, max_new_tokens: int,
     return prompts
 
 
+def token_budgets(prompts, max_new_tokens: int, max_len: Optional[int]) -> list[int]:
+    """Tokens each prompt may add: the model reads the prompt and every new token but the
+    last, so with a context of max_len a prompt of n tokens may add max_len - n + 1."""
+    return [max_new_tokens if max_len is None else min(max_new_tokens, max_len - len(p) + 1)
+            for p in prompts]
+
+
+def pad_prompts(prompts, rows: Sequence[int], batch_size: int, length: int):
+    """The prompts `rows` right-padded into a batch: tokens [B, length] int32, lengths [B]
+    and each row's prompt index [B] uint32 (its sampling key). Padding rows hold one
+    token (never read) and index 0."""
+    tokens_BT = np.zeros((batch_size, length), np.int32)
+    lengths_B = np.ones(batch_size, np.int32)
+    for b, i in enumerate(rows):
+        tokens_BT[b, :len(prompts[i])] = prompts[i]
+        lengths_B[b] = len(prompts[i])
+    indices_B = np.array(list(rows) + [0] * (batch_size - len(rows)), np.uint32)
+    return tokens_BT, lengths_B, indices_B
+
+
+def take_tokens(i: int, tokens: Sequence[int], outputs: list, budget: int, stop_set,
+                stop_fn: Optional[Callable[[int, list], bool]],
+                on_tokens: Optional[Callable[[int, list], None]]) -> bool:
+    """Appends prompt i's decoded `tokens` to outputs[i] one by one, stopping in order at
+    a stop id (dropped), the budget, or the caller's stop_fn; streams what it kept to
+    on_tokens. Returns whether the row is done. Plain and speculative decoding share it,
+    so both stop at exactly the same token."""
+    kept, done = [], False
+    for t in tokens:
+        if t in stop_set:
+            done = True
+            break
+        outputs[i].append(t)
+        kept.append(t)
+        if len(outputs[i]) >= budget or (stop_fn is not None and stop_fn(i, list(outputs[i]))):
+            done = True
+            break
+    if kept and on_tokens is not None:
+        on_tokens(i, kept)
+    return done
+
+
 def _sample_rows(row_keys_B, step, logits_BV, sampling: SamplingConfig):
     """One token per row, each row with its own key folded with the step."""
     keys_B = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys_B)
@@ -167,41 +209,22 @@ class Decoder:
         B = batch_size or len(prompts)
         stop_set = {int(t) for t in stop_ids}
         base_key = jax.random.key(seed)
-        # Tokens each prompt may add: the model reads prompt + all new tokens but the last.
-        budgets = [max_new_tokens if max_len is None else min(max_new_tokens, max_len - len(p) + 1)
-                   for p in prompts]
+        budgets = token_budgets(prompts, max_new_tokens, max_len)
         outputs: list[list[int]] = [[] for _ in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         for start in range(0, len(order), B):
             rows = order[start:start + B]
             T = cache_buckets(max_len, max(len(prompts[i]) for i in rows))
             S = cache_buckets(max_len, max(len(prompts[i]) + budgets[i] - 1 for i in rows))
-            tokens_BT = np.zeros((B, T), np.int32)
-            lengths_B = np.ones(B, np.int32)  # Padding rows: one token, never read.
-            for b, i in enumerate(rows):
-                tokens_BT[b, :len(prompts[i])] = prompts[i]
-                lengths_B[b] = len(prompts[i])
-            indices_B = np.array(rows + [0] * (B - len(rows)), np.uint32)
+            tokens_BT, lengths_B, indices_B = pad_prompts(prompts, rows, B, T)
             row_keys_B = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(indices_B)
             done = [b >= len(rows) for b in range(B)]
 
             def accept(tokens_BN):
                 for b, i in enumerate(rows):
-                    if done[b]:
-                        continue
-                    new = []
-                    for t in tokens_BN[b].tolist():
-                        if t in stop_set:
-                            done[b] = True
-                            break
-                        outputs[i].append(t)
-                        new.append(t)
-                        if len(outputs[i]) >= budgets[i] or (
-                                stop_fn is not None and stop_fn(i, list(outputs[i]))):
-                            done[b] = True
-                            break
-                    if new and on_tokens is not None:
-                        on_tokens(i, new)
+                    if not done[b]:
+                        done[b] = take_tokens(i, tokens_BN[b].tolist(), outputs, budgets[i],
+                                              stop_set, stop_fn, on_tokens)
 
             row_keys_B = self._put(row_keys_B)
             next_B, cache = self._prefill(

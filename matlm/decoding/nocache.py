@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from matlm.decoding.generate import cache_buckets, check_prompts, split_widths
+from matlm.decoding.generate import (cache_buckets, check_prompts, pad_prompts, split_widths,
+                                     token_budgets)
 from matlm.model.config import ModelConfig
 from matlm.model.transformer import MatLM
 
@@ -54,6 +55,7 @@ def generate_no_cache(params, config: ModelConfig, prompts: Sequence[Sequence[in
     static_widths, traced_widths = split_widths(widths, config)
     B = batch_size or len(prompts)
     stops = {int(t) for t in stop_ids}
+    budgets = token_budgets(prompts, max_new_tokens, max_len)  # generate's context rule.
     outputs: list = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in range(0, len(order), B):
@@ -62,19 +64,13 @@ def generate_no_cache(params, config: ModelConfig, prompts: Sequence[Sequence[in
         # Room for every new token, past max_len if need be: causal attention keeps the
         # logits read (positions < max_len) independent of the later positions.
         L = cache_buckets(None, longest + max_new_tokens)
-        tokens_BL = np.zeros((B, L), np.int32)
-        lengths_B = np.ones(B, np.int32)  # Padding rows: harmless.
-        for b, i in enumerate(rows):
-            tokens_BL[b, :len(prompts[i])] = prompts[i]
-            lengths_B[b] = len(prompts[i])
+        tokens_BL, lengths_B, _ = pad_prompts(prompts, rows, B, L)
         tokens_BL = np.asarray(_greedy(params, tokens_BL, lengths_B, traced_widths,
                                        config=config, static_widths=static_widths,
                                        max_new_tokens=max_new_tokens))
         for b, i in enumerate(rows):
             n = len(prompts[i])
-            # The context rule of generate: the model reads at most max_len tokens.
-            budget = max_new_tokens if max_len is None else min(max_new_tokens, max_len - n + 1)
-            new = tokens_BL[b, n:n + budget].tolist()
+            new = tokens_BL[b, n:n + budgets[i]].tolist()
             cut = next((k for k, t in enumerate(new) if t in stops), len(new))
             outputs[i] = new[:cut]
     return outputs

@@ -251,7 +251,8 @@ def speculative_generate(params, config, prompts: Sequence[Sequence[int]], *, ta
     kernels). `batch_size`: rows decoded together (default all). Greedy output equals
     `generate`'s; sampled output has the target's distribution (not its exact draws).
     """
-    from matlm.decoding.generate import check_prompts  # The checks every decoder shares.
+    # The checks and stop rules every decoder shares.
+    from matlm.decoding.generate import check_prompts, token_budgets
     target, draft = check_speculative_args(config, target_widths, draft_widths, draft_tokens)
     if _rule not in _RULES:
         raise ValueError(f"unknown acceptance rule {_rule!r}; one of {_RULES}")
@@ -263,9 +264,7 @@ def speculative_generate(params, config, prompts: Sequence[Sequence[int]], *, ta
         # Scanned params are unstacked once here, not inside every jitted extend.
         params, config = kv_cache.decoding_form(params, config)
     backend = _backend or _MatLMBackend(config)
-    # As in plain decoding: the model reads the prompt and every new token but the last.
-    budgets = [max_new_tokens if max_len is None else min(max_new_tokens, max_len - len(p) + 1)
-               for p in prompts]
+    budgets = token_budgets(prompts, max_new_tokens, max_len)
     stats = SpeculativeStats()
     outputs: list = [[] for _ in prompts]
     B = batch_size or len(prompts)
@@ -284,19 +283,14 @@ def speculative_generate(params, config, prompts: Sequence[Sequence[int]], *, ta
 
 def _decode_batch(params, backend, prompts, rows, budgets, outputs, stats, *, B, target,
                   draft, k, sampling, base_key, stop_ids, stop_fn, on_tokens, shared, rule):
-    from matlm.decoding.generate import cache_buckets
+    from matlm.decoding.generate import cache_buckets, pad_prompts, take_tokens
     T = cache_buckets(None, max(len(prompts[i]) for i in rows))
     # The deepest write: an active row holds at most prompt + budget - 2 positions at the
     # start of a round, and the round appends k + 1 (to either cache).
     # Past the context (max_len) only draft tokens are written: the accepted ones stay
     # within it (budgets), so S is a power of two, not capped at max_len.
     S = cache_buckets(None, max(len(prompts[i]) + budgets[i] for i in rows) + k)
-    tokens_BT = np.zeros((B, T), np.int32)
-    lengths_B = np.ones(B, np.int32)  # Padding rows: one token; they start finished.
-    for b, i in enumerate(rows):
-        tokens_BT[b, :len(prompts[i])] = prompts[i]
-        lengths_B[b] = len(prompts[i])
-    indices_B = np.array(rows + [0] * (B - len(rows)), np.uint32)
+    tokens_BT, lengths_B, indices_B = pad_prompts(prompts, rows, B, T)  # Padding rows start done.
     row_keys_B = _row_keys(base_key, indices_B)
     empty = _empty_cache(backend=backend, batch_size=B, max_len=S)
     tcache, pending_B = _prefill(params, empty, tokens_BT, lengths_B, row_keys_B,
@@ -311,20 +305,9 @@ def _decode_batch(params, backend, prompts, rows, budgets, outputs, stats, *, B,
     stop_set = {int(s) for s in stop_ids}
 
     def take(b, tokens):
-        """Appends row b's tokens one by one, stopping where plain decoding would."""
-        i, added = rows[b], []
-        for token in tokens.tolist():
-            if token in stop_set:
-                done[b] = True
-                break
-            outputs[i].append(token)
-            added.append(token)
-            if len(outputs[i]) >= budgets[i] or (stop_fn is not None
-                                                  and stop_fn(i, list(outputs[i]))):
-                done[b] = True
-                break
-        if added and on_tokens is not None:
-            on_tokens(i, added)
+        i = rows[b]
+        done[b] = take_tokens(i, tokens.tolist(), outputs, budgets[i], stop_set, stop_fn,
+                              on_tokens)
 
     first_B = np.asarray(pending_B)
     for b in range(len(rows)):
