@@ -20,7 +20,8 @@ CSV_FILE, MD_FILE = "sweep_results.csv", "sweep_results.md"
 
 def read_metrics(model_dir: Path) -> list[dict]:
     """metrics.jsonl's rows (a line cut short by a kill is skipped)."""
-    path = Path(model_dir) / "metrics.jsonl"
+    from matlm.training.model_dir import ModelDir
+    path = ModelDir(model_dir).metrics_file
     rows = []
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -45,15 +46,16 @@ def trial_row(trial: Trial, model_dir: Path, labels: dict) -> dict:
     """One trial's row: swept values, status, params and final val loss per granularity,
     the step reached, tokens trained, wall time, the error's last line."""
     from matlm.model.counting import param_count
-    from matlm.training.model_dir import model_config_from_dict
+    from matlm.training.model_dir import ModelDir, model_config_from_dict
     record = read_trial(model_dir)
     row = {"trial": trial.name, **({"variant": trial.variant} if trial.variant else {})}
     row.update({labels[b]: v for b, v in trial.values.items()})
     row["status"] = record.get("status", "pending")
-    run_config_file = model_dir / "run_config.json"
+    trial_dir = ModelDir(model_dir)  # The model-dir layout lives there.
+    has_run_config = trial_dir.run_config_file.is_file()
     metrics = read_metrics(model_dir)
-    if run_config_file.is_file():
-        run_config = json.loads(run_config_file.read_text())
+    if has_run_config:
+        run_config = trial_dir.read_run_config()
         config = model_config_from_dict(run_config["model"])
         spec = config.granularities
         for name in spec.names:
@@ -63,7 +65,7 @@ def trial_row(trial: Trial, model_dir: Path, labels: dict) -> dict:
         row["step"] = max(steps) if steps else 0
         row["tokens"] = row["step"] * train.get("global_batch_size", 0) * train.get("seq_len", 0)
     val_step, losses = final_val_losses(metrics)
-    order = list(spec.names) if run_config_file.is_file() else []
+    order = list(spec.names) if has_run_config else []
     # In the model's granularity order (metrics.jsonl keys are sorted by name: L, M, S, XL).
     for name in sorted(losses, key=lambda n: order.index(n) if n in order else len(order)):
         row[f"val_loss_{name}"] = losses[name]
