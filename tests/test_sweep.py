@@ -256,3 +256,67 @@ def test_a_base_dir_of_another_sweep_is_refused(tmp_path, capsys):
         {"identity": {"gin_files": ["other.gin"], "bindings": ["TrainConfig.seed = 1"]}}))
     with pytest.raises(SweepSpecError, match="was run with other gin files/bindings"):
         runner.check_base_dir([trial], options)
+
+
+@pytest.mark.slow
+def test_eval_after_training_fills_eval_columns_and_a_failing_eval_keeps_the_training(
+        tmp_path, capsys, monkeypatch, wiki_vocab):
+    """--eval on a trained sweep evaluates without retraining; a failing eval is recorded as
+    the trial's error, --retry_failed reruns only the eval, and the eval_* columns are the
+    trial's own results.json."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"""
+fixed:
+  TrainConfig.steps: 2
+  TrainConfig.seq_len: 16
+  TrainConfig.global_batch_size: 2
+  TrainConfig.eval_batches: 1
+  TrainConfig.checkpoint_every: 2
+  TrainConfig.mesh_shape: [1, 1, 1]
+  ModelConfig.vocab_size: 2048
+  ModelConfig.n_layers: 1
+  DataConfig.vocab_path: '{wiki_vocab.sentencepiece_model_file}'
+list: {{TrainConfig.learning_rate: [1.0e-3]}}
+labels: {{TrainConfig.learning_rate: lr}}
+""")
+    base = tmp_path / "base"
+    name = "lr=0.001"
+    command = ["sweep", "--gin_file=configs/runs/default.gin", f"--sweep={sweep}",
+               f"--base_dir={base}"]
+    assert matlm_main(command) == 0
+    capsys.readouterr()
+    train_log = (base / name / "train.log").read_text()
+
+    # An eval that fails (an unknown task): the trial is failed with the eval's error.
+    assert matlm_main([*command, "--eval", "--eval_flags=--tasks=no_such_task"]) == 1
+    out = capsys.readouterr().out
+    record = json.loads((base / name / "trial.json").read_text())
+    assert record["status"] == "failed" and record["eval_status"] == "failed"
+    assert record["train_status"] == "done" and record["error"].startswith("matlm eval:")
+    assert "no_such_task" in record["error"]
+    assert f"{name}: failed" in out
+
+    # --retry_failed with a good eval: only the eval runs (training is not repeated).
+    flags = "--eval_flags=--tasks=loss --max_examples=4 --batch_size=2 --max_len=16 --no_plots"
+    assert matlm_main([*command, "--eval", flags, "--retry_failed",
+                       "--metric=eval_loss:matlm_wiki_XL"]) == 0
+    assert "no trial has this column" not in capsys.readouterr().err
+    assert (base / name / "train.log").read_text() == train_log
+    results = json.loads((base / name / "eval" / "2" / "results.json").read_text())
+    with open(base / "sweep_results.csv") as f:
+        row, = list(csv.DictReader(f))
+    assert row["status"] == "done"
+    losses = results["tasks"]["loss:matlm_wiki"]["metrics"]
+    assert set(losses) == {"S", "M", "L", "XL"}
+    for g, metrics in losses.items():
+        assert float(row[f"eval_loss:matlm_wiki_{g}"]) == pytest.approx(metrics["loss"], rel=1e-9)
+    assert (base / "eval_loss:matlm_wiki_XL_vs_lr.png").stat().st_size > 0  # --metric plotted.
+
+    # Evaluated and trained: a rerun with --eval runs nothing. A metric no eval produced is
+    # named, with the columns that exist.
+    assert matlm_main([*command, "--eval", flags, "--metric=eval_loss_XL"]) == 0
+    captured = capsys.readouterr()
+    assert "started" not in captured.out
+    assert "--metric=eval_loss_XL: no trial has this column" in captured.err
+    assert "eval_loss:matlm_wiki_XL" in captured.err

@@ -106,6 +106,11 @@ def run(args, gin_bindings) -> int:
           flush=True)
     records = runner.run_sweep(trials, steps, options)
     rows = results_lib.collect(spec, trials, options.base_dir)
+    if not any(metric in row for row in rows):
+        # An eval_* metric is only checked now, once the evals named their columns.
+        evals = sorted({c for row in rows for c in row if c.startswith("eval_")})
+        print(f"sweep: --metric={metric}: no trial has this column, its plots are empty; "
+              f"eval columns: {', '.join(evals) or 'none'}", file=sys.stderr)
     written = results_lib.write_results(rows, options.base_dir, metric,
                                         [labels[b] for b in spec.axes], plots=not args.no_plots)
     print()

@@ -81,11 +81,11 @@ def trial_row(trial: Trial, model_dir: Path, labels: dict) -> dict:
 def _eval_columns(model_dir: Path) -> dict:
     """From the newest `matlm eval` results: held-out loss and average accuracy per submodel."""
     from matlm.evaluation.report import average_accuracy
-    runs = sorted((p for p in (model_dir / "eval").glob("*/results.json")),
-                  key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else -1)
-    if not runs:
+    from matlm.training.model_dir import ModelDir
+    results_file = ModelDir(model_dir).latest_eval_results()
+    if results_file is None:
         return {}
-    results = json.loads(runs[-1].read_text())
+    results = json.loads(results_file.read_text())
     out = {}
     for task, entry in results["tasks"].items():
         if entry["kind"] == "loss":

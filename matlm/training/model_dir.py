@@ -131,6 +131,12 @@ class ModelDir:
     def eval_dir(self, step: int) -> Path:
         return self.path / "eval" / str(step)
 
+    def latest_eval_results(self) -> Optional[Path]:
+        """results.json of `matlm eval` at the newest evaluated step, or None."""
+        steps = sorted(int(p.parent.name) for p in (self.path / "eval").glob("*/results.json")
+                       if p.parent.name.isdigit())
+        return self.eval_dir(steps[-1]) / "results.json" if steps else None
+
     # --- The run config. -------------------------------------------------------------------
     def read_run_config(self) -> dict:
         path = self.run_config_file
