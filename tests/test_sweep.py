@@ -320,3 +320,51 @@ labels: {{TrainConfig.learning_rate: lr}}
     assert "started" not in captured.out
     assert "--metric=eval_loss_XL: no trial has this column" in captured.err
     assert "eval_loss:matlm_wiki_XL" in captured.err
+
+
+@pytest.mark.slow
+def test_collect_only_reports_trials_trained_elsewhere(tmp_path, capsys, wiki_vocab):
+    """--collect_only runs nothing and reads what a launcher's trials left in BASE_DIR (no
+    trial.json there): a trial with its final checkpoint is done, with the losses its own
+    training logged; one preempted early is interrupted; one never started is pending."""
+    from matlm.sweep import runner
+    from matlm.training.model_dir import ModelDir
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"""
+fixed:
+  TrainConfig.steps: 2
+  TrainConfig.seq_len: 16
+  TrainConfig.global_batch_size: 8
+  TrainConfig.eval_batches: 1
+  TrainConfig.checkpoint_every: 1
+  ModelConfig.vocab_size: 2048
+  ModelConfig.n_layers: 1
+  DataConfig.vocab_path: '{wiki_vocab.sentencepiece_model_file}'
+list: {{TrainConfig.learning_rate: [1.0e-3, 2.0e-3, 3.0e-3]}}
+labels: {{TrainConfig.learning_rate: lr}}
+""")
+    base = tmp_path / "base"
+    command = ["sweep", "--gin_file=configs/runs/default.gin", f"--sweep={sweep}",
+               f"--base_dir={base}", "--collect_only"]
+    assert matlm_main(command) == 2  # Nothing to collect: one line, nothing created.
+    assert "no such directory" in capsys.readouterr().err and not base.exists()
+    trials = spec_lib.expand(spec_lib.load_spec(sweep))
+    options = runner.SweepOptions(gin_files=["configs/runs/default.gin"], bindings=[],
+                                  base_dir=base)
+    # What `--launcher=tpu` runs on the workers: the trial's train job, here in-process.
+    assert matlm_main(runner.train_job(trials[0], options).train_args(())) == 0
+    assert matlm_main([*runner.train_job(trials[1], options).train_args(()),
+                       "--gin.TrainConfig.steps=1"]) == 0  # "Preempted" after step 1.
+    capsys.readouterr()
+    assert matlm_main(command) == 1  # Not every trial is done.
+    out = capsys.readouterr().out
+    assert "started" not in out and not (base / trials[2].name).exists()
+    with open(base / "sweep_results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["done", "interrupted", "pending"]
+    logged = [json.loads(line) for line in
+              ModelDir(base / trials[0].name).metrics_file.read_text().splitlines()]
+    last_eval = [r for r in logged if "eval/XL/loss" in r][-1]
+    assert int(rows[0]["step"]) == 2 and int(rows[0]["tokens"]) == 2 * 8 * 16
+    assert float(rows[0]["val_loss_XL"]) == pytest.approx(last_eval["eval/XL/loss"], rel=1e-9)
+    assert int(rows[1]["step"]) == 1 and rows[2]["val_loss_XL"] == ""

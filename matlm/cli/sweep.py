@@ -4,6 +4,7 @@
     matlm sweep --gin_file=RUN.gin --sweep=SWEEP.gin --parallel=2 --eval --gin.TrainConfig.steps=50
     matlm sweep ... --dry_run                    # the trials and their commands; nothing runs
     matlm sweep ... --launcher=tpu --tpu=NAME --zone=Z --dry_run   # one TPU launch per trial
+    matlm sweep ... --collect_only               # results of trials run elsewhere (TPU), nothing runs
 
 Every trial is expanded, named and built into its ModelConfig / TrainConfig / DataConfig
 before the first one runs: a bad spec is one line, exit 2. Trials go to
@@ -44,6 +45,10 @@ def add_arguments(parser) -> None:
                              "eval_* column")
     parser.add_argument("--retry_failed", action="store_true",
                         help="rerun trials that failed (by default a rerun skips them)")
+    parser.add_argument("--collect_only", action="store_true",
+                        help="run nothing: write sweep_results.{csv,md} and plots from what "
+                             "BASE_DIR holds (e.g. after --launcher=tpu, once the trials' "
+                             "model dirs are readable here)")
     parser.add_argument("--no_plots", action="store_true")
     parser.add_argument("--launcher", choices=("local", "tpu"), default="local",
                         help="local: run the trials here; tpu: one `matlm launch --tpu` per "
@@ -78,7 +83,8 @@ def run(args, gin_bindings) -> int:
     choices = _metric_choices(configs)
     metric = args.metric or next(c for c in reversed(choices) if c.startswith("val_loss_"))
     # eval_* columns are named after the eval's tasks, known once it ran (docs/sweep.md).
-    if metric not in choices and not (args.eval and metric.startswith("eval_")):
+    if metric not in choices and not ((args.eval or args.collect_only)
+                                      and metric.startswith("eval_")):
         raise spec_lib.SweepSpecError(f"--metric={metric!r}: expected one of {', '.join(choices)}"
                                       + (", or an eval_* column with --eval" if not args.eval
                                          else ""))
@@ -86,6 +92,9 @@ def run(args, gin_bindings) -> int:
                                   base_dir=base_dir.absolute(), parallel=args.parallel,
                                   eval=args.eval, eval_flags=eval_flags,
                                   retry_failed=args.retry_failed)
+    steps = {name: train_config.steps for name, (_, train_config) in configs.items()}
+    if args.collect_only:
+        return _write_results(spec, trials, steps, options, metric, args.no_plots)
     if args.launcher == "tpu":
         return _launch_on_tpu(args, trials, options)
     runner.check_base_dir(trials, options)
@@ -101,21 +110,32 @@ def run(args, gin_bindings) -> int:
         if to_run:
             print("\nfirst command:\n  " + shlex.join(runner.train_command(to_run[0], options)))
         return 0
-    steps = {name: train_config.steps for name, (_, train_config) in configs.items()}
     print(f"sweep: {len(trials)} trials, {args.parallel} at a time, in {options.base_dir}",
           flush=True)
-    records = runner.run_sweep(trials, steps, options)
-    rows = results_lib.collect(spec, trials, options.base_dir)
+    runner.run_sweep(trials, steps, options)
+    return _write_results(spec, trials, steps, options, metric, args.no_plots)
+
+
+def _write_results(spec, trials, steps: dict, options, metric: str, no_plots: bool) -> int:
+    """Collects every trial's row, writes the CSV/MD/plots, prints the table; exit 1 unless
+    every trial is done."""
+    from matlm.sweep import results as results_lib
+    from matlm.sweep import spec as spec_lib
+    if not options.base_dir.is_dir():
+        raise spec_lib.SweepSpecError(f"--base_dir={options.base_dir}: no such directory "
+                                      "(nothing to collect: run the sweep first)")
+    rows = results_lib.collect(spec, trials, options.base_dir, steps)
     if not any(metric in row for row in rows):
         # An eval_* metric is only checked now, once the evals named their columns.
         evals = sorted({c for row in rows for c in row if c.startswith("eval_")})
         print(f"sweep: --metric={metric}: no trial has this column, its plots are empty; "
               f"eval columns: {', '.join(evals) or 'none'}", file=sys.stderr)
+    labels = spec_lib.labels_of(spec)
     written = results_lib.write_results(rows, options.base_dir, metric,
-                                        [labels[b] for b in spec.axes], plots=not args.no_plots)
+                                        [labels[b] for b in spec.axes], plots=not no_plots)
     print()
     print(results_lib.format_table(rows))
-    failed = [n for n, r in records.items() if r.get("status") != runner.DONE]
+    failed = [row["trial"] for row in rows if row["status"] != "done"]
     print(f"\n{len(trials) - len(failed)} of {len(trials)} trials done"
           + (f"; not done: {', '.join(failed)}" if failed else "")
           + f". Wrote {', '.join(p.name for p in written)} to {options.base_dir}")
@@ -141,4 +161,7 @@ def _launch_on_tpu(args, trials, options) -> int:
                 print(f"matlm sweep: command failed with exit {code}: {launcher.show(command)}",
                       file=sys.stderr)
                 return code
+    if not args.dry_run:
+        print(f"matlm sweep: launched {len(trials)} trials; once {options.base_dir} is readable "
+              "here, the same command with --collect_only writes the results", flush=True)
     return 0
