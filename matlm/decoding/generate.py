@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from matlm.decoding import kv_cache
-from matlm.decoding.sampling import SamplingConfig, sample
+from matlm.decoding.sampling import SamplingConfig, sample_rows
 from matlm.model.config import ModelConfig
 
 MIN_BUCKET = 32
@@ -135,10 +135,11 @@ def take_tokens(i: int, tokens: Sequence[int], outputs: list, budget: int, stop_
     return done
 
 
-def _sample_rows(row_keys_B, step, logits_BV, sampling: SamplingConfig):
-    """One token per row, each row with its own key folded with the step."""
+def sample_step(row_keys_B, step, logits_BV, sampling: SamplingConfig):
+    """Token `step` of every row: drawn with the row's key folded with the step (new token
+    n of prompt i uses fold_in(fold_in(key(seed), i), n), whatever the batching)."""
     keys_B = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys_B)
-    return jax.vmap(lambda k, l: sample(k, l, sampling))(keys_B, logits_BV)
+    return sample_rows(keys_B, logits_BV, sampling)
 
 
 class Decoder:
@@ -170,7 +171,7 @@ class Decoder:
         logits_BTV, cache = kv_cache.prefill(params, self.config, cache, tokens_BT, lengths_B,
                                              widths)
         last_BV = logits_BTV[jnp.arange(B), lengths_B - 1]
-        return _sample_rows(row_keys_B, 0, last_BV, sampling), cache
+        return sample_step(row_keys_B, 0, last_BV, sampling), cache
 
     def _decode_impl(self, params, cache, next_B, row_keys_B, step, traced_widths, *,
                      static_widths, sampling, steps):
@@ -182,7 +183,7 @@ class Decoder:
             cache, next_B = carry
             logits_B1V, cache = kv_cache.extend(params, self.config, cache, next_B[:, None],
                                                 widths)
-            next_B = _sample_rows(row_keys_B, step + i, logits_B1V[:, 0], sampling)
+            next_B = sample_step(row_keys_B, step + i, logits_B1V[:, 0], sampling)
             return (cache, next_B), next_B
 
         (cache, next_B), tokens_SB = jax.lax.scan(body, (cache, next_B), jnp.arange(steps))

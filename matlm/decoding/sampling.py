@@ -75,3 +75,9 @@ def sample(key, logits_BV, config: SamplingConfig):
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, processed_logits(logits_BV, config), axis=-1
                                   ).astype(jnp.int32)
+
+
+def sample_rows(keys_B, logits_BV, config: SamplingConfig):
+    """One token per row [B], each row drawn with its own key (so a row's tokens do not
+    depend on which other rows share its batch)."""
+    return jax.vmap(lambda key, logits_V: sample(key, logits_V, config))(keys_B, logits_BV)

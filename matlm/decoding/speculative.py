@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from matlm.decoding.sampling import SamplingConfig, sample, token_probs
+from matlm.decoding.generate import sample_step
+from matlm.decoding.sampling import SamplingConfig, sample_rows, token_probs
 
 
 class SpeculativeError(ValueError):
@@ -98,10 +99,6 @@ def _split_rows(keys_B, n: int):
     return jnp.swapaxes(jax.vmap(lambda key: jax.random.split(key, n))(keys_B), 0, 1)
 
 
-def _sample_rows(keys_B, logits_BV, sampling: SamplingConfig):
-    return jax.vmap(lambda key, logits_V: sample(key, logits_V, sampling))(keys_B, logits_BV)
-
-
 def _accept(keys_B, p_BJV, q_BkV, drafts_Bk, rule: str):
     """The acceptance rule for every row at once. p: the target's distributions at the
     k + 1 verified positions (J = k + 1), q: the draft's at the k drafted ones; each row
@@ -151,7 +148,7 @@ def _round(params, tcache, dcache, pending_B, active_B, row_keys_B, round_index,
 
     def draft_step(carry, step_keys_B):
         cache, logits_BV = carry
-        token_B = _sample_rows(step_keys_B, logits_BV, sampling)
+        token_B = sample_rows(step_keys_B, logits_BV, sampling)
         next_logits_B1V, cache = backend.extend(params, cache, token_B[:, None], draft_widths)
         return (cache, next_logits_B1V[:, 0]), (token_B, token_probs(logits_BV, sampling))
 
@@ -164,7 +161,7 @@ def _round(params, tcache, dcache, pending_B, active_B, row_keys_B, round_index,
         draft_step, (dcache_run, logits_B1V[:, 0]), keys_JB[1:scanned + 1])
     drafts_Bk, q_BkV = tokens_sB.T, jnp.swapaxes(q_sBV, 0, 1)
     if shared:
-        last_B = _sample_rows(keys_JB[k], last_logits_BV, sampling)
+        last_B = sample_rows(keys_JB[k], last_logits_BV, sampling)
         drafts_Bk = jnp.concatenate([drafts_Bk, last_B[:, None]], axis=1)
         q_BkV = jnp.concatenate([q_BkV, token_probs(last_logits_BV, sampling)[:, None]],
                                 axis=1)
@@ -188,8 +185,7 @@ def _prefill(params, cache, tokens_BT, lengths_B, row_keys_B, *, backend, widths
     """Prompt prefill; samples the first new token from the last prompt position."""
     logits_BTV, cache = backend.prefill(params, cache, tokens_BT, lengths_B, widths)
     last_BV = logits_BTV[jnp.arange(tokens_BT.shape[0]), lengths_B - 1]
-    keys_B = jax.vmap(lambda key: jax.random.fold_in(key, 0))(row_keys_B)
-    return cache, _sample_rows(keys_B, last_BV, sampling)
+    return cache, sample_step(row_keys_B, 0, last_BV, sampling)
 
 
 @functools.partial(jax.jit, static_argnames=("backend", "batch_size", "max_len"))
