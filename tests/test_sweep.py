@@ -168,28 +168,35 @@ def _loss_table(train_log):
     return out
 
 
+# Tiny 2-step runs: what every end-to-end sweep test trains (each may override a binding).
+TINY_FIXED = {"TrainConfig.steps": 2, "TrainConfig.seq_len": 16,
+              "TrainConfig.global_batch_size": 2, "TrainConfig.eval_batches": 1,
+              "TrainConfig.checkpoint_every": 2, "ModelConfig.vocab_size": 2048}
+
+
+def tiny_sweep_file(tmp_path, wiki_vocab, fixed: dict, axes: str):
+    """tmp_path/sweep.yaml: TINY_FIXED updated by `fixed`, the test vocabulary, then `axes`
+    (the spec's list/labels YAML text)."""
+    import yaml
+    path = tmp_path / "sweep.yaml"
+    bindings = {**TINY_FIXED, **fixed,
+                "DataConfig.vocab_path": str(wiki_vocab.sentencepiece_model_file)}
+    path.write_text(yaml.safe_dump({"fixed": bindings}, sort_keys=False) + axes)
+    return path
+
+
 @pytest.mark.slow
 def test_four_trial_sweep_isolates_a_failure_and_a_rerun_runs_nothing(tmp_path, capsys,
                                                                       monkeypatch, wiki_vocab):
     # One CPU device per trial process (the tests' 8 fake devices would not fit mesh (1,1,1)).
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(f"""
-fixed:
-  TrainConfig.steps: 2
-  TrainConfig.seq_len: 16
-  TrainConfig.global_batch_size: 2
-  TrainConfig.eval_batches: 1
-  TrainConfig.checkpoint_every: 2
-  TrainConfig.log_every: 1
-  ModelConfig.vocab_size: 2048
-  ModelConfig.n_layers: 2
-  DataConfig.vocab_path: '{wiki_vocab.sentencepiece_model_file}'
+    sweep = tiny_sweep_file(tmp_path, wiki_vocab, {"TrainConfig.log_every": 1,
+                                                   "ModelConfig.n_layers": 2}, """
 list:
   TrainConfig.learning_rate: [1.0e-3, 2.0e-3, 3.0e-3, 4.0e-3]
   # (3, 1, 1) needs 3 devices: this trial passes the spec checks and fails when it runs.
   TrainConfig.mesh_shape: [[1, 1, 1], [1, 1, 1], [3, 1, 1], [1, 1, 1]]
-labels: {{TrainConfig.learning_rate: lr, TrainConfig.mesh_shape: mesh}}
+labels: {TrainConfig.learning_rate: lr, TrainConfig.mesh_shape: mesh}
 """)
     base = tmp_path / "base"
     command = ["sweep", "--gin_file=configs/runs/default.gin", f"--sweep={sweep}",
@@ -265,20 +272,10 @@ def test_eval_after_training_fills_eval_columns_and_a_failing_eval_keeps_the_tra
     the trial's error, --retry_failed reruns only the eval, and the eval_* columns are the
     trial's own results.json."""
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(f"""
-fixed:
-  TrainConfig.steps: 2
-  TrainConfig.seq_len: 16
-  TrainConfig.global_batch_size: 2
-  TrainConfig.eval_batches: 1
-  TrainConfig.checkpoint_every: 2
-  TrainConfig.mesh_shape: [1, 1, 1]
-  ModelConfig.vocab_size: 2048
-  ModelConfig.n_layers: 1
-  DataConfig.vocab_path: '{wiki_vocab.sentencepiece_model_file}'
-list: {{TrainConfig.learning_rate: [1.0e-3]}}
-labels: {{TrainConfig.learning_rate: lr}}
+    sweep = tiny_sweep_file(tmp_path, wiki_vocab, {"TrainConfig.mesh_shape": [1, 1, 1],
+                                                   "ModelConfig.n_layers": 1}, """
+list: {TrainConfig.learning_rate: [1.0e-3]}
+labels: {TrainConfig.learning_rate: lr}
 """)
     base = tmp_path / "base"
     name = "lr=0.001"
@@ -329,19 +326,12 @@ def test_collect_only_reports_trials_trained_elsewhere(tmp_path, capsys, wiki_vo
     training logged; one preempted early is interrupted; one never started is pending."""
     from matlm.sweep import runner
     from matlm.training.model_dir import ModelDir
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(f"""
-fixed:
-  TrainConfig.steps: 2
-  TrainConfig.seq_len: 16
-  TrainConfig.global_batch_size: 8
-  TrainConfig.eval_batches: 1
-  TrainConfig.checkpoint_every: 1
-  ModelConfig.vocab_size: 2048
-  ModelConfig.n_layers: 1
-  DataConfig.vocab_path: '{wiki_vocab.sentencepiece_model_file}'
-list: {{TrainConfig.learning_rate: [1.0e-3, 2.0e-3, 3.0e-3]}}
-labels: {{TrainConfig.learning_rate: lr}}
+    # Batch 8: these trials train in this process, on the tests' 8 devices.
+    sweep = tiny_sweep_file(tmp_path, wiki_vocab, {"TrainConfig.global_batch_size": 8,
+                                                   "TrainConfig.checkpoint_every": 1,
+                                                   "ModelConfig.n_layers": 1}, """
+list: {TrainConfig.learning_rate: [1.0e-3, 2.0e-3, 3.0e-3]}
+labels: {TrainConfig.learning_rate: lr}
 """)
     base = tmp_path / "base"
     command = ["sweep", "--gin_file=configs/runs/default.gin", f"--sweep={sweep}",
