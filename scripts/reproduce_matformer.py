@@ -47,8 +47,9 @@ SCALES = {
 FAMILIES = ("matlm", "matlm_v2", "dense_S", "dense_M", "dense_L", "dense_XL")
 
 
-def sweep_spec(scale: dict, seeds) -> str:
-    """The sweep: seeds (grid) x the six models (a named list axis), one YAML file."""
+def sweep_spec(scale: dict, seeds, families=FAMILIES) -> str:
+    """The sweep: seeds (grid) x the models (a named list axis; all six unless `families`
+    names a subset), one YAML file."""
     widths = [scale["d_ff"] // 8, scale["d_ff"] // 4, scale["d_ff"] // 2, scale["d_ff"]]
     d_ff = [scale["d_ff"], scale["d_ff"], *widths]
     names = [list(NAMES), list(NAMES), *[[n] for n in NAMES]]
@@ -65,14 +66,24 @@ def sweep_spec(scale: dict, seeds) -> str:
         "TrainConfig.mesh_shape": [1, 1, 1], "TrainConfig.sample_k": 1,
     }
     import yaml
+    keep = [FAMILIES.index(f) for f in families]
+    axes = {"ModelConfig.d_ff": d_ff, "ModelConfig.granularity_names": names,
+            "TrainConfig.granularity_weights": weights, "TrainConfig.granularity_mode": modes}
     return yaml.safe_dump({
         "fixed": fixed,
         "grid": {"TrainConfig.seed": list(seeds)},
-        "list": {"ModelConfig.d_ff": d_ff, "ModelConfig.granularity_names": names,
-                 "TrainConfig.granularity_weights": weights,
-                 "TrainConfig.granularity_mode": modes},
-        "list_names": list(FAMILIES),
+        "list": {k: [v[i] for i in keep] for k, v in axes.items()},
+        "list_names": [FAMILIES[i] for i in keep],
     }, sort_keys=False)
+
+
+def loss_table(scores, trials) -> str:
+    """Each trial's held-out loss per granularity (what a run of a subset of the families
+    reports: the full comparison needs all six)."""
+    from tabulate import tabulate
+    rows = [[t.name, *(f"{scores[t.name][g]['loss']:.3f}" if g in scores[t.name] else ""
+                       for g in NAMES)] for t in trials]
+    return tabulate(rows, headers=["trial", *NAMES], tablefmt="github", disable_numparse=True)
 
 
 def score_checkpoints(base_dir: Path, trials, eval_sequences: int, seq_len: int, mixes: int):
@@ -280,14 +291,29 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (>= 2 for a spread)")
     parser.add_argument("--parallel", type=int, default=2, help="trials at a time")
     parser.add_argument("--mixes", type=int, default=20, help="Mix'n'Match configurations")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train steps per model (default: the scale's); use a new --out")
+    parser.add_argument("--families", default=",".join(FAMILIES),
+                        help="comma-separated subset of the models; fewer than all six "
+                             "reports each trial's losses instead of the comparison")
     args = parser.parse_args(argv)
     scale_name = "quick" if args.quick else "full"
-    scale = SCALES[scale_name]
+    scale = dict(SCALES[scale_name])
+    if args.steps is not None:
+        if args.steps < 1:
+            parser.error(f"--steps must be >= 1, got {args.steps}")
+        scale.update(steps=args.steps)
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown or not families:
+        parser.error(f"--families: unknown {unknown or 'empty'}; expected names from "
+                     f"{', '.join(FAMILIES)}")
+    families = [f for f in FAMILIES if f in families]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     out = Path(args.out or REPO / "runs" / f"reproduce{'_quick' if args.quick else ''}")
     out.mkdir(parents=True, exist_ok=True)
     spec_file = out / "sweep.yaml"
-    spec_file.write_text(sweep_spec(scale, seeds))
+    spec_file.write_text(sweep_spec(scale, seeds, families))
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     start = time.time()
     from matlm.cli.main import main as matlm_main
@@ -303,6 +329,13 @@ def main(argv=None) -> int:
     scores = score_checkpoints(out / "sweep", trials, scale["eval_sequences"], scale["seq_len"],
                                args.mixes)
     tokens = scale["steps"] * scale["batch"] * scale["seq_len"]
+    if len(families) < len(FAMILIES):
+        text = (f"# MatFormer reproduction ({scale_name} scale, {', '.join(families)} only)\n\n"
+                f"{tokens:,} training tokens per model; held-out loss (nats/token):\n\n"
+                f"{loss_table(scores, trials)}\n")
+        (out / "reproduce.md").write_text(text)
+        print("\n" + text)
+        return 0
     result = analyse(scores, trials, tokens)
     wall = time.time() - start
     (out / "reproduce.json").write_text(json.dumps({"scale": scale_name, **scale, **result,

@@ -87,3 +87,25 @@ def test_analysis_of_synthetic_scores_gives_the_table_the_verdict_and_the_mix_li
     assert "matches or beats the baseline at 2 of 4 granularities" in text
     assert "more than the seed spread at 2 (S, M)" in text
     assert "1 of 2 within ±0.02 nats, 1 above it" in text
+
+
+def test_a_subset_of_families_sweeps_only_those_models_with_their_own_bindings(capsys):
+    """--families: the subset's trials carry exactly the bindings the full sweep gives them;
+    an unknown name is refused before anything runs."""
+    import yaml
+    from matlm.sweep import spec as spec_lib
+    script = _reproduce_script()
+    scale = dict(script.SCALES["full"], steps=600)
+
+    def trials(families=script.FAMILIES):
+        spec = spec_lib.spec_from_dict(yaml.safe_load(script.sweep_spec(scale, [0], families)))
+        return {t.name: t.bindings for t in spec_lib.expand(spec)}
+
+    every, subset = trials(), trials(["matlm", "dense_XL"])
+    assert list(subset) == ["seed=0-matlm", "seed=0-dense_XL"]
+    assert all(subset[name] == every[name] for name in subset)
+    assert "TrainConfig.steps = 600" in subset["seed=0-dense_XL"]
+    assert "ModelConfig.d_ff = 768" in subset["seed=0-dense_XL"]
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--families=matlm,dense_XXL", "--out=/nonexistent/never_created"])
+    assert exit_info.value.code == 2 and "dense_XXL" in capsys.readouterr().err
