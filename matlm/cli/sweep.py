@@ -120,7 +120,7 @@ def _write_results(spec, trials, steps: dict, options, metric: str, no_plots: bo
     """Collects every trial's row, writes the CSV/MD/plots, prints the table; exit 1 unless
     every trial is done."""
     from matlm.sweep import results as results_lib
-    from matlm.sweep import spec as spec_lib
+    from matlm.sweep import runner, spec as spec_lib
     if not options.base_dir.is_dir():
         raise spec_lib.SweepSpecError(f"--base_dir={options.base_dir}: no such directory "
                                       "(nothing to collect: run the sweep first)")
@@ -135,7 +135,7 @@ def _write_results(spec, trials, steps: dict, options, metric: str, no_plots: bo
                                         [labels[b] for b in spec.axes], plots=not no_plots)
     print()
     print(results_lib.format_table(rows))
-    failed = [row["trial"] for row in rows if row["status"] != "done"]
+    failed = [row["trial"] for row in rows if row["status"] != runner.DONE]
     print(f"\n{len(trials) - len(failed)} of {len(trials)} trials done"
           + (f"; not done: {', '.join(failed)}" if failed else "")
           + f". Wrote {', '.join(p.name for p in written)} to {options.base_dir}")

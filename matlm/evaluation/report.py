@@ -42,14 +42,22 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _averaged_over(results: dict) -> tuple[list[dict], list[dict]]:
+    """What the per-submodel averages count, each once: the scored (not loss) tasks with a
+    row of their own, and the large groups (whose members have no rows)."""
+    tasks = results["tasks"]
+    shown = [tasks[t] for t in shown_tasks(results) if tasks[t]["kind"] in PRIMARY]
+    large = [g for g in results.get("groups", {}).values() if len(g["tasks"]) > GROUP_ROWS_LIMIT]
+    return shown, large
+
+
 def average_accuracy(results: dict) -> dict[str, float]:
     """Per submodel: the mean primary metric over the tasks with a row of their own, each
     large group counting once by its micro average (nan if none)."""
     out = {}
-    shown = [results["tasks"][t] for t in shown_tasks(results)]
-    large = [g for g in results.get("groups", {}).values() if len(g["tasks"]) > GROUP_ROWS_LIMIT]
+    shown, large = _averaged_over(results)
     for name in results["submodels"]:
-        values = [t["metrics"][name][primary(t)] for t in shown if t["kind"] in PRIMARY]
+        values = [t["metrics"][name][primary(t)] for t in shown]
         values += [g["metrics"][name]["micro"] for g in large]
         out[name] = sum(values) / len(values) if values else math.nan
     return out
@@ -95,14 +103,12 @@ def answer_agreement(results: dict) -> dict[str, float]:
     `average_accuracy` counts (tasks with a row of their own, each large group once, by
     the mean over its members); nan if there are none (e.g. --tasks=mmlu alone)."""
     tasks = results["tasks"]
-    shown = [t for t in shown_tasks(results) if tasks[t]["kind"] != "loss"]
-    large = [g["tasks"] for g in results.get("groups", {}).values()
-             if len(g["tasks"]) > GROUP_ROWS_LIMIT]
+    shown, large = _averaged_over(results)
     out = {}
     for name in results["submodels"]:
-        values = [tasks[t]["metrics"][name]["answer_agreement"] for t in shown]
-        values += [sum(tasks[t]["metrics"][name]["answer_agreement"] for t in members)
-                   / len(members) for members in large]
+        values = [t["metrics"][name]["answer_agreement"] for t in shown]
+        values += [sum(tasks[t]["metrics"][name]["answer_agreement"] for t in g["tasks"])
+                   / len(g["tasks"]) for g in large]
         out[name] = sum(values) / len(values) if values else math.nan
     return out
 

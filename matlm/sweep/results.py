@@ -42,7 +42,8 @@ def final_val_losses(rows: Sequence[dict]) -> tuple[Optional[int], dict[str, flo
     return None, {}
 
 
-def trial_row(trial: Trial, model_dir: Path, labels: dict, steps: Optional[int] = None) -> dict:
+def trial_row(trial: Trial, model_dir: Path, labels: dict,
+              configured_steps: Optional[int] = None) -> dict:
     """One trial's row: swept values, status, params and final val loss per granularity,
     the step reached, tokens trained, wall time, the error's last line."""
     from matlm.model.counting import param_count
@@ -50,7 +51,8 @@ def trial_row(trial: Trial, model_dir: Path, labels: dict, steps: Optional[int] 
     record = read_trial(model_dir)
     row = {"trial": trial.name, **({"variant": trial.variant} if trial.variant else {})}
     row.update({labels[b]: v for b, v in trial.values.items()})
-    row["status"] = record.get("status") or _status_from_checkpoints(model_dir, steps)
+    row["status"] = record.get("status") or _status_from_checkpoints(model_dir,
+                                                                     configured_steps)
     trial_dir = ModelDir(model_dir)  # The model-dir layout lives there.
     has_run_config = trial_dir.run_config_file.is_file()
     metrics = read_metrics(model_dir)
@@ -99,7 +101,7 @@ def _status_from_checkpoints(model_dir: Path, steps: Optional[int]) -> str:
     """The status of a trial that has no trial.json (trained by a launcher on other machines,
     not by this sweep's runner): done once its final checkpoint is saved."""
     from matlm.sweep.runner import DONE, INTERRUPTED, PENDING, final_checkpoint_step
-    final = final_checkpoint_step(model_dir) if Path(model_dir).is_dir() else None
+    final = final_checkpoint_step(model_dir)  # None without a checkpoints dir.
     if final is None or steps is None:
         return PENDING
     return DONE if final >= steps else INTERRUPTED
