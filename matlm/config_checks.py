@@ -31,7 +31,8 @@ class Check:
     """What one value must be. `kind` is int, float (any finite real), bool, str or tuple;
     bounds are inclusive (`ge`, `le`) or strict (`gt`, `lt`); `choices` lists the allowed
     values; `also` lists values accepted outside the bounds (e.g. -1 = "the rest");
-    `optional` accepts None; `each` checks every element of a tuple."""
+    `optional` accepts None; `each` checks every element of a tuple; `presets` lists
+    names (strings) accepted instead of a value of `kind`."""
     kind: type
     ge: Optional[float] = None
     gt: Optional[float] = None
@@ -41,6 +42,7 @@ class Check:
     also: tuple = ()
     optional: bool = False
     each: Optional["Check"] = None
+    presets: tuple = ()
 
     def expected(self) -> str:
         """The expected value in words: 'a finite number > 0', 'an integer >= 1 or -1'."""
@@ -53,11 +55,15 @@ class Check:
                 words += "".join(f" or {a!r}" for a in self.also)
             if self.each is not None:
                 words += f" of {_plural(self.each.expected())}"
+        if self.presets:
+            words += f" or one of {', '.join(repr(p) for p in self.presets)}"
         return words + (" or None" if self.optional else "")
 
     def ok(self, value: Any) -> bool:
         if value is None:
             return self.optional
+        if isinstance(value, str) and value in self.presets:
+            return True
         if self.choices:
             return any(value == c and type(value) is type(c) for c in self.choices)
         if not _is_kind(value, self.kind):

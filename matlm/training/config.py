@@ -12,7 +12,9 @@ class TrainConfigError(ValueError):
 
 
 DECAYS = ("cosine", "linear", "constant")
-GRANULARITY_MODES = ("all", "sample")
+GRANULARITY_MODES = ("all", "sample", "sandwich")
+# Named weights (matlm.training.objective.preset_weights).
+WEIGHT_PRESETS = ("uniform", "paper_table6")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,18 +41,30 @@ class TrainConfig:
     # optax.clip_by_global_norm: a threshold of 0 would zero every update.
     clip_grad_norm: float = checked(1.0, float, gt=0)
 
-    # MatFormer objective: loss = Σ_i λ_i · CE_i over the granularities trained this step.
-    # "all": every granularity every step (paper v1); "sample": `sample_k` granularities
-    # drawn per step with `sample_probabilities`, identical on every host (from seed, step).
+    # MatFormer objective: loss = Σ_i λ_i · L_i over the granularities trained this step
+    # (docs/objective.md). "all": every granularity every step (paper v1); "sample":
+    # `sample_k` granularities drawn per step with `sample_probabilities`, identical on
+    # every host (from seed, step); "sandwich": the smallest and the largest every step
+    # plus `sample_k − 2` others drawn like "sample" (the sandwich rule of US-Nets/BigNAS).
     granularity_mode: str = checked("all", str, choices=GRANULARITY_MODES)
     # Names to train; () → all of the model's granularities.
     granularities: tuple = checked((), tuple, each=Check(str))
-    # λ per trained granularity (mode "all") or per sampled slot (mode "sample").
-    # () → 1/k each: a *mean*, so learning rate and clip threshold mean what they do for
-    # a single model. (OLMo's reproduction sums, λ = 1: effective LR and clip ×k.)
-    granularity_weights: tuple = checked((), tuple, each=Check(float, ge=0))
+    # λ per trained granularity (mode "all"), per slot (mode "sandwich", smallest first) or
+    # per sampled slot (mode "sample"); or a preset name: 'uniform' (1/k each: a *mean*, so
+    # learning rate and clip threshold mean what they do for a single model; OLMo's
+    # reproduction sums, λ = 1: effective LR and clip ×k) or 'paper_table6' (0.17, 0.20,
+    # 0.22, 0.41 for S/M/L/XL; interpolated for other counts). () → 'uniform'.
+    granularity_weights: tuple = checked((), tuple, each=Check(float, ge=0),
+                                         presets=WEIGHT_PRESETS)
     sample_k: int = checked(1, int, ge=1)
-    sample_probabilities: tuple = checked((), tuple, each=Check(float, ge=0))  # () → uniform.
+    # One per granularity, or a preset name; () → uniform.
+    sample_probabilities: tuple = checked((), tuple, each=Check(float, ge=0),
+                                          presets=WEIGHT_PRESETS)
+    # In-place distillation: α. Each trained granularity but the largest trained in the
+    # step (the teacher, under stop_gradient) has loss (1 − α)·CE + α·T²·KL(p_teacher,T ‖
+    # p_i,T). 0: plain CE everywhere (the step is bit for bit the one without the option).
+    distill_weight: float = checked(0.0, float, ge=0, le=1)
+    distill_temperature: float = checked(1.0, float, gt=0)  # T of the KL.
     # Coefficient of mean(logsumexp(logits)²), e.g. 1e-4.
     z_loss: float = checked(0.0, float, ge=0)
     # Cross entropy in sequence chunks of this many positions (forward and backward), so
@@ -83,6 +97,10 @@ class TrainConfig:
             raise TrainConfigError(
                 f"global_batch_size={self.global_batch_size} is not divisible by "
                 f"microbatches={self.microbatches}")
+        if self.granularity_mode == "sandwich" and self.sample_k < 2:
+            raise TrainConfigError(
+                f"TrainConfig.sample_k={self.sample_k}: granularity_mode='sandwich' trains the "
+                "smallest and the largest granularity every step, so sample_k must be >= 2")
         if len(self.mesh_shape) != 3 or list(self.mesh_shape).count(-1) > 1:
             raise TrainConfigError(
                 f"TrainConfig.mesh_shape must be (data, fsdp, tensor) with at most one -1, "

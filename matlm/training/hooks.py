@@ -153,6 +153,9 @@ class LogMetrics(Hook):
                    "perf/mfu": flops / elapsed / self.peak_flops_total}
         scalars |= {f"train/{n}/loss": float(ce) for n, t, ce in
                     zip(self.names, trained, metrics["ce"]) if t}
+        # The distillation KL of each student (zero for the teacher and without it).
+        scalars |= {f"train/{n}/kl": float(kl) for n, t, kl in
+                    zip(self.names, trained, metrics.get("kl", ())) if t and kl}
         self.writer.write(info.step, scalars)
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{scalars['train/loss']:.3f}",

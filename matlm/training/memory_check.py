@@ -102,7 +102,7 @@ def _shard_bytes(tree) -> int:
 def _trained_widths(model_config: ModelConfig, train_config: TrainConfig) -> list[int]:
     spec = model_config.granularities
     width_of = dict(zip(spec.names, spec.widths))
-    if train_config.granularity_mode == "sample":
+    if train_config.granularity_mode != "all":  # The k widest, an upper bound.
         names = list(train_config.granularities or spec.names)
         return sorted((width_of.get(n, model_config.d_ff) for n in names),
                       reverse=True)[:train_config.sample_k]

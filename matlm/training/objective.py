@@ -1,9 +1,13 @@
 """The MatFormer objective: which granularities a step trains, and their weighted loss.
 
-Loss = Σ_i λ_i · CE_i over the granularities trained this step. The choice is a pure
-function of (seed, step) computed inside the compiled step, so every host agrees
+Loss = Σ_i λ_i · L_i over the granularities trained this step, with L_i = CE_i for the
+largest one trained (the teacher) and, with in-place distillation (α = distill_weight > 0),
+L_i = (1 − α)·CE_i + α·T²·KL(p_teacher,T ‖ p_i,T) for the others, the teacher's
+distribution under stop_gradient (docs/objective.md). The choice of granularities is a
+pure function of (seed, step) computed inside the compiled step, so every host agrees
 without communicating; `lax.switch` over the g static-width branches keeps a single
-compiled step when granularities are sampled.
+compiled step when granularities are sampled ("sample") or sandwiched ("sandwich": the
+smallest and the largest every step, `sample_k − 2` of the others drawn).
 """
 from __future__ import annotations
 
@@ -16,7 +20,30 @@ import numpy as np
 from matlm.model import MatLM, ModelConfig
 from matlm.model.counting import joint_train_flops_per_token, train_flops_per_token
 from matlm.model.head import head_logits, head_table
-from matlm.training.config import TrainConfig, TrainConfigError
+from matlm.training.config import WEIGHT_PRESETS, TrainConfig, TrainConfigError
+
+# The MatFormer paper's Table 6: S/M/L/XL sampling probabilities that gave XL 2.829 vs the
+# baseline's 2.840 with S still ahead of its baseline; matlm also uses them as loss weights.
+PAPER_TABLE6 = (0.17, 0.20, 0.22, 0.41)
+
+
+def preset_weights(name: str, n: int) -> tuple[float, ...]:
+    """Weights of a named preset for a ladder of `n` nested items, smallest first.
+
+    uniform: 1/n each (a mean). paper_table6: the paper's four values for n = 4; for other
+    n, those values read as a curve over the ladder (smallest at 0, largest at 1),
+    interpolated at n evenly spaced points and renormalised to sum to 1."""
+    if name == "uniform":
+        return (1.0 / n,) * n
+    if name == "paper_table6":
+        if n == len(PAPER_TABLE6):
+            return PAPER_TABLE6
+        if n == 1:
+            return (1.0,)
+        curve = np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(PAPER_TABLE6)),
+                          PAPER_TABLE6)
+        return tuple(float(w) for w in curve / curve.sum())
+    raise TrainConfigError(f"unknown weight preset {name!r}; known: {', '.join(WEIGHT_PRESETS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,11 +57,17 @@ class Objective:
     z_loss: float = 0.0
     seed: int = 0
     loss_chunk: int = 0  # Sequence positions per cross-entropy chunk; 0: all at once.
+    distill_weight: float = 0.0  # α; 0: plain CE for every granularity (no teacher).
+    distill_temperature: float = 1.0  # T of both distributions in the KL.
 
     @property
     def slots(self) -> int:
         """How many granularities each step trains."""
         return len(self.names) if self.mode == "all" else self.sample_k
+
+    @property
+    def distills(self) -> bool:
+        return self.distill_weight > 0
 
     def train_flops_per_token(self, model_config: ModelConfig, seq_len: int,
                               trained=None) -> float:
@@ -44,12 +77,18 @@ class Objective:
         without it the expectation over the sampling distribution."""
         if self.mode == "all":
             return joint_train_flops_per_token(model_config, seq_len, self.widths)
+        # The KL adds elementwise work on logits the step computes anyway (no matmul), so
+        # it is not counted, like the softmax of the CE.
         per_granularity = np.array([train_flops_per_token(model_config, seq_len, w)
                                     for w in self.widths], dtype=np.float64)
         if trained is not None:
             return float(per_granularity[np.asarray(trained) > 0].sum())
         g = len(self.names)
         probs = np.asarray(self.probabilities or (1.0 / g,) * g, np.float64)
+        if self.mode == "sandwich":  # The two ends always; k − 2 of the middle drawn.
+            middle = probs[1:-1] / probs[1:-1].sum() if g > 2 else probs[:0]
+            return float(per_granularity[0] + per_granularity[-1]
+                         + (self.sample_k - 2) * (middle * per_granularity[1:-1]).sum())
         # Without replacement the k draws' marginals are not p each; for the FLOP estimate
         # of a compile report the k × mean is close enough and exact for uniform draws.
         return float(self.sample_k * (probs * per_granularity).sum())
@@ -65,7 +104,22 @@ class Objective:
             return jnp.arange(g, dtype=jnp.int32)
         key = jax.random.fold_in(jax.random.key(self.seed), step)
         probs = jnp.asarray(self.probabilities or (1.0 / g,) * g, jnp.float32)
+        if self.mode == "sandwich":
+            # Slots in nesting order: the smallest, k − 2 drawn from the middle (with the
+            # middle's probabilities renormalised), the largest.
+            drawn = jnp.zeros((0,), jnp.int32)
+            if self.sample_k > 2:
+                drawn = jax.random.choice(key, g - 2, (self.sample_k - 2,), replace=False,
+                                          p=probs[1:-1] / probs[1:-1].sum()) + 1
+            return jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                                    jnp.sort(drawn).astype(jnp.int32),
+                                    jnp.full((1,), g - 1, jnp.int32)])
         return jax.random.choice(key, g, (self.sample_k,), replace=False, p=probs).astype(jnp.int32)
+
+    def teacher_slot(self, indices):
+        """The slot of the largest granularity trained this step: static in modes "all"
+        and "sandwich" (the last slot), traced in "sample" mode."""
+        return self.slots - 1 if self.mode != "sample" else jnp.argmax(indices)
 
 
 def build_objective(model_config: ModelConfig, train_config: TrainConfig) -> Objective:
@@ -78,29 +132,47 @@ def build_objective(model_config: ModelConfig, train_config: TrainConfig) -> Obj
                                f"the model ({', '.join(spec.names)})")
     names = tuple(n for n in spec.names if n in names)  # Nesting order, no duplicates.
     mode, k = train_config.granularity_mode, train_config.sample_k
-    if mode == "sample" and k > len(names):
+    if mode != "all" and k > len(names):
         raise TrainConfigError(f"sample_k={k} exceeds the {len(names)} trainable granularities")
     slots = len(names) if mode == "all" else k
-    weights = train_config.granularity_weights or (1.0 / slots,) * slots
+    if train_config.distill_weight > 0 and slots < 2:
+        raise TrainConfigError(
+            f"TrainConfig.distill_weight={train_config.distill_weight} needs at least two "
+            f"granularities trained per step (a teacher and a student); this objective trains "
+            f"{slots} ({mode} mode{', sample_k=1' if mode != 'all' else ''})")
+    weights = train_config.granularity_weights or "uniform"
+    if isinstance(weights, str):
+        if mode == "sample" and weights != "uniform":
+            raise TrainConfigError(
+                f"TrainConfig.granularity_weights={weights!r} weighs granularities by size; "
+                "sampled slots have none (mode 'sample'): give numbers, or sample with "
+                f"TrainConfig.sample_probabilities={weights!r}")
+        weights = preset_weights(weights, slots)
     if len(weights) != slots or any(w < 0 for w in weights):
         what = f"{len(names)} granularities {names}" if mode == "all" else f"sample_k={k} slots"
         raise TrainConfigError(
             f"granularity_weights {tuple(weights)} do not match the {what}: give {slots} "
             "non-negative weights")
     probs = train_config.sample_probabilities
-    if mode == "sample" and probs:
+    if isinstance(probs, str):
+        probs = preset_weights(probs, len(names))
+    if mode != "all" and probs:
         if len(probs) != len(names) or any(p < 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
             raise TrainConfigError(
                 f"sample_probabilities {probs} must be {len(names)} non-negative numbers "
                 f"summing to 1 (one per granularity {names})")
-        if sum(p > 0 for p in probs) < k:
-            raise TrainConfigError(f"sample_probabilities {probs} give fewer than sample_k={k} "
-                                   "granularities a chance")
+        drawn, draws = (probs[1:-1], k - 2) if mode == "sandwich" else (probs, k)
+        if sum(p > 0 for p in drawn) < draws:
+            raise TrainConfigError(f"sample_probabilities {probs} give fewer than {draws} "
+                                   f"{'middle ' if mode == 'sandwich' else ''}granularities "
+                                   "a chance")
     return Objective(names=names, widths=tuple(spec.uniform(n) for n in names),
                      weights=tuple(float(w) for w in weights), mode=mode, sample_k=k,
                      probabilities=tuple(float(p) for p in probs),
                      z_loss=train_config.z_loss, seed=train_config.seed,
-                     loss_chunk=train_config.loss_chunk_size)
+                     loss_chunk=train_config.loss_chunk_size,
+                     distill_weight=train_config.distill_weight,
+                     distill_temperature=train_config.distill_temperature)
 
 
 def token_losses(logits_BTV, targets_BT):
@@ -163,28 +235,108 @@ def hidden_loss(config: ModelConfig, params, hidden_BTD, batch, z_loss: float, c
     return masked_loss(ce_BT, logz_BT, batch, z_loss)
 
 
+def distill_token_terms(config: ModelConfig, table, hidden_SBTD, targets_BT, teacher,
+                        temperature: float, chunk: int):
+    """For every slot s of stacked final-normed hidden states: CE, log-partition and
+    KL(p_teacher,T ‖ p_s,T) per position, [S, B, T] float32 each.
+
+    The teacher's distribution is the slot `teacher` (an int or a traced scalar) under
+    stop_gradient, and its own KL is 0: the KL sends gradient into the students' logits
+    only. All slots'
+    logits of a chunk are needed at once (the teacher's for every student), so a chunk
+    here holds `chunk // S` positions: the float32 logits alive at a time are the same
+    size as one granularity's chunk of plain CE (`chunked_token_losses`). `chunk` 0 or a
+    chunk covering T: one pass.
+    """
+    S, B, T, D = hidden_SBTD.shape
+
+    def terms(table, hidden_SBcD, targets_Bc):
+        logits_SBcV = head_logits(config, table, hidden_SBcD)
+        ce_SBc, logz_SBc = token_losses(logits_SBcV,
+                                        jnp.broadcast_to(targets_Bc, logits_SBcV.shape[:-1]))
+        logp_SBcV = jax.nn.log_softmax(logits_SBcV / temperature, axis=-1)
+        teacher_logp_BcV = jax.lax.stop_gradient(logp_SBcV[teacher])
+        kl_SBc = jnp.sum(jnp.exp(teacher_logp_BcV) * (teacher_logp_BcV - logp_SBcV), axis=-1)
+        # The teacher's KL to itself is 0 but its gradient only ~1e-9 (float noise through
+        # its own non-stopped log-probs): zeroed, so it is exactly no gradient.
+        is_teacher_S11 = (jnp.arange(S) == teacher)[:, None, None]
+        return ce_SBc, logz_SBc, jnp.where(is_teacher_S11, 0.0, kl_SBc)
+
+    c = max(1, chunk // S) if chunk else T
+    if c >= T:
+        return terms(table, hidden_SBTD, targets_BT)
+    C = -(-T // c)
+    pad = C * c - T
+    if pad:
+        hidden_SBTD = jnp.pad(hidden_SBTD, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+    # Chunks lead so lax.map runs over them; rows stay on their batch shards.
+    hidden_CSBcD = hidden_SBTD.reshape(S, B, C, c, D).transpose(2, 0, 1, 3, 4)
+    targets_CBc = targets_BT.reshape(B, C, c).swapaxes(0, 1)
+    one_chunk = jax.checkpoint(terms)  # The backward pass recomputes a chunk's logits.
+    out_CSBc = jax.lax.map(lambda xs: one_chunk(table, *xs), (hidden_CSBcD, targets_CBc))
+    unchunk = lambda x_CSBc: x_CSBc.transpose(1, 2, 0, 3).reshape(S, B, C * c)[:, :, :T]
+    return tuple(unchunk(x) for x in out_CSBc)
+
+
+def distilled_losses(objective: Objective, config: ModelConfig, params, hidden_S, batch,
+                     teacher):
+    """Per slot of hidden states `hidden_S` (a list of [B, T, D]): (loss, mean CE, mean KL),
+    [S] each. The teacher slot's loss is its CE (its KL, 0, is reported as 0); a student's
+    is (1 − α)·CE + α·T²·KL. z-loss is added to every slot unscaled by α: it regularises
+    the log-partition, not the fit to a target."""
+    alpha, temperature = objective.distill_weight, objective.distill_temperature
+    ce_SBT, logz_SBT, kl_SBT = distill_token_terms(
+        config, head_table(config, params), jnp.stack(hidden_S), batch["targets"], teacher,
+        temperature, objective.loss_chunk)
+    mask_BT = batch["loss_mask"]
+    mean = lambda x_SBT: (x_SBT * mask_BT).sum((1, 2)) / jnp.maximum(mask_BT.sum(), 1.0)
+    student_S = (jnp.arange(len(hidden_S)) != teacher).astype(jnp.float32)
+    ce_S, kl_S = mean(ce_SBT), mean(kl_SBT) * student_S
+    loss_S = ((1 - alpha * student_S) * ce_S + alpha * temperature ** 2 * kl_S
+              + objective.z_loss * mean(jnp.square(logz_SBT)))
+    return loss_S, ce_S, kl_S
+
+
+def submodel_hidden(model: MatLM, params, batch, widths):
+    """Final-normed hidden states [B, T, D] of one submodel on a batch."""
+    return model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
+                       batch["positions"], widths=widths, return_hidden=True)
+
+
 def granularity_loss(model: MatLM, params, batch, widths, z_loss: float, chunk: int = 0):
     """(loss for optimisation, mean CE) of one submodel on a batch, over masked tokens."""
-    hidden = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
-                         batch["positions"], widths=widths, return_hidden=True)
+    hidden = submodel_hidden(model, params, batch, widths)
     return hidden_loss(model.config, params, hidden, batch, z_loss, chunk)
 
 
 def joint_loss(model: MatLM, objective: Objective, params, batch, indices):
-    """Σ λ · loss over this step's granularities; also the CE of each granularity ([g],
-    zero where not trained)."""
+    """Σ λ · loss over this step's granularities; also the CE and the distillation KL of
+    each granularity ([g] each, zero where not trained; KL zero for the teacher)."""
     g = len(objective.names)
     ce_G = jnp.zeros((g,), jnp.float32)
+    kl_G = jnp.zeros((g,), jnp.float32)
+    static = all(isinstance(widths, (tuple, list)) for widths in objective.widths)
+    if objective.distills:
+        if objective.mode == "all" and static:
+            hidden_S = _joint_hidden(model, objective, params, batch)
+        elif objective.mode == "all":  # Traced (masked) widths: one submodel after another.
+            hidden_S = [submodel_hidden(model, params, batch, w) for w in objective.widths]
+        else:
+            branches = [(lambda p, b, w=w: submodel_hidden(model, p, b, w))
+                        for w in objective.widths]
+            hidden_S = [jax.lax.switch(indices[slot], branches, params, batch)
+                        for slot in range(objective.slots)]
+        loss_S, ce_S, kl_S = distilled_losses(objective, model.config, params, hidden_S, batch,
+                                              objective.teacher_slot(indices))
+        total = jnp.dot(jnp.asarray(objective.weights, jnp.float32), loss_S)
+        return total, (ce_G.at[indices].set(ce_S), kl_G.at[indices].set(kl_S))
     total = 0.0
     if objective.mode == "all":
-        if all(isinstance(widths, (tuple, list)) for widths in objective.widths):
-            # One pass over shared residual streams: layers whose input is the same for
-            # several granularities (at least layer 0) run once (matlm.model.streams).
-            hidden_G = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
-                                   batch["positions"], joint_widths=objective.widths,
-                                   return_hidden=True)
+        if static:
             losses = [hidden_loss(model.config, params, hidden, batch, objective.z_loss,
-                                  objective.loss_chunk) for hidden in hidden_G]
+                                  objective.loss_chunk)
+                      for hidden in _joint_hidden(model, objective, params, batch)]
         else:  # Traced (masked) widths: one submodel after another.
             losses = [granularity_loss(model, params, batch, widths, objective.z_loss,
                                        objective.loss_chunk)
@@ -192,13 +344,21 @@ def joint_loss(model: MatLM, objective: Objective, params, batch, indices):
         for i, (loss, ce) in enumerate(losses):
             total += objective.weights[i] * loss
             ce_G = ce_G.at[i].set(ce)
-        return total, ce_G
+        return total, (ce_G, kl_G)
     branches = [
         (lambda p, b, w=w: granularity_loss(model, p, b, w, objective.z_loss,
                                             objective.loss_chunk))
         for w in objective.widths]
-    for slot in range(objective.sample_k):
+    for slot in range(objective.slots):
         loss, ce = jax.lax.switch(indices[slot], branches, params, batch)
         total += objective.weights[slot] * loss
         ce_G = ce_G.at[indices[slot]].set(ce)
-    return total, ce_G
+    return total, (ce_G, kl_G)
+
+
+def _joint_hidden(model: MatLM, objective: Objective, params, batch) -> list:
+    """Every granularity's hidden states from one pass over shared residual streams:
+    layers whose input is the same for several granularities (at least layer 0) run once
+    (matlm.model.streams)."""
+    return model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
+                       batch["positions"], joint_widths=objective.widths, return_hidden=True)

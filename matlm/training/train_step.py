@@ -86,7 +86,8 @@ def make_train_step(model_config: ModelConfig, objective: Objective, optimizer, 
     """`train_step(state, batch) -> (state, metrics)`, jitted once with in/out shardings.
 
     metrics: `loss` (the weighted objective), `ce` [g] (CE of each granularity, 0 where
-    not trained this step), `trained` [g] (1 where trained), `grad_norm`, `param_norm`
+    not trained this step), `kl` [g] (each student's distillation KL, 0 for the teacher,
+    the untrained and without distillation), `trained` [g] (1 where trained), `grad_norm`, `param_norm`
     (after the update), `learning_rate`.
     """
     model = MatLM(model_config)
@@ -98,25 +99,24 @@ def make_train_step(model_config: ModelConfig, objective: Objective, optimizer, 
             return jax.value_and_grad(fn, has_aux=True)(params, batch)
 
         def accumulate(carry, micro):
-            (loss, ce), grads = jax.value_and_grad(fn, has_aux=True)(params, micro)
-            acc_loss, acc_ce, acc_grads = carry
-            return (acc_loss + loss, acc_ce + ce,
-                    jax.tree.map(jnp.add, acc_grads, grads)), None
+            (loss, per_granularity), grads = jax.value_and_grad(fn, has_aux=True)(params, micro)
+            return jax.tree.map(jnp.add, carry, (loss, per_granularity, grads)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        init = (jnp.zeros((), jnp.float32), jnp.zeros((len(objective.names),)), zeros)
-        (loss, ce, grads), _ = jax.lax.scan(accumulate, init,
-                                            _split_microbatches(batch, microbatches))
-        scale = 1.0 / microbatches
-        return (loss * scale, ce * scale), jax.tree.map(lambda g: g * scale, grads)
+        g = len(objective.names)
+        init = (jnp.zeros((), jnp.float32), (jnp.zeros((g,)), jnp.zeros((g,))),
+                jax.tree.map(jnp.zeros_like, params))
+        (loss, per_granularity, grads), _ = jax.lax.scan(
+            accumulate, init, _split_microbatches(batch, microbatches))
+        scale = lambda x: x * (1.0 / microbatches)
+        return (scale(loss), jax.tree.map(scale, per_granularity)), jax.tree.map(scale, grads)
 
     def train_step(state: TrainState, batch):
         indices = objective.indices(state.step)
-        (loss, ce_G), grads = loss_and_grads(state.params, batch, indices)
+        (loss, (ce_G, kl_G)), grads = loss_and_grads(state.params, batch, indices)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         trained_G = jnp.zeros((len(objective.names),), jnp.float32).at[indices].set(1.0)
-        metrics = {"loss": loss, "ce": ce_G, "trained": trained_G,
+        metrics = {"loss": loss, "ce": ce_G, "kl": kl_G, "trained": trained_G,
                    "grad_norm": optax.tree.norm(grads),
                    # Also guards checkpoints: a non-finite update is caught before saving.
                    "param_norm": optax.tree.norm(params),
