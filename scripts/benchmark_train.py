@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Benchmark the MatFormer train step: joint (all granularities) vs XL-only vs masked
-joint vs a dense model, with this machine's matmul peak measured in the same run.
+"""Benchmark the MatFormer train step: joint (all granularities) vs joint with in-place
+distillation vs XL-only vs masked joint vs a dense model, with this machine's matmul peak
+measured in the same run.
 
 Each variant is a full optimizer step (forward, backward, AdamW update) on one device.
 Variants are interleaved in rounds (`--steps` rounds of `--block` back-to-back steps) and
@@ -144,6 +145,11 @@ def main():
                              "training loop (timed rounds: --steps)")
     # GELU (two FFN kernels) is the shape the targets were set for: FLOP ratio ≈ 0.72.
     parser.add_argument("--activation", default="gelu", choices=("gelu", "swiglu", "geglu"))
+    parser.add_argument("--distill_weight", type=float, default=0.5,
+                        help="α of the joint_distill variant (TrainConfig.distill_weight)")
+    parser.add_argument("--loss_chunk", type=int, default=0,
+                        help="TrainConfig.loss_chunk_size of the joint variants (0: the CE "
+                             "in one piece; every shape holds the same tokens per step)")
     parser.add_argument("--torch_python", default=None,
                         help="a Python interpreter with torch: also time the PyTorch eager "
                              "reference (scripts/torch_reference_train.py) on the same model "
@@ -202,9 +208,14 @@ def benchmark(args) -> dict:
         "positions": np.tile(np.arange(args.seq_len), (args.batch, 1)).astype(np.int32),
         "loss_mask": np.ones((args.batch, args.seq_len), np.float32)}, mesh)
 
+    # In-place distillation (docs/objective.md): the same joint pass, plus each smaller
+    # granularity's KL to XL on logits the step computes anyway.
+    distilled = build_objective(config, dataclasses.replace(
+        train, distill_weight=args.distill_weight, loss_chunk_size=args.loss_chunk))
+    joint = dataclasses.replace(joint, loss_chunk=args.loss_chunk)
     steps = {name: make_train_step(config, objective, optimizer, schedule, mesh)
-             for name, objective in [("joint", joint), ("xl_only", xl_only),
-                                     ("masked_joint", masked)]}
+             for name, objective in [("joint", joint), ("joint_distill", distilled),
+                                     ("xl_only", xl_only), ("masked_joint", masked)]}
     steps["dense"] = dense_train_step(config, optimizer)
     state = init_state(config, optimizer, mesh, seed=0)
     # Each variant gets its own state, donated and replaced every step as in the trainer.
@@ -250,6 +261,7 @@ def benchmark(args) -> dict:
     separate = sum(train_flops_per_token(config, args.seq_len, w) for w in joint.widths)
     flops = {"joint": joint_train_flops_per_token(config, args.seq_len, joint.widths),
              "xl_only": full, "masked_joint": len(joint.widths) * full, "dense": full}
+    flops["joint_distill"] = flops["joint"]  # The KL is elementwise: no matmul FLOPs.
     torch_report = None
     if torch_runs:
         times["torch_eager"] = min(seconds for seconds, _, _ in torch_runs)
@@ -258,7 +270,7 @@ def benchmark(args) -> dict:
             t for _, _, report in torch_runs for t in report["step_times"]])
         flops["torch_eager"] = separate
     rows = []
-    for name in ("joint", "xl_only", "masked_joint", "dense", "torch_eager"):
+    for name in ("joint", "joint_distill", "xl_only", "masked_joint", "dense", "torch_eager"):
         if name not in times:
             continue
         # Each framework against its own matmul peak (torch: MKL's 2048³ sgemm).
@@ -282,6 +294,14 @@ def benchmark(args) -> dict:
     flop_ratio = flops["joint"] / flops["masked_joint"]
     print(f"sliced joint / masked joint: time {time_ratio:.3f}, FLOPs {flop_ratio:.3f} "
           f"(target: time at most 5 % above FLOPs — slicing saves what it should)")
+    temps = {name: steps[name].lower(states[name], batch).compile().memory_analysis()
+             .temp_size_in_bytes for name in ("joint", "joint_distill")}
+    distill_time = times["joint_distill"] / times["joint"]
+    distill_temp = temps["joint_distill"] / temps["joint"]
+    print(f"joint + distillation (α={args.distill_weight}) / joint: time {distill_time:.3f}, "
+          f"temporaries {distill_temp:.3f} ({temps['joint_distill'] / 2**20:,.1f} vs "
+          f"{temps['joint'] / 2**20:,.1f} MiB; loss chunk {args.loss_chunk or 'none'}) "
+          f"(target: time at most 1.10, temporaries at most 1.10)")
     mfu = lambda name: flops[name] * n_tokens / times[name] / 1e9 / peak
     extra = {}
     if torch_report:
@@ -311,7 +331,9 @@ def benchmark(args) -> dict:
         "peak_gflops": round(peak, 1), "mfu_joint": round(mfu("joint"), 4),
         "mfu_xl": round(mfu("xl_only"), 4),
         "sliced_over_masked_time": round(time_ratio, 4),
-        "sliced_over_masked_flops": round(flop_ratio, 4), "huge_pages": huge, **extra}
+        "sliced_over_masked_flops": round(flop_ratio, 4),
+        "distill_over_joint_time": round(distill_time, 4),
+        "distill_over_joint_temporaries": round(distill_temp, 4), "huge_pages": huge, **extra}
 
 
 if __name__ == "__main__":
