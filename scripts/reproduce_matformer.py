@@ -407,6 +407,24 @@ def _comparison_table(result) -> str:
                     tablefmt="github", disable_numparse=True)
 
 
+def summary_table(result) -> str:
+    """One row per recipe, one column per granularity: the paired difference to the
+    baseline (mean [min..max] over seeds) and the cell's verdict; the baselines' losses
+    first. The comparison at a glance, as the README shows it."""
+    from tabulate import tabulate
+    mark = {VERDICTS[0]: "better", VERDICTS[1]: "tie", VERDICTS[2]: "worse"}
+    rows = [["dense baselines (loss)", *(_loss_cell(result["baseline"][g]["loss"])
+                                         for g in NAMES), ""]]
+    for fam, entry in result["families"].items():
+        cells = entry["granularities"]
+        rows.append([fam, *(f"{_signed(cells[g]['diff']['mean'])} "
+                            f"[{_signed(cells[g]['diff']['min'])}..{_signed(cells[g]['diff']['max'])}]"
+                            f" {mark[cells[g]['verdict']]}" for g in NAMES),
+                     _signed(entry["mean_diff"])])
+    return tabulate(rows, headers=["recipe − baseline", *NAMES, "mean"], tablefmt="github",
+                    disable_numparse=True)
+
+
 def _consistency_table(result) -> str:
     from tabulate import tabulate
     families = result["families"]
@@ -477,7 +495,8 @@ def report(result: dict, scale_name: str, wall_s: float, train_s: float) -> str:
             f"trials' training wall time {train_s / 60:.1f} min (summed over trials), this "
             f"invocation {wall_s / 60:.1f} min. Loss: held-out cross entropy (nats/token), mean "
             f"± spread (max - min) over seeds, sd the sample standard deviation. "
-            f"{result['rule']}\n\n{_comparison_table(result)}\n\n## Verdict\n\n"
+            f"{result['rule']}\n\n{summary_table(result)}\n\n{_comparison_table(result)}"
+            f"\n\n## Verdict\n\n"
             f"{verdict_text(result)}\n\n## Price\n\nTraining FLOPs per token of each family's "
             f"objective (the library's count: one joint pass for mode 'all', the expected "
             f"passes of a sampled or sandwich step, distillation included) relative to one "

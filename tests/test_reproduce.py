@@ -210,6 +210,9 @@ def test_analysis_of_synthetic_scores_gives_the_table_the_verdicts_the_price_and
                     if [c.strip() for c in line.split("|")[1:1 + len(cells)]] == list(cells))
 
     first = next(iter(sections))
+    # The summary table (first): one row per recipe, the paired difference per granularity.
+    assert "| -0.013 [-0.030..+0.010] tie " in row(first, "matlm")
+    assert row(first, "matlm_t6").rstrip().endswith("| -0.011 |")
     assert "-0.013 [-0.030..+0.010] " in row(first, "matlm", "M")
     assert "| 2/3 " in row(first, "matlm", "M")
     assert "tie (within seed noise)" in row(first, "matlm", "M")
