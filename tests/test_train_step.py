@@ -165,8 +165,9 @@ def test_joint_loss_over_shared_streams_equals_granularities_one_by_one():
         total = sum(lam * loss for lam, (loss, _) in zip(objective.weights, parts))
         return total, jax.numpy.stack([ce for _, ce in parts])
 
-    (total, ce), grads = jax.value_and_grad(
+    (total, (ce, kl)), grads = jax.value_and_grad(
         lambda p: joint_loss(model, objective, p, batch, indices), has_aux=True)(params)
+    assert not np.asarray(kl).any()  # No distillation: no KL.
     (want_total, want_ce), want_grads = jax.value_and_grad(separate, has_aux=True)(params)
     np.testing.assert_allclose(total, want_total, rtol=1e-5)
     np.testing.assert_allclose(ce, want_ce, rtol=1e-5)
