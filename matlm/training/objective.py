@@ -188,30 +188,42 @@ def chunked_token_losses(config: ModelConfig, table, hidden_BTD, targets_BT, chu
 
     Every granularity's [B, T, V] logits at once are what made the joint loss the largest
     buffer of a step (4 × 32k tokens × 32k vocab × 4 bytes = 16 GiB per chip for the 78M
-    recipe). Chunks of the sequence run one after another (`lax.map`), each under
-    `jax.checkpoint`, so the backward pass recomputes a chunk's logits from its [B, c, D]
-    hidden states instead of keeping them. A last partial chunk is padded (its padding is
-    sliced off). `chunk` 0 or ≥ T: one plain pass.
+    recipe). The chunks run one after another, recomputed in the backward pass
+    (`_map_sequence_chunks`). `chunk` 0 or ≥ T: one plain pass.
     """
-    B, T, D = hidden_BTD.shape
+    T = hidden_BTD.shape[1]
     if not chunk or chunk >= T:
         return token_losses(head_logits(config, table, hidden_BTD), targets_BT)
-    C = -(-T // chunk)
-    pad = C * chunk - T
-    if pad:
-        hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
-        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-    # Chunks lead so lax.map runs over them; rows stay on their batch shards.
-    hidden_CBcD = hidden_BTD.reshape(B, C, chunk, D).swapaxes(0, 1)
-    targets_CBc = targets_BT.reshape(B, C, chunk).swapaxes(0, 1)
 
-    @jax.checkpoint
     def one_chunk(table, hidden_BcD, targets_Bc):
         return token_losses(head_logits(config, table, hidden_BcD), targets_Bc)
 
-    ce_CBc, logz_CBc = jax.lax.map(lambda xs: one_chunk(table, *xs), (hidden_CBcD, targets_CBc))
-    unchunk = lambda x_CBc: x_CBc.swapaxes(0, 1).reshape(B, C * chunk)[:, :T]
-    return unchunk(ce_CBc), unchunk(logz_CBc)
+    return _map_sequence_chunks(one_chunk, table, hidden_BTD, targets_BT, chunk)
+
+
+def _map_sequence_chunks(fn, table, hidden_xTD, targets_BT, chunk: int):
+    """`fn(table, hidden, targets)` over chunks of `chunk` sequence positions, one after
+    another (`lax.map`), each under `jax.checkpoint` so the backward pass recomputes a
+    chunk's logits from its hidden states instead of keeping them. `hidden_xTD` may have
+    leading axes before [.., T, D] (slots); every output of `fn` has the chunk's positions
+    last and comes back with T there. A last partial chunk is padded (its padding is
+    sliced off)."""
+    T = targets_BT.shape[-1]
+    C = -(-T // chunk)
+    pad = C * chunk - T
+
+    def split(x, axis: int):  # [.., T, ..] → [C, .., chunk, ..]: chunks lead for lax.map.
+        if pad:
+            x = jnp.pad(x, [(0, pad if i == axis else 0) for i in range(x.ndim)])
+        x = x.reshape(*x.shape[:axis], C, chunk, *x.shape[axis + 1:])
+        return jnp.moveaxis(x, axis, 0)
+
+    # Rows stay on their batch shards: only the sequence axis is split.
+    outs = jax.lax.map(lambda xs: jax.checkpoint(fn)(table, *xs),
+                       (split(hidden_xTD, hidden_xTD.ndim - 2), split(targets_BT, 1)))
+    unchunk = lambda y_Cxc: jnp.moveaxis(y_Cxc, 0, -2).reshape(
+        *y_Cxc.shape[1:-1], C * chunk)[..., :T]
+    return tuple(unchunk(y) for y in outs)
 
 
 def masked_loss(ce_BT, logz_BT, batch, z_loss: float):
@@ -249,17 +261,14 @@ def distill_token_terms(config: ModelConfig, table, hidden_SBTD, targets_BT, tea
     +24 %). Chunks run under `jax.checkpoint` as in `chunked_token_losses`; `chunk` 0 or
     a half covering T: one pass.
     """
-    S, B, T, D = hidden_SBTD.shape
+    S, T = hidden_SBTD.shape[0], hidden_SBTD.shape[2]
     chunk = max(1, chunk // 2) if chunk else 0
 
     def terms(table, hidden_SBcD, targets_Bc):
         slot_logits = lambda s: head_logits(config, table, hidden_SBcD[s])
-        static_teacher = isinstance(teacher, int)
-        # A static teacher's own logits give its distribution; a traced one costs one
-        # more head matmul (forward only: no gradient flows back through it).
-        teacher_logits_BcV = jax.lax.stop_gradient(
-            slot_logits(teacher) if static_teacher
-            else head_logits(config, table, hidden_SBcD[teacher]))
+        # A static teacher's logits are its own slot's (XLA computes them once); a traced
+        # one costs one more head matmul, forward only: no gradient flows back through it.
+        teacher_logits_BcV = jax.lax.stop_gradient(slot_logits(teacher))
         teacher_logp_BcV = jax.nn.log_softmax(teacher_logits_BcV / temperature, axis=-1)
         teacher_p_BcV = jnp.exp(teacher_logp_BcV)
         neg_entropy_Bc = jnp.sum(teacher_p_BcV * teacher_logp_BcV, axis=-1)
@@ -276,25 +285,13 @@ def distill_token_terms(config: ModelConfig, table, hidden_SBTD, targets_BT, tea
             kl_Bc = neg_entropy_Bc - cross_Bc + logz_T_Bc
             # The teacher's KL to itself is 0 up to float noise, which would send it a
             # tiny gradient through its own logits: zeroed, so it gets exactly none.
-            kl_Bc = jnp.zeros_like(kl_Bc) if static_teacher and s == teacher else \
-                jnp.where(s == teacher, 0.0, kl_Bc)
-            ce_S.append(ce_Bc), logz_S.append(logz_Bc), kl_S.append(kl_Bc)
+            kl_S.append(jnp.where(s == teacher, 0.0, kl_Bc))
+            ce_S.append(ce_Bc), logz_S.append(logz_Bc)
         return jnp.stack(ce_S), jnp.stack(logz_S), jnp.stack(kl_S)
 
     if not chunk or chunk >= T:
         return terms(table, hidden_SBTD, targets_BT)
-    C = -(-T // chunk)
-    pad = C * chunk - T
-    if pad:
-        hidden_SBTD = jnp.pad(hidden_SBTD, ((0, 0), (0, 0), (0, pad), (0, 0)))
-        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-    # Chunks lead so lax.map runs over them; rows stay on their batch shards.
-    hidden_CSBcD = hidden_SBTD.reshape(S, B, C, chunk, D).transpose(2, 0, 1, 3, 4)
-    targets_CBc = targets_BT.reshape(B, C, chunk).swapaxes(0, 1)
-    one_chunk = jax.checkpoint(terms)  # The backward pass recomputes a chunk's logits.
-    out_CSBc = jax.lax.map(lambda xs: one_chunk(table, *xs), (hidden_CSBcD, targets_CBc))
-    unchunk = lambda x_CSBc: x_CSBc.transpose(1, 2, 0, 3).reshape(S, B, C * chunk)[:, :, :T]
-    return tuple(unchunk(x) for x in out_CSBc)
+    return _map_sequence_chunks(terms, table, hidden_SBTD, targets_BT, chunk)
 
 
 def distilled_losses(objective: Objective, config: ModelConfig, params, hidden_S, batch,
@@ -310,7 +307,7 @@ def distilled_losses(objective: Objective, config: ModelConfig, params, hidden_S
     mask_BT = batch["loss_mask"]
     mean = lambda x_SBT: (x_SBT * mask_BT).sum((1, 2)) / jnp.maximum(mask_BT.sum(), 1.0)
     student_S = (jnp.arange(len(hidden_S)) != teacher).astype(jnp.float32)
-    ce_S, kl_S = mean(ce_SBT), mean(kl_SBT) * student_S
+    ce_S, kl_S = mean(ce_SBT), mean(kl_SBT)  # The teacher's KL is 0 already.
     loss_S = ((1 - alpha * student_S) * ce_S + alpha * temperature ** 2 * kl_S
               + objective.z_loss * mean(jnp.square(logz_SBT)))
     return loss_S, ce_S, kl_S
