@@ -198,18 +198,14 @@ def score_checkpoints(base_dir: Path, trials, eval_sequences: int, seq_len: int,
 def train_flops_per_token(model_dir: Path, seq_len: int) -> tuple[float | None, str]:
     """(training FLOPs per token of the trial's objective, a note): the library's count
     from the saved configs; None and why where the saved train config does not build."""
-    import dataclasses
-    from matlm.training.config import TrainConfig
-    from matlm.training.model_dir import ModelDir, model_config_from_dict
+    from matlm.training.model_dir import ModelDir, model_config_from_dict, train_config_from_dict
     from matlm.training.objective import build_objective
     run_config = ModelDir(model_dir).read_run_config()
-    saved = run_config.get("train") or {}
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    dropped = sorted(set(saved) - known)
-    note = f"saved fields this TrainConfig lacks, ignored: {', '.join(dropped)}" if dropped else ""
     try:
         model_config = model_config_from_dict(run_config["model"])
-        train_config = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+        train_config, dropped = train_config_from_dict(run_config.get("train") or {})
+        note = (f"saved fields this TrainConfig lacks, ignored: {', '.join(dropped)}"
+                if dropped else "")
         objective = build_objective(model_config, train_config)
         return float(objective.train_flops_per_token(model_config, seq_len)), note
     except Exception as e:  # noqa: BLE001 — a report column, not worth failing the run.

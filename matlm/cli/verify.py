@@ -13,7 +13,6 @@ a training job (a checkpoint that job is still writing is not listed yet).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 
 from tabulate import tabulate
@@ -32,8 +31,7 @@ def _targets(model_dir, run_config: dict):
 
     from matlm.model import abstract_params
     from matlm.training import mesh as mesh_lib
-    from matlm.training.config import TrainConfig
-    from matlm.training.model_dir import model_config_from_dict
+    from matlm.training.model_dir import model_config_from_dict, train_config_from_dict
     from matlm.training.optimizer import make_optimizer
     from matlm.training.train_step import abstract_state
 
@@ -42,10 +40,9 @@ def _targets(model_dir, run_config: dict):
     # accelerator memory. One device: the fingerprint is sharding-agnostic.
     mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices("cpu")[:1])
     saved_train = run_config.get("train") or {}
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
         # The optimizer state's tree depends on the optimizer, built from the saved recipe.
-        train_config = TrainConfig(**{k: v for k, v in saved_train.items() if k in known})
+        train_config, _ = train_config_from_dict(saved_train)
     except (TypeError, ValueError) as e:
         train_config, note = None, f"saved train config unusable ({e})"
     else:

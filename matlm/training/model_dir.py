@@ -42,6 +42,7 @@ import orbax.checkpoint as ocp
 
 from matlm.model import ModelConfig, abstract_params
 from matlm.training import integrity
+from matlm.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 ITEMS = ("params", "opt_state", "data", "meta")
@@ -62,6 +63,15 @@ def model_config_from_dict(d: dict) -> ModelConfig:
         raise CheckpointError(f"saved model config has unknown fields {sorted(unknown)}; "
                               "was it written by a newer matlm?")
     return ModelConfig(**d)
+
+
+def train_config_from_dict(d: dict) -> tuple[TrainConfig, list[str]]:
+    """A saved run's TrainConfig, and the saved fields this TrainConfig does not know
+    (written by another matlm version; left out). Raises TrainConfigError (a ValueError)
+    or TypeError where the saved values do not make a valid recipe."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return (TrainConfig(**{k: v for k, v in d.items() if k in known}),
+            sorted(set(d) - known))
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
