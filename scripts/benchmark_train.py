@@ -148,7 +148,7 @@ def main():
     parser.add_argument("--distill_weight", type=float, default=0.5,
                         help="α of the joint_distill variant (TrainConfig.distill_weight)")
     parser.add_argument("--loss_chunk", type=int, default=0,
-                        help="TrainConfig.loss_chunk_size of the joint variants (0: the CE "
+                        help="TrainConfig.loss_chunk_size of every variant (0: the CE "
                              "in one piece; every shape holds the same tokens per step)")
     parser.add_argument("--torch_python", default=None,
                         help="a Python interpreter with torch: also time the PyTorch eager "
@@ -189,10 +189,11 @@ def benchmark(args) -> dict:
     config = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers,
                          n_heads=args.n_heads, d_ff=args.d_ff, activation=args.activation,
                          attention_impl=args.attention_impl)
-    # Cross entropy in one piece: every shape holds the same tokens per step, so the logits
-    # are as large at seq 2048 as at 256, and chunking would only add its recompute.
+    # Cross entropy in one piece by default (--loss_chunk 0): every shape holds the same
+    # tokens per step, so the logits are as large at seq 2048 as at 256, and chunking
+    # would only add its recompute.
     train = TrainConfig(steps=1000, seq_len=args.seq_len, global_batch_size=args.batch,
-                        mesh_shape=(1, 1, 1), loss_chunk_size=0)
+                        mesh_shape=(1, 1, 1), loss_chunk_size=args.loss_chunk)
     mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     optimizer, schedule = make_optimizer(train), learning_rate_schedule(train)
     joint = build_objective(config, train)
@@ -211,8 +212,7 @@ def benchmark(args) -> dict:
     # In-place distillation (docs/objective.md): the same joint pass, plus each smaller
     # granularity's KL to XL on logits the step computes anyway.
     distilled = build_objective(config, dataclasses.replace(
-        train, distill_weight=args.distill_weight, loss_chunk_size=args.loss_chunk))
-    joint = dataclasses.replace(joint, loss_chunk=args.loss_chunk)
+        train, distill_weight=args.distill_weight))
     steps = {name: make_train_step(config, objective, optimizer, schedule, mesh)
              for name, objective in [("joint", joint), ("joint_distill", distilled),
                                      ("xl_only", xl_only), ("masked_joint", masked)]}
