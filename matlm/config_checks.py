@@ -126,14 +126,6 @@ def checked(default, kind: type, **check) -> Any:
     return dataclasses.field(default=default, metadata={"check": Check(kind, **check)})
 
 
-def field_check(cls, name: str) -> Optional[Check]:
-    """The declared check of `cls.name` (None when the field has none)."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.metadata.get("check")
-    raise KeyError(name)
-
-
 def check_fields(config, error: type[ValueError]) -> None:
     """Checks every field of the dataclass `config` that declares a check, in field order;
     raises `error` with one line naming the first bad field. Lists become tuples."""

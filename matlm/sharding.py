@@ -13,7 +13,7 @@ and keep activations split along embed with their batch gathered: a full-batch c
 every activation per chip.
 Note on nesting under tensor parallelism: a prefix slice of an `mlp` axis sharded
 over `tensor` would put small granularities on the first shards only; the trainer
-keeps nesting shard-local (see DESIGN.md).
+keeps nesting shard-local (see `matlm.model.layout`).
 """
 from __future__ import annotations
 
@@ -98,7 +98,3 @@ def logical_to_mesh_specs(logical_tree, rules: Sequence = DEFAULT_RULES):
     """PartitionSpecs over mesh axes for a tree of logical PartitionSpecs."""
     return nn.logical_to_mesh(logical_tree, rules)
 
-
-def named_shardings(logical_tree, mesh: jax.sharding.Mesh, rules: Sequence = DEFAULT_RULES):
-    """NamedShardings on `mesh` for a tree of logical PartitionSpecs."""
-    return nn.logical_to_mesh_sharding(logical_tree, mesh, rules)
