@@ -7,7 +7,7 @@
   (matlm.decoding.kv_cache.prefill); every row starts at position 0.
 - The cache length S is a bucket too, covering the longest prompt of the batch plus its
   new tokens. Buckets are powers of two from 32 (ending at `max_len`, the model's
-  context, when given: `matlm.evaluation.scoring.bucket_lengths`), so one compiled
+  context, when given: `matlm.decoding.buckets`), so one compiled
   prefill serves every batch with the same (batch, T, S, widths form) and one compiled
   decode chunk every batch with the same (batch, S, widths form) — not one per length.
 - Decoding runs `chunk_steps` tokens per compiled call (a `lax.scan` of one-token
@@ -33,24 +33,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from matlm.decoding import kv_cache
+from matlm.decoding.buckets import cache_buckets
 from matlm.decoding.sampling import SamplingConfig, sample_rows
 from matlm.model.config import ModelConfig
 
-MIN_BUCKET = 32
 DEFAULT_CHUNK_STEPS = 8
 
 
 class GenerateError(ValueError):
     """Bad generation input (a ValueError: the CLI prints it as one line)."""
-
-
-def cache_buckets(max_len: Optional[int], needed: int) -> int:
-    """The bucket (prompt length or cache length) that holds `needed` positions: a power
-    of two from MIN_BUCKET, the list ending at `max_len` exactly when given."""
-    from matlm.evaluation.scoring import bucket_for, bucket_lengths  # Light (no TF).
-    if max_len is not None:
-        return bucket_for(needed, bucket_lengths(max_len, MIN_BUCKET))
-    return max(MIN_BUCKET, 1 << (needed - 1).bit_length())
 
 
 def split_widths(widths, config: ModelConfig):

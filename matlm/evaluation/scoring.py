@@ -20,25 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from matlm.decoding.buckets import bucket_for, bucket_lengths
 from matlm.model import MatLM, ModelConfig
-
-MIN_BUCKET = 32
-
-
-def bucket_lengths(max_len: int, min_len: int = MIN_BUCKET) -> list[int]:
-    """Powers of two from `min_len`, ending at `max_len` exactly."""
-    lengths, n = [], min(min_len, max_len)
-    while n < max_len:
-        lengths.append(n)
-        n *= 2
-    return lengths + [max_len]
-
-
-def bucket_for(length: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if length <= b:
-            return b
-    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
 
 
 @dataclasses.dataclass(frozen=True)
