@@ -5,14 +5,13 @@ import numpy as np
 import pytest
 
 from matlm import data
-from matlm.data import pipeline, tasks
+from matlm.data import documents, mixture_schedule, pipeline, tasks
 
 
 def _wiki_docs(vocab, split):
     """The split's documents tokenised independently of the pipeline (reference)."""
-    from matlm.data import documents
     texts = documents.select_split(documents.wiki_articles(), split,
-                                   tasks.WIKI_VALIDATION_FRACTION)
+                                   documents.WIKI_VALIDATION_FRACTION)
     return [vocab.tokenizer.encode(t) + [vocab.eos_id] for t in texts]
 
 
@@ -125,7 +124,7 @@ def test_eval_iterator_pads_to_a_common_length(wiki_vocab):
 
 
 def test_mixture_schedule_has_exact_rates_and_no_repeats():
-    schedule = pipeline.MixtureSchedule([3.0, 1.0], seed_key=(0,), block=100)
+    schedule = mixture_schedule.MixtureSchedule([3.0, 1.0], seed_key=(0,), block=100)
     task, index = schedule.locate(np.arange(1000))
     assert (task == 0).sum() == 750 and (task == 1).sum() == 250
     # Each task's rows are consumed in order 0, 1, 2... without gaps or repeats.
@@ -150,3 +149,11 @@ def test_mixture_batches_and_resume(wiki_vocab, tmp_path):
     resumed = data.make_batch_iterator("test_mix", "train", 16, 8, wiki_vocab, seed=0,
                                        start_step=64)
     np.testing.assert_array_equal(resumed.batch(64)["targets"], next(it)["targets"])
+
+
+def test_seed_stream_tags_keep_their_values():
+    """The tags are part of every saved run's data order: a new use takes a new value,
+    an existing one never changes (and no two uses share one)."""
+    from matlm.data.seed_streams import SeedStream
+    assert {s.name: int(s) for s in SeedStream} == {
+        "DOC_ORDER": 1, "MIX_ORDER": 2, "FILE_ORDER": 3, "COMPONENT_STREAMS": 4}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from matlm import data
-from matlm.data import streaming
+from matlm.data import corpora, streaming
 
 WORDS = "alpha beta gamma delta river stone cloud seven north paper light iron".split()
 
@@ -61,7 +61,7 @@ def test_every_record_is_read_by_exactly_one_stream_per_epoch(tmp_path, files, B
 
 
 def test_a_stream_packs_its_documents_back_to_back(corpus, wiki_vocab):
-    c = streaming.CORPORA[corpus]
+    c = corpora.CORPORA[corpus]
     stream = streaming.Stream(c, "train", 5, 8, 0, 32, wiki_vocab)
     rows = [stream.next_row() for _ in range(12)]
     got = np.concatenate([r["targets"][0] for r in rows])
@@ -94,9 +94,9 @@ def test_start_up_reads_the_same_few_records_whatever_the_corpus_size(tmp_path, 
         write_corpus(tmp_path / str(files), files=files, docs_per_file=200)
         task = data.register_streaming_files_task(str(tmp_path / str(files) / "*.jsonl"),
                                                   name=f"test_stream_{files}")
-        before = streaming.RECORDS_READ[0]
+        before = corpora.RECORDS_READ[0]
         batches(task, wiki_vocab, steps=1)
-        reads[files] = streaming.RECORDS_READ[0] - before
+        reads[files] = corpora.RECORDS_READ[0] - before
     # Independent of the corpus (8 streams x one look-ahead of documents each, plus the
     # validation records skipped among them, which the split's hash varies a little)...
     assert reads[64] < 1.2 * reads[8] and reads[8] < 1.2 * reads[64]
@@ -232,22 +232,23 @@ def test_stream_mixture_rates_per_block_and_rows_of_each_stream_in_order(
     tasks have exactly their 3:1 shares; a streamed task's rows at position p are the rows
     of stream p of that task read alone, in order (it advances only when chosen); the
     matlm_wiki rows are the in-memory mixture's rows at the same places."""
-    from matlm.data import pipeline, stream_mixture
+    from matlm.data import mixture_schedule
+    from matlm.data.seed_streams import SeedStream
     block, B, L, steps = 16, 8, 32, 20
-    monkeypatch.setattr(pipeline, "MIX_BLOCK_ROWS", block)
+    monkeypatch.setattr(mixture_schedule, "MIX_BLOCK_ROWS", block)
     task = stream_mixtures[mixture]
     components = [t.name for t, _ in data.tasks.components(task)]
     rates = np.array([r for _, r in data.tasks.components(task)])
     it, got = batches(task, wiki_vocab, B=B, L=L, steps=steps)
     tokens = {}  # Token ids of each streamed corpus's train documents (plus EOS).
     for name in components:
-        if name in streaming.CORPORA:
-            c = streaming.CORPORA[name]
+        if name in corpora.CORPORA:
+            c = corpora.CORPORA[name]
             texts = [t for p in c.files for _, t in c.records(p, "train")]
             tokens[name] = {i for ids in wiki_vocab.tokenizer.encode(texts) for i in ids}
             tokens[name].add(wiki_vocab.eos_id)
-    reference = {name: [streaming.Stream(streaming.CORPORA[name], "train", p, B,
-                                         (0, stream_mixture._COMPONENT_STREAMS, i), L,
+    reference = {name: [streaming.Stream(corpora.CORPORA[name], "train", p, B,
+                                         (0, SeedStream.COMPONENT_STREAMS, i), L,
                                          wiki_vocab) for p in range(B)]
                  for i, name in enumerate(components) if name in tokens}
     if "matlm_wiki" in components:  # The same mixture with its streamed task in memory.

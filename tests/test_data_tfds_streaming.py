@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from matlm import data
-from matlm.data import streaming, tfds_corpus
+from matlm.data import cleaners, corpora, streaming, tfds_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -55,7 +55,7 @@ def batches(task, vocab, hosts=1, host=0, steps=12, B=8, L=32):
 
 @pytest.mark.parametrize("B", [4, 16], ids=["more_shards", "fewer_shards"])
 def test_every_example_is_read_by_exactly_one_stream_per_epoch(mock_c4, c4_task, B, wiki_vocab):
-    corpus = streaming.CORPORA[c4_task]
+    corpus = corpora.CORPORA[c4_task]
     assert len(corpus.split_files("train")) == NUM_SHARDS
     expected = sorted(tfds_texts(mock_c4[0], "train"))  # TFDS's own reader: the reference.
     assert len(expected) == NUM_DOCS
@@ -98,30 +98,38 @@ def test_resume_equals_a_continuous_run(c4_task, wiki_vocab, resume_hosts):
 
 
 def test_start_up_reads_a_few_records_per_stream(c4_task, wiki_vocab):
-    streaming.RECORDS_READ[0] = 0
+    corpora.RECORDS_READ[0] = 0
     batches(c4_task, wiki_vocab, steps=1, B=4)
     # Each of the 4 streams tokenises at most one shard (25 examples) ahead: not the split.
-    assert 0 < streaming.RECORDS_READ[0] <= 4 * NUM_DOCS // NUM_SHARDS
+    assert 0 < corpora.RECORDS_READ[0] <= 4 * NUM_DOCS // NUM_SHARDS
 
 
 def test_validation_is_the_first_validation_examples(mock_c4, wiki_vocab):
     task = data.register_tfds_task(name="test_c4_val", tfds_name="c4/en:3.1.0",
                                    data_dir=mock_c4[0], max_validation_documents=7)
-    assert streaming.CORPORA[task].validation_texts() == tfds_texts(mock_c4[0],
+    assert corpora.CORPORA[task].validation_texts() == tfds_texts(mock_c4[0],
                                                                      "validation")[:7]
     ev = data.make_batch_iterator(task, "validation", 32, 4, wiki_vocab, seed=0, repeat=False)
     assert sum(b["loss_mask"].sum() for b in ev) == ev.num_tokens > 0
 
 
-def test_wiki40b_cleaner_matches_the_tf_data_one():
+def test_wiki40b_cleaner_is_the_same_streamed_and_in_tf_data():
+    """One registered cleaner: the streamed path applies it per record, the in-memory
+    path inside tf.data (tasks.clean_texts); both give the same plain text."""
     from matlm.data import tasks
     from matlm.data.tf_setup import tf
     text = ("\n_START_ARTICLE_\nRiver\n_START_SECTION_\nCourse\n_START_PARAGRAPH_\n"
-            "It flows._NEWLINE_It ends.\n_START_PARAGRAPH_\nSecond.  ")
-    by_tf = tasks._wiki40b_to_prose(tf.data.Dataset.from_tensors({"text": text}))
-    expected = next(iter(by_tf.as_numpy_iterator()))["text"].decode()
-    assert tfds_corpus.wiki40b_to_prose(text) == expected == (
-        "River\n\nCourse\n\nIt flows.\nIt ends.\n\nSecond.")
+            "It flows._NEWLINE_It ends \u00e9.\n_START_PARAGRAPH_\nSecond.  ")
+    expected = "River\n\nCourse\n\nIt flows.\nIt ends \u00e9.\n\nSecond."
+    clean = cleaners.get_cleaner("wiki40b")
+    assert clean(text) == expected
+    by_tf = tasks.clean_texts(clean, tf.data.Dataset.from_tensors({"text": text}))
+    assert next(iter(by_tf.as_numpy_iterator()))["text"].decode() == expected
+    assert corpora.CORPORA["matlm_wiki40b_en"].clean is clean  # The built-in task's.
+    assert cleaners.get_cleaner("none") is None
+    with pytest.raises(data.DataError, match="unknown cleaner 'wiki41b'.*'none', 'wiki40b'"):
+        data.register_tfds_task(name="test_bad_cleaner", tfds_name="c4/en:3.1.0",
+                                cleaner="wiki41b")
 
 
 def test_tfds_task_can_stay_in_memory(mock_c4, wiki_vocab):
@@ -129,7 +137,7 @@ def test_tfds_task_can_stay_in_memory(mock_c4, wiki_vocab):
         pytest.skip("seqio's TfdsDataSource reads TFRecord datasets only")
     task = data.register_tfds_task(name="test_c4_mem", tfds_name="c4/en:3.1.0",
                                    data_dir=mock_c4[0], streaming=False)
-    assert task not in streaming.CORPORA
+    assert task not in corpora.CORPORA
     it = data.make_batch_iterator(task, "train", 32, 4, wiki_vocab, seed=0)
     assert it._streams[0].store.num_docs == NUM_DOCS
 

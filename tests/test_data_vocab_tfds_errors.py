@@ -40,8 +40,8 @@ def in_memory_copy(builtin: str) -> str:
 
 @pytest.mark.parametrize("builtin", ["matlm_c4_en", "matlm_lm1b", "matlm_wiki40b_en"])
 def test_tfds_tasks_produce_batches_from_mock_data(builtin, wiki_vocab):
-    from matlm.data import streaming
-    assert builtin in streaming.CORPORA  # Built-in TFDS tasks stream by default.
+    from matlm.data import corpora
+    assert builtin in corpora.CORPORA  # Built-in TFDS tasks stream by default.
     task = in_memory_copy(builtin)
     with tfds.testing.mock_data(num_examples=30):
         it = data.make_batch_iterator(task, "train", seq_len=32, global_batch_size=4,

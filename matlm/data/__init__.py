@@ -11,10 +11,14 @@ TensorFlow first (`tf_setup`). Public API:
   (`streaming_files_task`, `tfds_task`) and mixtures including them return iterators
   with the same contract (`matlm.data.streaming`, `matlm.data.stream_mixture`).
 - `default_vocabulary(vocab_size=8192)`, `load_vocabulary(path)`, `train_vocabulary`,
-  `train_task_vocabulary`, `start_id(vocab)` (see `matlm.data.vocabulary` for special ids).
+  `start_id(vocab)` (see `matlm.data.vocabulary` for special ids);
+  `train_task_vocabulary` (`matlm.data.task_vocabulary`).
 - Tasks: `matlm_wiki` (default), `matlm_c4_en`, `matlm_lm1b`, `matlm_wiki40b_en`, and the
   gin configurables `local_files_task`, `streaming_files_task`, `tfds_task`, `mixture`
   (`matlm.data.tasks`); `held_out_task(name)`: the task a mixture's held-out loss reads.
+  Streamed tasks keep their corpus in `matlm.data.corpora.CORPORA`; TFDS text cleaners
+  are registered in `matlm.data.cleaners`; the seed-stream tags in
+  `matlm.data.seed_streams.SeedStream`.
 - `DataConfig` (gin): task, splits, seed, vocabulary of a run; `data_config_from_gin()`.
 - Errors: `DataError` (a ValueError) and its subclasses in `matlm.data.errors`.
 """
@@ -29,9 +33,9 @@ from matlm.data.tasks import (DEFAULT_TASK, local_files_task, mixture, register_
                               held_out_task, register_mixture, register_streaming_files_task,
                               register_tfds_task, registered_names, streaming_files_task,
                               tfds_task)
+from matlm.data.task_vocabulary import train_task_vocabulary
 from matlm.data.vocabulary import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, default_vocabulary,
-                                   load_vocabulary, start_id, train_task_vocabulary,
-                                   train_vocabulary)
+                                   load_vocabulary, start_id, train_vocabulary)
 
 __all__ = [
     "BatchIterator", "make_batch_iterator", "restore_batch_iterator", "DataConfig", "data_config_from_gin",

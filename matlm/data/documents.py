@@ -36,6 +36,12 @@ def select_split(keyed_texts: Sequence[tuple[str, str]], split: str,
             if in_validation(key, validation_fraction) == want_validation]
 
 
+# The share of the embedded Wikipedia sample's articles (by title hash) held out for
+# validation: the `matlm_wiki` task's split, and the articles the default vocabulary is
+# not trained on.
+WIKI_VALIDATION_FRACTION = 0.1
+
+
 @functools.lru_cache(maxsize=2)
 def wiki_articles(path: str | None = None) -> tuple[tuple[str, str], ...]:
     """(title, plain text) of every article of the embedded Wikipedia sample (cached)."""

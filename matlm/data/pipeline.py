@@ -18,16 +18,17 @@ Batch features (all [global_batch_size // num_hosts, seq_len]):
 
 How the order is defined (why resuming is immediate, and on any number of hosts). The
 split is tokenised once into a `TokenStore` and packed as described in
-`matlm.data.packing`. The global k-th row is row `k mod R` of epoch `k div R` (R rows per
-epoch, fresh seeded document and row orders each epoch); the global batch of step s is
-rows [s*B, (s+1)*B), and host h of H materialises its share, rows
-[s*B + h*b, s*B + (h+1)*b) with b = B / H — the rows `jax.make_array_from_process_local_data`
-places on its devices. So a job resumed on a slice with another number of hosts continues
-on exactly the same data. A mixture interleaves its tasks' row streams with a seeded
-schedule of fixed blocks over the global rows (`MixtureSchedule`), so the rates hold
-exactly per block and a row's (task, index) is computed directly. Resuming at step N costs
-one epoch layout (two permutations), not N batches. (A mixture that includes a streamed
-task uses the same schedule: `matlm.data.stream_mixture`.)
+`matlm.data.packing`; a task's row stream is a `matlm.data.task_rows.TaskRows`. The
+global k-th row is row `k mod R` of epoch `k div R` (R rows per epoch, fresh seeded
+document and row orders each epoch); the global batch of step s is rows [s*B, (s+1)*B),
+and host h of H materialises its share, rows [s*B + h*b, s*B + (h+1)*b) with b = B / H —
+the rows `jax.make_array_from_process_local_data` places on its devices. So a job resumed
+on a slice with another number of hosts continues on exactly the same data. A mixture
+interleaves its tasks' row streams with a seeded schedule of fixed blocks over the global
+rows (`matlm.data.mixture_schedule`), so the rates hold exactly per block and a row's
+(task, index) is computed directly. Resuming at step N costs one epoch layout (two
+permutations), not N batches. (A mixture that includes a streamed task uses the same
+schedule: `matlm.data.stream_mixture`.)
 
 This is the in-memory path, for corpora that fit a host (the embedded default, local
 files of modest size): every host tokenises the whole split at start-up, so start-up
@@ -39,7 +40,6 @@ hosts) so that every host yields the same number of batches.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 
@@ -48,134 +48,13 @@ from typing import Any, Iterator
 import numpy as np
 import seqio
 
-from matlm.data import packing, streaming, tasks, vocabulary
+from matlm.data import corpora, packing, stream_mixture, streaming, tasks, vocabulary
 from matlm.data.errors import BatchSizeError, DataError, SequenceLengthError, StateError
+from matlm.data.mixture_schedule import MixtureSchedule
+from matlm.data.task_rows import TaskRows, token_store
 
 STATE_VERSION = 1
-MIX_BLOCK_ROWS = 4096  # Rows per mixture schedule block: rates are exact per block.
-_TOKENIZE_CHUNK = 2048  # Documents per SentencePiece batch call.
 _LOG = logging.getLogger(__name__)
-# Seed-stream tags, so the different permutations of one seed are independent.
-_DOC_ORDER, _MIX_ORDER = 1, 2
-
-
-def tokenize_task_split(task: seqio.Task, split: str,
-                        vocab: seqio.SentencePieceVocabulary) -> packing.TokenStore:
-    """The documents of a task split, tokenised and EOS-terminated, in source order."""
-    tasks.check_split(task, split)
-    # No in-memory cache: each split is read once into a TokenStore anyway.
-    dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1,
-                               use_cached=False, try_in_mem_cache=False)
-    eos = np.array([vocab.eos_id], np.int32)
-    docs: list[np.ndarray] = []
-    texts: list[str] = []
-
-    def flush():
-        for ids in vocab.tokenizer.encode(texts):
-            docs.append(np.concatenate([np.asarray(ids, np.int32), eos]))
-        texts.clear()
-
-    for example in dataset.as_numpy_iterator():
-        text = example[tasks.TEXT_KEY].decode("utf-8")
-        if text:
-            texts.append(text)
-        if len(texts) >= _TOKENIZE_CHUNK:
-            flush()
-    flush()
-    if not docs:
-        raise DataError(f"task {task.name!r} split {split!r} has no documents")
-    return packing.TokenStore.from_documents(docs)
-
-
-# In-process cache of token stores: rebuilding an iterator (resume, eval) re-reads nothing.
-_STORES: "collections.OrderedDict[tuple, packing.TokenStore]" = collections.OrderedDict()
-_MAX_STORES = 8
-
-
-def token_store(task: seqio.Task, split: str, vocab) -> packing.TokenStore:
-    key = (task, split, vocabulary.fingerprint(vocab))
-    if key not in _STORES:
-        _STORES[key] = tokenize_task_split(task, split, vocab)
-        while len(_STORES) > _MAX_STORES:
-            _STORES.popitem(last=False)
-    _STORES.move_to_end(key)
-    return _STORES[key]
-
-
-class TaskRows:
-    """The endless (or one-epoch) row stream of one task on one host."""
-
-    def __init__(self, store: packing.TokenStore, seq_len: int, seed_key: tuple[int, ...],
-                 shuffle: bool):
-        self.store, self.seq_len, self.seed_key, self.shuffle = store, seq_len, seed_key, shuffle
-        self.rows_per_epoch = store.num_rows(seq_len)
-        self._layouts: "collections.OrderedDict[int, packing.EpochLayout]" = (
-            collections.OrderedDict())
-
-    def layout(self, epoch: int) -> packing.EpochLayout:
-        if epoch not in self._layouts:
-            rng = (np.random.default_rng([*self.seed_key, _DOC_ORDER, epoch])
-                   if self.shuffle else None)
-            self._layouts[epoch] = packing.EpochLayout(self.store, self.seq_len, rng)
-            while len(self._layouts) > 2:
-                self._layouts.popitem(last=False)
-        return self._layouts[epoch]
-
-    def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        out = packing.empty_rows(len(indices), self.seq_len)
-        epochs = indices // self.rows_per_epoch
-        for epoch in np.unique(epochs):
-            where = epochs == epoch
-            got = self.layout(int(epoch)).rows(indices[where] % self.rows_per_epoch)
-            for name, value in got.items():
-                out[name][where] = value
-        return out
-
-
-class MixtureSchedule:
-    """Which task, and which of its rows, the host's k-th mixture row comes from.
-
-    Rows come in blocks of `block` rows; task t owns `counts[t]` slots of every block
-    (rates apportioned by largest remainder), at seeded positions. Task t's row index
-    for a slot is `block_index * counts[t] + (slots of t before it in the block)`.
-    """
-
-    def __init__(self, rates: list[float], seed_key: tuple[int, ...], block: int | None = None):
-        # MIX_BLOCK_ROWS is read now, not bound as a default, so a test can use small blocks.
-        block = MIX_BLOCK_ROWS if block is None else block
-        shares = np.asarray(rates, np.float64) / np.sum(rates) * block
-        counts = np.floor(shares).astype(np.int64)
-        remainder_order = np.argsort(-(shares - counts), kind="stable")
-        counts[remainder_order[:block - counts.sum()]] += 1
-        if np.any(counts == 0):
-            raise DataError(f"mixture rates {rates} give a task no rows in a block of "
-                            f"{block}; raise its rate")
-        self.counts, self.block, self.seed_key = counts, block, seed_key
-        self._blocks: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
-
-    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
-        if b not in self._blocks:
-            rng = np.random.default_rng([*self.seed_key, _MIX_ORDER, b])
-            slots = rng.permutation(np.repeat(np.arange(len(self.counts)), self.counts))
-            rank = np.zeros_like(slots)
-            for t in range(len(self.counts)):
-                rank[slots == t] = np.arange(self.counts[t])
-            self._blocks[b] = (slots, rank)
-            while len(self._blocks) > 4:
-                self._blocks.popitem(last=False)
-        return self._blocks[b]
-
-    def locate(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        task = np.empty_like(k)
-        index = np.empty_like(k)
-        blocks = k // self.block
-        for b in np.unique(blocks):
-            where = blocks == b
-            slots, rank = self._block(int(b))
-            offset = k[where] % self.block
-            task[where] = slots[offset]
-            index[where] = b * self.counts[slots[offset]] + rank[offset]
-        return task, index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,19 +202,17 @@ def make_batch_iterator(task_or_mixture: str, split: str, seq_len: int,
                             num_hosts=num_hosts, shuffle=shuffle, repeat=repeat)
     _LOG.info("data pipeline %s host %d/%d from step %d", config, host_index, num_hosts,
                  start_step)
-    if repeat and task_or_mixture in streaming.CORPORA:  # Training on a streamed task.
+    if repeat and task_or_mixture in corpora.CORPORA:  # Training on a streamed task.
         if not shuffle or pad_to_num_batches is not None or start_step:
             raise DataError(f"{task_or_mixture!r} is streamed: it trains from step 0 or from "
                             "a saved state (restore_batch_iterator), shuffled")
         config.validate(host_index)
         return streaming.StreamingBatches(
-            streaming.CORPORA[task_or_mixture], task_or_mixture, split, seq_len,
+            corpora.CORPORA[task_or_mixture], task_or_mixture, split, seq_len,
             global_batch_size, vocab, seed, host_index, num_hosts)
     components = tasks.components(task_or_mixture)
-    if len(components) > 1 and any(t.name in streaming.CORPORA for t, _ in components):
-        # A mixture with a streamed task (matlm.data.stream_mixture; imported here, as it
-        # builds on this module).
-        from matlm.data import stream_mixture
+    if len(components) > 1 and any(t.name in corpora.CORPORA for t, _ in components):
+        # A mixture with a streamed task (matlm.data.stream_mixture).
         if not repeat:
             raise DataError(f"{task_or_mixture!r} is a mixture: evaluate its tasks one by one "
                             "(repeat=False needs a single task)")
@@ -356,7 +233,6 @@ def restore_batch_iterator(state: dict[str, Any], vocab: seqio.SentencePieceVoca
     job's hosts (which may be more or fewer than the saving job's: same global batches)."""
     if state.get("version") == streaming.STATE_VERSION:
         return streaming.restore(state, vocab, host_index, num_hosts)
-    from matlm.data import stream_mixture
     if state.get("version") == stream_mixture.STATE_VERSION:
         return stream_mixture.restore(state, vocab, host_index, num_hosts)
     if state.get("version") != STATE_VERSION:

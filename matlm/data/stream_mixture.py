@@ -2,9 +2,9 @@
 pure function of (seed, step) for any number of hosts, and an exact resume.
 
 **Which task serves a row.** The same seeded block schedule as an in-memory mixture
-(`pipeline.MixtureSchedule`, same seed key) over the global row index k = step·B + p:
+(`matlm.data.mixture_schedule`, same seed key) over the global row index k = step·B + p:
 row p of step s belongs to the task `locate(k)` names, so every block of
-`pipeline.MIX_BLOCK_ROWS` rows holds exactly each task's share.
+`MIX_BLOCK_ROWS` rows holds exactly each task's share.
 
 **What the row is.** A streamed component keeps B streams (`streaming.Stream`), one per
 batch position p, as a streamed task alone does; host h runs only its positions
@@ -14,7 +14,7 @@ only on (seed, step, p) and which earlier steps chose t at p, never on the host 
 Each streamed component's streams use their own seed key (seed, component index), so two
 streamed components do not walk their files in the same order. An in-memory component
 (e.g. `matlm_wiki`) is served as in an in-memory mixture: row `locate(k)`'s index of its
-`pipeline.TaskRows` (a pure function of the step; same seed keys, so its rows are the
+`task_rows.TaskRows` (a pure function of the step; same seed keys, so its rows are the
 ones an in-memory mixture with the same components would give at the same places).
 
 **State** (JSON, the same on every host): the step and, for every streamed component,
@@ -27,11 +27,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from matlm.data import packing, pipeline, streaming, tasks, vocabulary
+from matlm.data import corpora, packing, streaming, tasks, vocabulary
 from matlm.data.errors import DataError, StateError
+from matlm.data.mixture_schedule import MixtureSchedule
+from matlm.data.seed_streams import SeedStream
+from matlm.data.task_rows import TaskRows, token_store
 
 STATE_VERSION = "stream-mix-1"
-_COMPONENT_STREAMS = 4  # Seed-stream tag (pipeline.py uses 1 and 2, streaming.py 3).
 # The fields of a state that must equal the pipeline it is applied to (num_hosts may
 # differ: the global batches do not depend on it).
 _SAME_FIELDS = ("task", "split", "seq_len", "global_batch_size", "seed", "components")
@@ -58,25 +60,25 @@ class StreamMixtureBatches:
         self.num_batches = None
         self._start_id = vocabulary.start_id(vocab)
         # The in-memory mixture's schedule and seed key (pipeline.BatchIterator).
-        self._schedule = pipeline.MixtureSchedule([r for _, r in self.components], (seed, 0, 1))
+        self._schedule = MixtureSchedule([r for _, r in self.components], (seed, 0, 1))
         # Component i: a list of this host's streams (streamed) or its TaskRows (in memory).
         self._rows: list = []
         for i, (name, _) in enumerate(self.components):
-            if name in streaming.CORPORA:
+            if name in corpora.CORPORA:
                 self._rows.append(None)  # Streams are made by _start_streams.
             else:  # The in-memory mixture's seed key for component i (pipeline.BatchIterator).
-                store = pipeline.token_store(tasks.get_task(name), split, vocab)
-                self._rows.append(pipeline.TaskRows(store, seq_len, (seed, i, 0, 1), True))
+                store = token_store(tasks.get_task(name), split, vocab)
+                self._rows.append(TaskRows(store, seq_len, (seed, i, 0, 1), True))
         self._start_streams(start_step, positions)
 
     def _start_streams(self, step: int, positions: Optional[list]) -> None:
         for i, (name, _) in enumerate(self.components):
-            if name not in streaming.CORPORA:
+            if name not in corpora.CORPORA:
                 continue
             saved = positions[i] if positions is not None else None
             self._rows[i] = [
-                streaming.Stream(streaming.CORPORA[name], self.split, p,
-                                 self.global_batch_size, (self.seed, _COMPONENT_STREAMS, i),
+                streaming.Stream(corpora.CORPORA[name], self.split, p, self.global_batch_size,
+                                 (self.seed, SeedStream.COMPONENT_STREAMS, i),
                                  self.seq_len, self.vocab,
                                  saved[p] if saved is not None else (0, 0, 0, 0))
                 for p in self.mine]
@@ -156,7 +158,7 @@ def check_state(state: dict[str, Any]) -> None:
                          f"components and rates were {saved}, are now {now}; resume with "
                          "the original mixture or start a new run")
     for (name, _), positions in zip(saved, state["positions"]):
-        if (positions is None) == (name in streaming.CORPORA):
+        if (positions is None) == (name in corpora.CORPORA):
             raise StateError(f"mixture {state['task']!r}: task {name!r} was "
                              f"{'in memory' if positions is None else 'streamed'} when the "
                              "state was saved and is not now; register it as it was")

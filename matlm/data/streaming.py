@@ -42,19 +42,18 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from matlm.data import documents, packing, vocabulary
+from matlm.data import corpora, documents, packing, vocabulary
 from matlm.data.errors import DataError, StateError
+from matlm.data.seed_streams import SeedStream
 
 STATE_VERSION = "stream-1"
-_FILE_ORDER = 3  # Seed-stream tag (pipeline.py uses 1 and 2, stream_mixture.py 4).
 _LOOKAHEAD = 128  # Documents tokenised together per stream (one SentencePiece call).
 _ENCODE_THREADS = min(4, os.cpu_count() or 1)
-# Records read so far in this process (tests check that start-up reads O(streams) records).
-RECORDS_READ = [0]
 
 
 class StreamingCorpus:
-    """The files of a streamed task and how to read their records (nothing is read here)."""
+    """The files of a streamed task and how to read their records (nothing is read here):
+    a `corpora.Corpus` of local files."""
 
     def __init__(self, pattern: str, jsonl_field: str = "text", txt_split: str = "file",
                  validation_pattern: Optional[str] = None, validation_fraction: float = 0.05,
@@ -87,7 +86,7 @@ class StreamingCorpus:
             for index, content in raw:
                 if index < start or index % modulus != residue:
                     continue
-                RECORDS_READ[0] += 1
+                corpora.RECORDS_READ[0] += 1
                 key, text = self._parse(path, index, content)
                 if not text or (hashed and documents.in_validation(
                         key, self.validation_fraction) != want_validation):
@@ -107,25 +106,13 @@ class StreamingCorpus:
         return f"{path}#{index}", content.strip()
 
     def validation_texts(self) -> list[str]:
-        return first_texts(self, "validation", self.max_validation_documents)
-
-
-def first_texts(corpus, split: str, limit: int) -> list[str]:
-    """The first `limit` texts of a corpus's split in unit order (a streamed task's
-    validation set: finite, in memory)."""
-    texts: list[str] = []
-    for path in corpus.split_files(split):
-        for _, text in corpus.records(path, split):
-            texts.append(text)
-            if len(texts) >= limit:
-                return texts
-    return texts
+        return corpora.first_texts(self, "validation", self.max_validation_documents)
 
 
 class Stream:
     """One stream's rows (see the module docstring); `position` resumes it."""
 
-    def __init__(self, corpus: StreamingCorpus, split: str, index: int, num_streams: int,
+    def __init__(self, corpus: corpora.Corpus, split: str, index: int, num_streams: int,
                  seed: "int | tuple[int, ...]", seq_len: int, vocab, position=(0, 0, 0, 0)):
         self.corpus, self.split, self.index, self.num_streams = corpus, split, index, num_streams
         self.seed, self.seq_len, self.vocab = seed, seq_len, vocab
@@ -147,7 +134,7 @@ class Stream:
     def units(self, epoch: int) -> list[tuple[str, int, int]]:
         """(file, residue, modulus) this stream reads in `epoch`, in order."""
         files = self.corpus.split_files(self.split)
-        order = np.random.default_rng([*self._seed_key, _FILE_ORDER, epoch]).permutation(
+        order = np.random.default_rng([*self._seed_key, SeedStream.FILE_ORDER, epoch]).permutation(
             len(files))
         F, B, p = len(files), self.num_streams, self.index
         if F >= B:
@@ -224,7 +211,7 @@ class Stream:
 class StreamingBatches:
     """Per-host batches of a streamed task: `next()`, `state`, `num_batches=None`."""
 
-    def __init__(self, corpus: StreamingCorpus, task: str, split: str, seq_len: int,
+    def __init__(self, corpus: corpora.Corpus, task: str, split: str, seq_len: int,
                  global_batch_size: int, vocab, seed: int, host_index: int = 0,
                  num_hosts: int = 1, start_step: int = 0, positions=None):
         if global_batch_size % num_hosts:
@@ -269,17 +256,13 @@ class StreamingBatches:
                 "num_hosts": self.num_hosts, "positions": mine.tolist()}
 
 
-# name -> StreamingCorpus of the registered streaming tasks.
-CORPORA: dict[str, StreamingCorpus] = {}
-
-
 def restore(state: dict, vocab, host_index: int = 0, num_hosts: int = 1) -> StreamingBatches:
     if state.get("version") != STATE_VERSION:
         raise StateError(f"stream state version {state.get('version')!r} is not {STATE_VERSION}")
-    if state["task"] not in CORPORA:
+    if state["task"] not in corpora.CORPORA:
         raise StateError(f"the checkpoint streamed task {state['task']!r}, which is not "
                          "registered as a streaming task in this run")
-    return StreamingBatches(CORPORA[state["task"]], state["task"], state["split"],
+    return StreamingBatches(corpora.CORPORA[state["task"]], state["task"], state["split"],
                             state["seq_len"], state["global_batch_size"], vocab, state["seed"],
                             host_index, num_hosts, start_step=state["step"],
                             positions=state["positions"])

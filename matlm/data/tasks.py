@@ -26,7 +26,8 @@ from typing import Callable, Mapping, Sequence
 import gin
 import seqio
 
-from matlm.data import documents, streaming, tfds_corpus
+from matlm.data import cleaners, corpora, documents, streaming, tfds_corpus
+from matlm.data.documents import WIKI_VALIDATION_FRACTION
 from matlm.data.errors import DataError, UnknownSplitError, UnknownTaskError
 from matlm.data.tf_setup import tf
 
@@ -37,7 +38,6 @@ TEXT_FEATURES = {
                             required=False, dtype=tf.string, rank=0),
 }
 DEFAULT_TASK = "matlm_wiki"
-WIKI_VALIDATION_FRACTION = 0.1
 
 
 def _register_task(name: str, source: seqio.DataSource,
@@ -45,7 +45,7 @@ def _register_task(name: str, source: seqio.DataSource,
     if name in seqio.MixtureRegistry.names():
         seqio.MixtureRegistry.remove(name)
     seqio.TaskRegistry.remove(name)  # No-op when absent; makes registration idempotent.
-    streaming.CORPORA.pop(name, None)  # Re-registered in memory: no longer streamed.
+    corpora.CORPORA.pop(name, None)  # Re-registered in memory: no longer streamed.
     seqio.TaskRegistry.add(name, source=source, preprocessors=list(preprocessors),
                            output_features=TEXT_FEATURES)
     return name
@@ -142,23 +142,21 @@ def _register_streamed_task(name: str, corpus) -> str:
             every_train_text, output_signature={TEXT_KEY: tf.TensorSpec([], tf.string)})
 
     _register_task(name, seqio.FunctionDataSource(dataset_fn, splits=list(documents.SPLITS)))
-    streaming.CORPORA[name] = corpus
+    corpora.CORPORA[name] = corpus
     return name
 
 
-_WIKI40B_MARKERS = r"\n?_START_(ARTICLE|SECTION|PARAGRAPH)_\n"
+def clean_texts(clean: cleaners.Cleaner, dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """A seqio preprocessor applying a registered (Python) cleaner to every text: the
+    function a streamed task applies record by record (`matlm.data.cleaners`)."""
+    def clean_bytes(text: bytes) -> bytes:
+        return clean(text.decode("utf-8")).encode("utf-8")
 
-
-def _wiki40b_to_prose(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    """wiki40b marks structure with `_START_ARTICLE_` etc. and `_NEWLINE_`: make plain text."""
-    def clean(example):
-        text = tf.strings.regex_replace(example[TEXT_KEY], _WIKI40B_MARKERS, "\n\n")
-        text = tf.strings.regex_replace(text, "_NEWLINE_", "\n")
-        return {TEXT_KEY: tf.strings.strip(text)}
-    return dataset.map(clean, num_parallel_calls=tf.data.AUTOTUNE)
-
-
-TEXT_CLEANERS = {"none": None, "wiki40b": _wiki40b_to_prose}
+    def clean_example(example):
+        text = tf.numpy_function(clean_bytes, [example[TEXT_KEY]], tf.string, stateful=False)
+        text.set_shape([])
+        return {TEXT_KEY: text}
+    return dataset.map(clean_example, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def register_tfds_task(name: str,
@@ -179,8 +177,7 @@ def register_tfds_task(name: str,
     validation is the split's first `max_validation_documents` examples. `streaming=False`
     tokenises whole splits in memory at start-up (small datasets only).
     """
-    if cleaner not in TEXT_CLEANERS:
-        raise DataError(f"unknown cleaner {cleaner!r}; expected one of {list(TEXT_CLEANERS)}")
+    clean = cleaners.get_cleaner(cleaner)  # Checked first: a typo fails either way.
     splits = dict(splits or {"train": "train", "validation": "validation"})
     if streaming:
         if unknown := set(splits) - set(documents.SPLITS):
@@ -191,8 +188,8 @@ def register_tfds_task(name: str,
             tfds_name, splits, data_dir, text_key, cleaner, max_validation_documents))
     source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=data_dir, splits=splits)
     preprocessors = [functools.partial(seqio.preprocessors.rekey, key_map={TEXT_KEY: text_key})]
-    if TEXT_CLEANERS[cleaner] is not None:
-        preprocessors.append(TEXT_CLEANERS[cleaner])
+    if clean is not None:
+        preprocessors.append(functools.partial(clean_texts, clean))
     return _register_task(name, source, preprocessors)
 
 

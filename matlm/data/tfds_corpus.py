@@ -2,13 +2,13 @@
 
     tfds_task.tfds_name = "c4/en:3.1.0"      # streaming=True is the default
 
-A `TfdsCorpus` is what `matlm.data.streaming` streams (the same interface as its
-`StreamingCorpus` of local files): the *units* are the split's shard files as listed in
-the dataset's `dataset_info.json`, a *record* is one serialized example of a shard, read in
-shard order. So everything `streaming` guarantees holds for TFDS: a global batch that is a
-pure function of (seed, step) for any number of hosts, every example read by exactly one
-stream per epoch, start-up that reads O(streams) records, and a resume that re-reads at
-most one shard's head per stream.
+A `TfdsCorpus` is what `matlm.data.streaming` streams (a `matlm.data.corpora.Corpus`,
+like its `StreamingCorpus` of local files): the *units* are the split's shard files as
+listed in the dataset's `dataset_info.json`, a *record* is one serialized example of a
+shard, read in shard order. So everything `streaming` guarantees holds for TFDS: a global
+batch that is a pure function of (seed, step) for any number of hosts, every example read
+by exactly one stream per epoch, start-up that reads O(streams) records, and a resume that
+re-reads at most one shard's head per stream.
 
 Why shards and not seqio's file sharding or `tfds.data_sources`: seqio shards files per
 host (`ShardInfo`), which ties the batch order to the host count; and random access
@@ -23,38 +23,27 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from typing import Iterator, Mapping, Optional
 
-from matlm.data import streaming
+from matlm.data import cleaners, corpora
 from matlm.data.errors import DataError
+from matlm.messages import first_line
 
-_WIKI40B_MARKERS = re.compile(r"\n?_START_(ARTICLE|SECTION|PARAGRAPH)_\n")
 _ARRAY_RECORD_CHUNK = 128  # Records fetched per ArrayRecord read call.
 _TFRECORD_BATCH = 128  # Records handed from tf.data to Python at once.
 
 
-def wiki40b_to_prose(text: str) -> str:
-    """wiki40b marks structure with `_START_ARTICLE_` etc. and `_NEWLINE_`: plain text.
-    (The same rewrite as `tasks._wiki40b_to_prose`, which does it in tf.data.)"""
-    return _WIKI40B_MARKERS.sub("\n\n", text).replace("_NEWLINE_", "\n").strip()
-
-
-CLEANERS = {"none": None, "wiki40b": wiki40b_to_prose}
-
-
 class TfdsCorpus:
-    """The shards of a prepared TFDS dataset and how to read their texts. Nothing is read
-    when it is made (built-in tasks are registered at import, data or not): the dataset's
-    metadata is loaded on first use, with a one-line DataError if it is not there."""
+    """The shards of a prepared TFDS dataset and how to read their texts (a
+    `corpora.Corpus`). Nothing is read when it is made (built-in tasks are registered at
+    import, data or not): the dataset's metadata is loaded on first use, with a one-line
+    DataError if it is not there."""
 
     def __init__(self, tfds_name: str, splits: Mapping[str, str], data_dir: Optional[str],
                  text_key: str = "text", cleaner: str = "none",
                  max_validation_documents: int = 2000):
-        if cleaner not in CLEANERS:
-            raise DataError(f"unknown cleaner {cleaner!r}; expected one of {list(CLEANERS)}")
         self.tfds_name, self.splits, self.data_dir = tfds_name, dict(splits), data_dir
-        self.text_key, self.clean = text_key, CLEANERS[cleaner]
+        self.text_key, self.clean = text_key, cleaners.get_cleaner(cleaner)
         self.max_validation_documents = max_validation_documents
         self._info = None
         self._files: dict[str, list[str]] = {}
@@ -76,7 +65,7 @@ class TfdsCorpus:
                 prepared = info.splits and all(s in info.splits for s in self.splits.values())
             except Exception as e:  # Unknown name, unreadable dataset_info.json, ...
                 raise DataError(f"TFDS dataset {self.tfds_name!r} cannot be read from "
-                                f"{self._where()}: {str(e).splitlines()[0]}") from None
+                                f"{self._where()}: {first_line(e)}") from None
             if not prepared:
                 raise DataError(
                     f"TFDS dataset {self.tfds_name!r} is not prepared in {self._where()} "
@@ -121,13 +110,13 @@ class TfdsCorpus:
                 end = index + 1
                 if index % modulus != residue:
                     continue
-                streaming.RECORDS_READ[0] += 1
+                corpora.RECORDS_READ[0] += 1
                 text = self._decode(raw, path, index)
                 if text:
                     yield index, text
         except op_error as e:
             raise DataError(f"corrupt TFDS shard {path} (at or after record {end}): "
-                            f"{e.message.splitlines()[0]}; re-prepare the dataset") from None
+                            f"{first_line(e.message)}; re-prepare the dataset") from None
         # A truncated shard, or one from another preparation, reads "fine" but short.
         if expected is not None and max(end, start) != max(expected, start):
             raise DataError(f"TFDS shard {path} has {max(end, start)} records but "
@@ -160,7 +149,7 @@ class TfdsCorpus:
         def corrupt(e: Exception, where: str) -> DataError:
             # ArrayRecord raises plain RuntimeErrors on bad data.
             return DataError(f"corrupt TFDS shard {path} ({where}): "
-                             f"{str(e).splitlines()[0]}; re-prepare the dataset")
+                             f"{first_line(e)}; re-prepare the dataset")
         try:
             reader = ArrayRecordReader(path)
             ok, n = reader.ok(), reader.num_records()
@@ -201,4 +190,4 @@ class TfdsCorpus:
         return self.clean(text) if self.clean else text
 
     def validation_texts(self) -> list[str]:
-        return streaming.first_texts(self, "validation", self.max_validation_documents)
+        return corpora.first_texts(self, "validation", self.max_validation_documents)

@@ -1,4 +1,5 @@
-"""SentencePiece vocabularies: train one on a task's text, load any `.model` file.
+"""SentencePiece vocabularies: train one on texts, load any `.model` file. (Training on a
+registered task's text is `matlm.data.task_vocabulary`, above the task registry.)
 
 Special ids. Models trained by matlm (`train_vocabulary`) use
     pad = 0, eos = 1, unk = 2, bos = 3
@@ -36,6 +37,7 @@ import sentencepiece as spm
 
 from matlm.data import documents, wikitext
 from matlm.data.errors import VocabularyError
+from matlm.fileio import write_atomically
 
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
 DEFAULT_VOCAB_SIZE = 8192
@@ -76,18 +78,8 @@ def train_vocabulary(texts: Iterable[str], vocab_size: int, output_path: str | o
     except RuntimeError as e:  # e.g. "Vocabulary size too high (N). Please set it to a value <= M."
         raise VocabularyError(f"cannot train a {vocab_size}-piece vocabulary: {e}") from e
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    # Write-then-rename so concurrent processes never read a half-written model; the
-    # temporary file is removed whatever fails (a full disk, a rename across devices).
-    with tempfile.NamedTemporaryFile(dir=output_path.parent, prefix=f".{output_path.name}.",
-                                     suffix=".tmp", delete=False) as tmp:
-        try:
-            tmp.write(model.getvalue())
-            tmp.close()
-            os.replace(tmp.name, output_path)
-        except BaseException:
-            tmp.close()
-            Path(tmp.name).unlink(missing_ok=True)
-            raise
+    # Concurrent processes (hosts sharing a cache) never read a half-written model.
+    write_atomically(output_path, model.getvalue())
     return output_path
 
 
@@ -167,28 +159,6 @@ def fingerprint(vocab: seqio.SentencePieceVocabulary) -> str:
     return hashlib.sha256(vocab.sp_model).hexdigest()[:16]
 
 
-def task_texts(task_name: str, split: str = "train",
-               max_documents: int | None = None) -> Iterator[str]:
-    """The raw documents of a task split, in source order (for vocabulary training)."""
-    from matlm.data import tasks  # Local import: tasks pulls in seqio task registration.
-
-    for task, _ in tasks.components(task_name):
-        tasks.check_split(task, split)
-        dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False,
-                                   num_epochs=1, use_cached=False)
-        if max_documents:
-            dataset = dataset.take(max_documents)
-        for example in dataset.as_numpy_iterator():
-            yield example[tasks.TEXT_KEY].decode("utf-8")
-
-
-def train_task_vocabulary(task_name: str, vocab_size: int, output_path: str | os.PathLike,
-                          max_documents: int | None = None) -> Path:
-    """Trains a vocabulary on a task's (or mixture's) training split."""
-    return train_vocabulary(task_texts(task_name, "train", max_documents), vocab_size,
-                            output_path)
-
-
 def default_vocabulary(vocab_size: int = DEFAULT_VOCAB_SIZE,
                        cache: str | os.PathLike | None = None) -> seqio.SentencePieceVocabulary:
     """The vocabulary trained on `matlm_wiki` (train split), cached after the first call."""
@@ -202,11 +172,6 @@ def default_vocabulary(vocab_size: int = DEFAULT_VOCAB_SIZE,
     path = directory / f"matlm_wiki_sp{vocab_size}_{key}.model"
     if not path.is_file():
         train_texts = documents.select_split(documents.wiki_articles(), "train",
-                                             _wiki_validation_fraction())
+                                             documents.WIKI_VALIDATION_FRACTION)
         train_vocabulary(train_texts, vocab_size, path)
     return load_vocabulary(path)
-
-
-def _wiki_validation_fraction() -> float:
-    from matlm.data.tasks import WIKI_VALIDATION_FRACTION
-    return WIKI_VALIDATION_FRACTION
