@@ -230,7 +230,7 @@ def _load(args):
     if args.checkpoint_dir:
         from matlm import data
         from matlm.cli.generate import context_length
-        from matlm.training import model_dir as model_dir_lib
+        import matlm.model_dir as model_dir_lib
         model_dir, run_config, config = model_dir_lib.open_existing(args.checkpoint_dir)
         loaded = model_dir_lib.load_checkpoint_for_inference(model_dir)
         vocab = model_dir.vocabulary(

@@ -24,10 +24,9 @@ import numpy as np
 from tabulate import tabulate
 
 from matlm.model import ModelConfig
-from matlm.training import integrity
+from matlm.model_dir import RunCheckpointer, integrity
 from matlm.training.config import TrainConfig
 from matlm.training.mesh import make_mesh
-from matlm.training.model_dir import RunCheckpointer
 from matlm.training.optimizer import make_optimizer
 from matlm.training.train_step import abstract_state, init_state
 

@@ -159,7 +159,7 @@ def score_checkpoints(base_dir: Path, trials, eval_sequences: int, seq_len: int,
     from matlm.evaluation import runner
     from matlm.evaluation.scoring import SubmodelScorer
     from matlm.evaluation.submodels import resolve_submodels
-    from matlm.training import model_dir as model_dir_lib
+    import matlm.model_dir as model_dir_lib
 
     first = model_dir_lib.ModelDir(base_dir / trials[0].name)
     run_config = first.read_run_config()
@@ -198,7 +198,7 @@ def score_checkpoints(base_dir: Path, trials, eval_sequences: int, seq_len: int,
 def train_flops_per_token(model_dir: Path, seq_len: int) -> tuple[float | None, str]:
     """(training FLOPs per token of the trial's objective, a note): the library's count
     from the saved configs; None and why where the saved train config does not build."""
-    from matlm.training.model_dir import ModelDir, model_config_from_dict, train_config_from_dict
+    from matlm.model_dir import ModelDir, model_config_from_dict, train_config_from_dict
     from matlm.training.objective import build_objective
     run_config = ModelDir(model_dir).read_run_config()
     try:

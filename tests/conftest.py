@@ -77,7 +77,7 @@ def continuous_and_resumed(one_device, tmp_path, wiki_vocab):
 def no_model_work(monkeypatch):
     """Fails the test if parameters are loaded or a scorer is built."""
     from matlm.evaluation import scoring
-    from matlm.training import model_dir
+    import matlm.model_dir as model_dir
 
     def forbidden(*args, **kwargs):
         raise AssertionError("model work started before the input was validated")

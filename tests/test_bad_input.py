@@ -107,7 +107,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, wiki_vocab):
-    from matlm.training.model_dir import save_for_inference
+    from matlm.model_dir import save_for_inference
     model_dir = tmp_path_factory.mktemp("model")
     save_for_inference(model_dir, EVAL_MODEL, init_params(EVAL_MODEL, jax.random.key(0)), 5,
                        wiki_vocab.sentencepiece_model_file, {"task": "matlm_wiki"})
@@ -116,7 +116,8 @@ def ckpt(tmp_path_factory, wiki_vocab):
 
 @pytest.fixture
 def no_model_work(monkeypatch):
-    from matlm.training import model_dir, trainer
+    import matlm.model_dir as model_dir
+    from matlm.training import trainer
 
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before the input was validated")

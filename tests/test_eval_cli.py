@@ -14,7 +14,7 @@ CONFIG = ModelConfig(vocab_size=2048, d_model=32, n_layers=4, n_heads=2, d_ff=12
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, wiki_vocab):
-    from matlm.training.model_dir import save_for_inference
+    from matlm.model_dir import save_for_inference
     model_dir = tmp_path_factory.mktemp("model")
     save_for_inference(model_dir, CONFIG, init_params(CONFIG, jax.random.key(0)), 5,
                        wiki_vocab.sentencepiece_model_file,

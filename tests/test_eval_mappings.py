@@ -96,7 +96,7 @@ def test_sciq_gold_is_the_correct_answer_on_real_data(eval_tasks):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, wiki_vocab):
     from matlm.model import ModelConfig, init_params
-    from matlm.training.model_dir import save_for_inference
+    from matlm.model_dir import save_for_inference
     config = ModelConfig(vocab_size=2048, d_model=32, n_layers=2, n_heads=2, d_ff=128)
     model_dir = tmp_path_factory.mktemp("model")
     save_for_inference(model_dir, config, init_params(config, jax.random.key(0)), 1,

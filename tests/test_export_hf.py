@@ -36,7 +36,7 @@ def _random_params(config, seed):
 
 
 def _save(directory, config, params, vocab):
-    from matlm.training.model_dir import save_for_inference
+    from matlm.model_dir import save_for_inference
     save_for_inference(directory, config, params, 1, vocab.sentencepiece_model_file,
                        {"task": "matlm_wiki"})
     return directory

@@ -94,7 +94,7 @@ def test_granularities_of_an_extracted_model_nest_inside_the_parents():
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory, wiki_vocab):
     """A checkpoint with shard-local nest blocks, saved like a run's (params + vocab)."""
-    from matlm.training.model_dir import save_for_inference
+    from matlm.model_dir import save_for_inference
     config = dataclasses.replace(CONFIG, ffn_nest_blocks=2)
     model_dir = tmp_path_factory.mktemp("parent")
     save_for_inference(model_dir, config, init_params(config, jax.random.key(0)), 7,
@@ -112,7 +112,7 @@ def extracted(parent, tmp_path_factory):
 
 
 def test_the_extracted_dir_holds_the_extracted_params_and_shrinks(parent, extracted, capsys):
-    from matlm.training.model_dir import ModelDir, load_checkpoint_for_inference
+    from matlm.model_dir import ModelDir, load_checkpoint_for_inference
     model_dir, config = parent
     loaded = load_checkpoint_for_inference(extracted)
     parent_loaded = load_checkpoint_for_inference(model_dir)
@@ -160,7 +160,7 @@ def test_one_fine_tuning_step_starts_from_the_extracted_params(extracted, tmp_pa
     from matlm import data
     from matlm.gin_config import model_config_from_gin, parse_gin
     from matlm.training.config import TrainConfig
-    from matlm.training.model_dir import load_checkpoint_for_inference
+    from matlm.model_dir import load_checkpoint_for_inference
     from matlm.training.trainer import train
     extracted = Path(shutil.copytree(extracted, tmp_path / "tuned"))  # Others read the original.
     parse_gin([str(extracted / "model.gin")], [])  # The bindings extract wrote.
@@ -224,7 +224,7 @@ def test_bad_input_is_refused_before_anything_is_written(parent, extracted, tmp_
 
 
 def test_an_extracted_model_extracts_narrower(extracted, tmp_path, capsys):
-    from matlm.training.model_dir import load_checkpoint_for_inference
+    from matlm.model_dir import load_checkpoint_for_inference
     out = tmp_path / "s"
     assert main(["extract", f"--checkpoint_dir={extracted}", f"--output={out}",
                  "--widths=M"]) == 0

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from matlm.cli.main import main as matlm_main
-from matlm.training.lock import LOCK_FILE_NAME
-from matlm.training.model_dir import load_checkpoint_for_inference
+from matlm.model_dir.lock import LOCK_FILE_NAME
+from matlm.model_dir import load_checkpoint_for_inference
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -111,7 +111,7 @@ def continuous(tmp_path_factory, wiki_vocab):
 
 KILL_DURING_SAVE = """
 import os, signal, sys
-from matlm.training import model_dir
+import matlm.model_dir as model_dir
 original = model_dir.RunCheckpointer.save
 def save_then_die(self, step, *args, **kwargs):
     original(self, step, *args, **kwargs)
@@ -259,7 +259,7 @@ def test_a_signal_at_start_up_exits_zero_without_a_traceback(tmp_path, wiki_voca
 @pytest.mark.slow
 def test_a_signal_during_the_final_save_exits_zero_with_the_step_saved(
         tmp_path, wiki_vocab, continuous, monkeypatch):
-    from matlm.training import model_dir as model_dir_lib
+    import matlm.model_dir as model_dir_lib
     real = model_dir_lib.RunCheckpointer.wait
 
     waits = []

@@ -17,7 +17,7 @@ CONTEXT = 48
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, wiki_vocab):
-    from matlm.training.model_dir import save_for_inference
+    from matlm.model_dir import save_for_inference
     model_dir = tmp_path_factory.mktemp("model")
     params = init_params(CONFIG, jax.random.key(0))
     save_for_inference(model_dir, CONFIG, params, 5, wiki_vocab.sentencepiece_model_file,

@@ -196,7 +196,7 @@ def test_add_hook_refuses_a_schedule_for_a_hook_object():
 
 def test_training_does_not_import_evaluation():
     code = ("import sys, matlm.training.trainer, matlm.training.hooks, "
-            "matlm.training.model_dir, matlm.cli.train\n"
+            "matlm.model_dir, matlm.cli.train\n"
             "bad = sorted(m for m in sys.modules if m.startswith('matlm.evaluation'))\n"
             "print(bad)\n"
             "sys.exit(1 if bad else 0)\n")

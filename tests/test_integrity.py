@@ -14,11 +14,10 @@ import pytest
 
 from matlm.cli.main import main as matlm_main
 from matlm.model import ModelConfig
-from matlm.training import integrity
+from matlm.model_dir import (CheckpointError, ModelDir, RunCheckpointer, integrity,
+                             load_checkpoint_for_inference)
 from matlm.training import mesh as mesh_lib
 from matlm.training.config import TrainConfig
-from matlm.training.model_dir import (CheckpointError, ModelDir, RunCheckpointer,
-                                      load_checkpoint_for_inference)
 from matlm.training.optimizer import make_optimizer
 from matlm.training.train_step import abstract_state, init_state
 

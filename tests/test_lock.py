@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from matlm.training.lock import LOCK_FILE_NAME, LockError, LockHeldError, WriterLock
+from matlm.model_dir.lock import LOCK_FILE_NAME, LockError, LockHeldError, WriterLock
 
 
 def _holder(path):

@@ -144,7 +144,7 @@ def _zero_later_layers(params):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, wiki_vocab):
-    from matlm.training.model_dir import save_for_inference
+    from matlm.model_dir import save_for_inference
     model_dir = tmp_path_factory.mktemp("model")
     params = _zero_later_layers(init_params(MODEL, jax.random.key(1)))
     save_for_inference(model_dir, MODEL, params, 3, wiki_vocab.sentencepiece_model_file,

@@ -325,7 +325,7 @@ def test_collect_only_reports_trials_trained_elsewhere(tmp_path, capsys, wiki_vo
     trial.json there): a trial with its final checkpoint is done, with the losses its own
     training logged; one preempted early is interrupted; one never started is pending."""
     from matlm.sweep import runner
-    from matlm.training.model_dir import ModelDir
+    from matlm.model_dir import ModelDir
     # Batch 8: these trials train in this process, on the tests' 8 devices.
     sweep = tiny_sweep_file(tmp_path, wiki_vocab, {"TrainConfig.global_batch_size": 8,
                                                    "TrainConfig.checkpoint_every": 1,

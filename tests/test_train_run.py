@@ -17,7 +17,7 @@ import pytest
 
 from matlm.cli.main import main as matlm_main
 from matlm.model import ModelConfig
-from matlm.training.model_dir import CheckpointError, load_checkpoint_for_inference
+from matlm.model_dir import CheckpointError, load_checkpoint_for_inference
 from matlm.training.config import TrainConfig
 from matlm.training.trainer import TrainingError, train
 

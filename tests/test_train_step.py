@@ -226,7 +226,7 @@ def test_mesh_errors():
 
 
 def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
-    from matlm.training.model_dir import RunCheckpointer
+    from matlm.model_dir import RunCheckpointer
     from matlm.training.train_step import abstract_state
     _, state = run_steps((8, 1, 1), steps=2)
     checkpointer = RunCheckpointer(tmp_path, keep=2)

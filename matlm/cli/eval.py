@@ -100,7 +100,7 @@ def run(args, gin_bindings) -> int:
     from matlm.evaluation import report, runner, tasks
     from matlm.evaluation.submodels import resolve_submodels
     from matlm.gin_config import parse_gin, unwrap_gin_error
-    from matlm.training import model_dir as model_dir_lib
+    import matlm.model_dir as model_dir_lib
 
     start = time.time()
     # 1. The checkpoint's own config (missing or empty dir: CheckpointError naming it).

@@ -46,7 +46,7 @@ def run(args, gin_bindings) -> int:
     from matlm.export import hf
     from matlm.model.counting import param_count
     from matlm.submodels import extract
-    from matlm.training import model_dir as model_dir_lib
+    import matlm.model_dir as model_dir_lib
 
     start = time.time()
     # 1. Everything the user gave, before any parameter is read or anything written.

@@ -43,7 +43,7 @@ def run(args, gin_bindings) -> int:
                          f"--checkpoint_dir's run_config.json (got {gin_bindings[0]!r})")
     from matlm.model.counting import param_count
     from matlm.submodels import extract as lib
-    from matlm.training import model_dir as model_dir_lib
+    import matlm.model_dir as model_dir_lib
 
     start = time.time()
     # 1. Everything the user gave, before any parameter is read or anything written.

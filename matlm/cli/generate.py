@@ -192,7 +192,7 @@ def run(args, gin_bindings) -> int:
 
     from matlm.decoding.generate import GenerateError, check_prompts
     from matlm.decoding.speculative import check_speculative_args
-    from matlm.training import model_dir as model_dir_lib
+    import matlm.model_dir as model_dir_lib
 
     # 1. The checkpoint's config, the submodels and the step, before any parameter.
     model_dir, run_config, config = model_dir_lib.open_existing(args.checkpoint_dir)

@@ -62,7 +62,7 @@ def run(args, gin_bindings) -> int:
         if args.gin_file or gin_bindings:
             raise ValueError("--checkpoint_dir reads the model from the dir's run_config.json; "
                              "give it or --gin_file/--gin.* bindings, not both")
-        from matlm.training.model_dir import ModelDir
+        from matlm.model_dir import ModelDir
         config = ModelDir(args.checkpoint_dir).model_config()
     else:
         parse_gin(args.gin_file or ["configs/models/tiny.gin"], gin_bindings)

@@ -89,7 +89,7 @@ def run(args, gin_bindings) -> int:
     from matlm import data
     from matlm.evaluation import runner, tasks
     from matlm.gin_config import parse_gin
-    from matlm.training import model_dir as model_dir_lib
+    import matlm.model_dir as model_dir_lib
 
     start = time.time()
     # 1. The checkpoint: its config and the step (missing dir/step: one line, no loading).

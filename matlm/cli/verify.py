@@ -31,7 +31,7 @@ def _targets(model_dir, run_config: dict):
 
     from matlm.model import abstract_params
     from matlm.training import mesh as mesh_lib
-    from matlm.training.model_dir import model_config_from_dict, train_config_from_dict
+    from matlm.model_dir import model_config_from_dict, train_config_from_dict
     from matlm.training.optimizer import make_optimizer
     from matlm.training.train_step import abstract_state
 
@@ -58,7 +58,7 @@ def _targets(model_dir, run_config: dict):
 
 
 def run(args, gin_bindings) -> int:
-    from matlm.training.model_dir import CheckpointError, ModelDir, verify_checkpoint
+    from matlm.model_dir import CheckpointError, ModelDir, verify_checkpoint
 
     if gin_bindings:
         raise CheckpointError("matlm verify takes no --gin bindings: the model comes from "

@@ -161,7 +161,7 @@ def write_extracted(output, params, config: ModelConfig, vocab_path: str = "",
                     provenance: Optional[dict] = None) -> Path:
     """Writes the extracted model dir (module docstring). The caller checks `output`
     first (`check_output_dir`)."""
-    from matlm.training.model_dir import save_for_inference
+    from matlm.model_dir import save_for_inference
     path = check_output_dir(output)
     save_for_inference(path, config, params, EXTRACTED_STEP, vocab_path, data_config or {})
     (path / GIN_FILE).write_text(model_gin(config))

@@ -20,7 +20,7 @@ CSV_FILE, MD_FILE = "sweep_results.csv", "sweep_results.md"
 
 def read_metrics(model_dir: Path) -> list[dict]:
     """metrics.jsonl's rows (a line cut short by a kill is skipped)."""
-    from matlm.training.model_dir import ModelDir
+    from matlm.model_dir import ModelDir
     path = ModelDir(model_dir).metrics_file
     rows = []
     if path.is_file():
@@ -47,7 +47,7 @@ def trial_row(trial: Trial, model_dir: Path, labels: dict,
     """One trial's row: swept values, status, params and final val loss per granularity,
     the step reached, tokens trained, wall time, the error's last line."""
     from matlm.model.counting import param_count
-    from matlm.training.model_dir import ModelDir, model_config_from_dict
+    from matlm.model_dir import ModelDir, model_config_from_dict
     record = read_trial(model_dir)
     row = {"trial": trial.name, **({"variant": trial.variant} if trial.variant else {})}
     row.update({labels[b]: v for b, v in trial.values.items()})
@@ -83,7 +83,7 @@ def trial_row(trial: Trial, model_dir: Path, labels: dict,
 def _eval_columns(model_dir: Path) -> dict:
     """From the newest `matlm eval` results: held-out loss and average accuracy per submodel."""
     from matlm.evaluation.report import average_accuracy
-    from matlm.training.model_dir import ModelDir
+    from matlm.model_dir import ModelDir
     results_file = ModelDir(model_dir).latest_eval_results()
     if results_file is None:
         return {}

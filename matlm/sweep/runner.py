@@ -71,7 +71,7 @@ def _write_json(path: Path, value: dict) -> None:
 
 
 def final_checkpoint_step(model_dir: Path) -> Optional[int]:
-    from matlm.training.model_dir import ModelDir
+    from matlm.model_dir import ModelDir
     steps = ModelDir(model_dir).checkpoint_steps()
     return steps[-1] if steps else None
 

@@ -64,7 +64,7 @@ class MetricsWriter:
     what the file already holds at a step, so that evals are not written twice."""
 
     def __init__(self, model_dir, enabled: bool = True):
-        from matlm.training.model_dir import as_model_dir
+        from matlm.model_dir import as_model_dir
         self.enabled = enabled
         self._model_dir = as_model_dir(model_dir)
         self._tb = self._jsonl = None

@@ -20,15 +20,14 @@ from tqdm import tqdm
 
 from matlm.model import ModelConfig
 from matlm.model.counting import param_count
+from matlm.model_dir import CheckpointError, ModelDir, RunCheckpointer, model_config_to_dict
+from matlm.model_dir.lock import acquire_for_job
 from matlm.training import mesh as mesh_lib
 from matlm.training.config import TrainConfig, TrainConfigError
 from matlm.training.hooks import (DOWNSTREAM_EVAL_HOOK, Checkpoint, Hook, LogMetrics,
                                   Preempted, Preemption, RunContext, StepInfo, TrainingError,
                                   ValidationEval, nonfinite, validation_losses)
 from matlm.training.metrics import MetricsWriter, peak_flops_per_device
-from matlm.training.model_dir import (CheckpointError, ModelDir, RunCheckpointer,
-                                      model_config_to_dict)
-from matlm.training.lock import acquire_for_job
 from matlm.training.objective import build_objective
 from matlm.training.optimizer import learning_rate_schedule, make_optimizer
 from matlm.training.preemption import SIGNALS

@@ -151,13 +151,18 @@ def describe(bad: list[str], checked: int, shown: int = 3) -> str:
     return f"{len(bad)} of {checked} items do not match their checksums: {names}"
 
 
-def verify(meta, items: Mapping[str, Any], data_state=None) -> Optional[IntegrityError]:
-    """None when `items` match the checksums in `meta` (or verification is off); else an
-    IntegrityError describing the mismatches. Raises nothing for a checkpoint without
-    checksums: callers check `has_checksums` first to warn about it."""
-    if not VERIFY or not has_checksums(meta):
+def verify(meta, items: Mapping[str, Any], data_state=None,
+           force: bool = False) -> Optional[IntegrityError]:
+    """None when `items` match the checksums in `meta` (or verification is off and not
+    `force`d); else an IntegrityError describing the mismatches, or checksums of another
+    version. Raises nothing for a checkpoint without checksums: callers check
+    `has_checksums` first to warn about it."""
+    if not (VERIFY or force) or not has_checksums(meta):
         return None
-    bad = mismatches(meta, items, data_state)
+    try:
+        bad = mismatches(meta, items, data_state)
+    except IntegrityError as e:  # Checksums this matlm cannot compare.
+        return e
     if not bad:
         return None
     checked = len(jax.tree.leaves({k: v for k, v in items.items() if v is not None}))
