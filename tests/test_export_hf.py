@@ -12,27 +12,11 @@ import pytest
 torch = pytest.importorskip("torch")  # The export extra; CI installs it.
 transformers = pytest.importorskip("transformers")
 
+from hf_export_cases import (ATOL, BASE, greedy_continuation, random_params,  # noqa: E402
+                             random_tokens, tokenizer_texts)
 from matlm.cli.main import main  # noqa: E402
-from matlm.model import ModelConfig, init_params  # noqa: E402
+from matlm.model import init_params  # noqa: E402
 from matlm.model.transformer import MatLM  # noqa: E402
-
-# GQA (4 query heads on 2 KV heads), head_dim != d_model / n_heads, non-default RoPE theta
-# and norm eps, shard-local nest blocks: each is a way the mapping to Llama could be wrong.
-BASE = ModelConfig(vocab_size=2048, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
-                   head_dim=16, d_ff=64, rope_theta=500.0, norm_eps=1e-5, ffn_nest_blocks=2)
-# fp32 in both frameworks; logits are O(1-10), the differences come from the matmul and
-# softmax summation orders of XLA vs torch.
-ATOL = 2e-5  # Measured: 2.7e-6 (uniform) and 2.6e-6 (Mix'n'Match) on [4, 64] tokens.
-
-
-def _random_params(config, seed):
-    """Init params with every norm scale randomised (init sets them to 1, which would hide a
-    norm that is not copied or the tied head's folded scale)."""
-    params = init_params(config, jax.random.key(seed))
-    rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: (np.asarray(x) * rng.uniform(0.5, 1.5, x.shape).astype(np.float32)
-                         if "scale" in jax.tree_util.keystr(path) else np.asarray(x)), params)
 
 
 def _save(directory, config, params, vocab):
@@ -44,19 +28,15 @@ def _save(directory, config, params, vocab):
 
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory, wiki_vocab):
-    params = _random_params(BASE, 0)
+    params = random_params(BASE, 0)
     return BASE, params, _save(tmp_path_factory.mktemp("tied"), BASE, params, wiki_vocab)
 
 
 @pytest.fixture(scope="module")
 def untied(tmp_path_factory, wiki_vocab):
     config = dataclasses.replace(BASE, tie_embeddings=False, activation="geglu")
-    params = _random_params(config, 1)
+    params = random_params(config, 1)
     return config, params, _save(tmp_path_factory.mktemp("untied"), config, params, wiki_vocab)
-
-
-def _tokens(seed=0, shape=(2, 12)):
-    return np.random.default_rng(seed).integers(0, BASE.vocab_size, shape).astype(np.int32)
 
 
 def _hf_logits(model, tokens):
@@ -71,18 +51,20 @@ def _export(capsys, *flags):
 
 def test_uniform_export_is_a_plain_llama(tied, tmp_path, capsys):
     config, params, model_dir = tied
-    out = _export(capsys, f"--checkpoint_dir={model_dir}", "--widths=M",
+    out = _export(capsys, f"--model_dir={model_dir}", "--widths=M",
                   f"--output={tmp_path}/hf")
     assert "LlamaForCausalLM" in out
     hf_config = json.loads((tmp_path / "hf/config.json").read_text())
     assert hf_config["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in hf_config
+    # RoPE's base under both names: 5.x reads rope_parameters, 4.x rope_theta.
+    assert hf_config["rope_parameters"]["rope_theta"] == hf_config["rope_theta"] == 500.0
     assert not (tmp_path / "hf/modeling_matlm.py").exists()
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")  # No remote code.
     assert type(model) is transformers.LlamaForCausalLM
     assert model.config.tie_word_embeddings
     m = config.granularities.by_name["M"]
     assert all(layer.mlp.gate_proj.out_features == m for layer in model.model.layers)
-    tokens = _tokens()
+    tokens = random_tokens()
     want = np.asarray(MatLM(config).apply({"params": params}, tokens, widths=(m,) * 3))
     got = _hf_logits(model, tokens)
     assert np.abs(got - want).max() < ATOL, np.abs(got - want).max()
@@ -93,16 +75,13 @@ def test_uniform_export_is_a_plain_llama(tied, tmp_path, capsys):
                                max_new_tokens=5, do_sample=False)
     assert generated.shape == (1, 9)
     # Greedy continuation = argmax of matlm's logits, token by token.
-    seq = tokens[:1, :4]
-    for _ in range(5):
-        nxt = np.asarray(MatLM(config).apply({"params": params}, seq, widths=(m,) * 3))[0, -1]
-        seq = np.concatenate([seq, [[int(nxt.argmax())]]], axis=1)
-    np.testing.assert_array_equal(generated.numpy(), seq)
+    np.testing.assert_array_equal(generated.numpy(),
+                                  greedy_continuation(config, params, tokens[:1, :4], (m,) * 3))
 
 
 def test_mixnmatch_export_runs_at_its_own_widths(untied, tmp_path, capsys):
     config, params, model_dir = untied
-    out = _export(capsys, f"--checkpoint_dir={model_dir}", "--widths=S,XL,M",
+    out = _export(capsys, f"--model_dir={model_dir}", "--widths=S,XL,M",
                   f"--output={tmp_path}/hf")
     assert "trust_remote_code=True" in out
     widths = config.resolve_widths("S,XL,M")
@@ -113,7 +92,7 @@ def test_mixnmatch_export_runs_at_its_own_widths(untied, tmp_path, capsys):
     assert not model.config.tie_word_embeddings and model.config.hidden_act == "gelu_pytorch_tanh"
     assert [layer.mlp.gate_proj.out_features for layer in model.model.layers] == list(widths)
     assert [layer.mlp.down_proj.in_features for layer in model.model.layers] == list(widths)
-    tokens = _tokens(1)
+    tokens = random_tokens(1)
     want = np.asarray(MatLM(config).apply({"params": params}, tokens, widths=widths))
     got = _hf_logits(model, tokens)
     assert np.abs(got - want).max() < ATOL, np.abs(got - want).max()
@@ -126,34 +105,29 @@ def test_export_of_an_extracted_dir(tied, tmp_path, capsys):
     """A `matlm extract` dir (per-layer layer_d_ff, contiguous layout) exports at its
     stored widths by default and equals the parent's submodel."""
     config, params, model_dir = tied
-    assert main(["extract", f"--checkpoint_dir={model_dir}", "--widths=S,M,XL",
+    assert main(["extract", f"--model_dir={model_dir}", "--widths=S,M,XL",
                  f"--output={tmp_path}/ex"]) == 0
     capsys.readouterr()
-    _export(capsys, f"--checkpoint_dir={tmp_path}/ex", f"--output={tmp_path}/hf")
+    _export(capsys, f"--model_dir={tmp_path}/ex", f"--output={tmp_path}/hf")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf",
                                                               trust_remote_code=True)
     widths = config.resolve_widths("S,M,XL")
-    tokens = _tokens(2)
+    tokens = random_tokens(2)
     want = np.asarray(MatLM(config).apply({"params": params}, tokens, widths=widths))
     assert np.abs(_hf_logits(model, tokens) - want).max() < ATOL
 
 
 def test_tokenizer_equals_matlm_vocabulary(tied, tmp_path, capsys, wiki_vocab):
-    from matlm.data import documents
     _, _, model_dir = tied
-    _export(capsys, f"--checkpoint_dir={model_dir}", "--widths=S", f"--output={tmp_path}/hf")
+    _export(capsys, f"--model_dir={model_dir}", "--widths=S", f"--output={tmp_path}/hf")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     sp = wiki_vocab.tokenizer
-    articles = [text for _, text in documents.wiki_articles()]
-    # Every paragraph of the sample, and the first five paragraphs of each article as one
-    # text with its newlines (they are whitespace to matlm's normalizer, and must be to HF's).
-    paragraphs = [p for text in articles for p in text.split("\n") if p.strip()]
-    multi_line = ["\n".join(text.split("\n")[:5]) for text in articles]
-    assert sum("\n" in t for t in multi_line) > 100
-    # Leading/trailing whitespace and newlines, runs of spaces, tabs, byte-fallback text.
-    edge = ["  two  spaces\n\nand\ttabs, é ✓ 漢字 \n", "\nstarts with a newline", " x", "a\n",
-            "\n\n", "", "\t\u00a0nbsp"]
-    texts = paragraphs + multi_line + edge
+    # A class name transformers 4.x knows too (TokenizersBackend is 5.x only), and the BOS
+    # setting docs/export.md promises.
+    written = json.loads((tmp_path / "hf/tokenizer_config.json").read_text())
+    assert written["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert written["add_bos_token"] is True and written["add_eos_token"] is False
+    texts = tokenizer_texts()
     want = [list(wiki_vocab.encode(t)) for t in texts]
     got = tokenizer(texts, add_special_tokens=False)["input_ids"]
     assert sum(map(len, want)) > 500_000
@@ -176,7 +150,7 @@ def _error(capsys, argv) -> str:
 def test_non_gated_model_is_refused(tmp_path, capsys, wiki_vocab):
     config = dataclasses.replace(BASE, activation="gelu")
     model_dir = _save(tmp_path / "m", config, init_params(config, jax.random.key(0)), wiki_vocab)
-    err = _error(capsys, ["export", f"--checkpoint_dir={model_dir}", f"--output={tmp_path}/hf"])
+    err = _error(capsys, ["export", f"--model_dir={model_dir}", f"--output={tmp_path}/hf"])
     assert "activation='gelu'" in err and "swiglu, geglu" in err
     assert not (tmp_path / "hf").exists()
 
@@ -185,7 +159,7 @@ def test_output_dir_that_is_not_empty_is_refused(tied, tmp_path, capsys):
     _, _, model_dir = tied
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf/keep.txt").write_text("mine")
-    err = _error(capsys, ["export", f"--checkpoint_dir={model_dir}", f"--output={tmp_path}/hf"])
+    err = _error(capsys, ["export", f"--model_dir={model_dir}", f"--output={tmp_path}/hf"])
     assert "exists and is not empty" in err
     assert [p.name for p in (tmp_path / "hf").iterdir()] == ["keep.txt"]
     assert (tmp_path / "hf/keep.txt").read_text() == "mine"
@@ -200,7 +174,7 @@ def test_output_dir_that_is_not_empty_is_refused(tied, tmp_path, capsys):
 ])
 def test_bad_widths_and_format(tied, tmp_path, capsys, flag, message):
     _, _, model_dir = tied
-    err = _error(capsys, ["export", f"--checkpoint_dir={model_dir}", flag,
+    err = _error(capsys, ["export", f"--model_dir={model_dir}", flag,
                           f"--output={tmp_path}/hf"])
     assert message in err, err
     assert not (tmp_path / "hf").exists()
@@ -216,6 +190,6 @@ def test_missing_extra_is_one_line(tied, tmp_path, capsys, monkeypatch):
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", no_transformers)
     _, _, model_dir = tied
-    err = _error(capsys, ["export", f"--checkpoint_dir={model_dir}", f"--output={tmp_path}/hf"])
+    err = _error(capsys, ["export", f"--model_dir={model_dir}", f"--output={tmp_path}/hf"])
     assert 'pip install -e ".[export]"' in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "hf").exists()

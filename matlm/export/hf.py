@@ -101,9 +101,17 @@ def llama_state_dict(config: ModelConfig, params) -> dict[str, np.ndarray]:
     return out
 
 
+def transformers4_fields(config: ModelConfig) -> dict:
+    """The fields transformers 4.x reads where 5.x has new names: 4.x takes RoPE's base
+    from `rope_theta` (5.x from `rope_parameters`, and folds a top-level `rope_theta` into
+    it) and the load dtype from `torch_dtype` before 4.56 (`dtype` since)."""
+    return {"rope_theta": float(config.rope_theta), "dtype": "float32",
+            "torch_dtype": "float32"}
+
+
 def hf_config(config: ModelConfig, special_ids: dict, max_positions: int) -> dict:
     """config.json: LlamaConfig for uniform widths; MatLMConfig (remote code, auto_map)
-    when layers differ."""
+    when layers differ. Loads in transformers 4.x and 5.x (docs/export.md)."""
     from transformers import LlamaConfig
 
     widths = config.ffn_dims
@@ -117,7 +125,7 @@ def hf_config(config: ModelConfig, special_ids: dict, max_positions: int) -> dic
         rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
         attention_bias=False, mlp_bias=False, **special_ids)
     out = llama.to_dict()
-    out["dtype"] = "float32"
+    out.update(transformers4_fields(config))
     if len(set(widths)) == 1:
         out["architectures"] = ["LlamaForCausalLM"]
         return out
@@ -136,18 +144,17 @@ def special_token_ids(vocab_path: str) -> dict:
             "pad_token_id": get(sp.pad_id())}
 
 
-def write_tokenizer(vocab_path: str, directory: Path) -> None:
-    """tokenizer.json + tokenizer_config.json (AutoTokenizer, offline) and tokenizer.model.
+def sentencepiece_pipeline(vocab_path: str):
+    """The SentencePiece model as a `tokenizers.Tokenizer` that encodes like
+    SentencePieceProcessor, and the model's proto.
 
-    The `tokenizers` pipeline is transformers' own SentencePiece conversion
+    The pipeline is transformers' own conversion
     (`SpmConverter.build_tokenizer_from_spm_proto`: the model's normalizer charsmap,
-    whitespace rules, dummy prefix, byte fallback), so it encodes like
-    SentencePieceProcessor, with the dummy prefix moved into the normaliser (below). BOS
-    is prepended by default: matlm starts every document with it.
+    whitespace rules, dummy prefix, byte fallback), with the dummy prefix moved into the
+    normaliser (below).
     """
     from tokenizers import Regex, normalizers, pre_tokenizers
     from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter
-    from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
     proto = SentencePieceExtractor(vocab_path).proto
     pieces = [(p.piece, p.score) for p in proto.pieces]
@@ -170,13 +177,51 @@ def write_tokenizer(vocab_path: str, directory: Path) -> None:
         backend.pre_tokenizer = (pre_tokenizers.Split(
             Regex("|".join(re.escape(p) for p in sorted(user_defined, key=len, reverse=True))),
             behavior="isolated") if user_defined else None)
+    return backend, proto
+
+
+def tokenizer_config(special_tokens: dict) -> dict:
+    """tokenizer_config.json that transformers 4.x and 5.x read alike.
+
+    `PreTrainedTokenizerFast` is a class both know: in 4.x the `tokenizer.json` wrapper,
+    in 5.x an alias of `TokenizersBackend` (a 5.x-only name that 4.x refuses: "does not
+    exist"). Not `LlamaTokenizerFast`: 5.x rebuilds its own Llama pipeline (BPE, Metaspace)
+    for it instead of reading tokenizer.json. `add_bos_token` is what 5.x builds the
+    post-processor from; 4.x uses tokenizer.json's post-processor, which adds the same BOS.
+    `clean_up_tokenization_spaces` was True by default until about 4.45 and would change
+    decoded text (" ." -> ".").
+    """
+    return {"tokenizer_class": "PreTrainedTokenizerFast", **special_tokens,
+            "add_bos_token": "bos_token" in special_tokens, "add_eos_token": False,
+            "clean_up_tokenization_spaces": False}
+
+
+def write_tokenizer(vocab_path: str, directory: Path) -> None:
+    """tokenizer.json + tokenizer_config.json (AutoTokenizer, offline) and tokenizer.model.
+
+    BOS is prepended by default (tokenizer.json's post-processor and `add_bos_token`):
+    matlm starts every document with it. Written with `tokenizers` itself, not through a
+    transformers tokenizer class, so no version's class-specific fields get in.
+    """
+    from tokenizers import AddedToken, processors
+
+    backend, proto = sentencepiece_pipeline(vocab_path)
     spec = proto.trainer_spec
-    piece = lambda i: proto.pieces[i].piece if 0 <= i < len(proto.pieces) else None
-    tokenizer = TokenizersBackend(
-        tokenizer_object=backend, bos_token=piece(spec.bos_id), eos_token=piece(spec.eos_id),
-        unk_token=piece(spec.unk_id), pad_token=piece(spec.pad_id),
-        add_bos_token=spec.bos_id >= 0, add_eos_token=False, legacy=False)
-    tokenizer.save_pretrained(str(directory))
+    ids = {"bos_token": spec.bos_id, "eos_token": spec.eos_id, "unk_token": spec.unk_id,
+           "pad_token": spec.pad_id}
+    ids = {name: i for name, i in ids.items() if 0 <= i < len(proto.pieces)}
+    special = {name: proto.pieces[i].piece for name, i in ids.items()}
+    # Special: never split out of text, skipped by decode(skip_special_tokens=True).
+    backend.add_special_tokens([AddedToken(proto.pieces[i].piece, special=True,
+                                           normalized=False) for i in sorted(ids.values())])
+    if "bos_token" in special:
+        bos = special["bos_token"]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+            special_tokens=[(bos, ids["bos_token"])])
+    backend.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(tokenizer_config(special), indent=2) + "\n")
     shutil.copyfile(vocab_path, directory / "tokenizer.model")
 
 
