@@ -3,8 +3,9 @@ of loss and average accuracy against parameter count, and (with samples) one
 `samples/<submodel>/samples_<task>.jsonl` per task and submodel.
 
 Each task's row shows its primary metric (`metric` in results.json: what published
-tables report, e.g. acc_norm for hellaswag); multiple-choice tasks also show the other
-of acc/acc_norm (and acc_uncond when computed). A group shows its micro and macro
+tables report, e.g. acc_norm for hellaswag), then the other metrics of its kind (acc /
+acc_norm / acc_uncond when computed, exact_match / f1); both come from the one table in
+`matlm.evaluation.task_metrics`. A group shows its micro and macro
 averages; members of groups larger than GROUP_ROWS_LIMIT only appear in results.json."""
 from __future__ import annotations
 
@@ -15,17 +16,14 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from matlm.evaluation import mappings
+from matlm.evaluation import task_metrics
 
-# The metric per task kind for results without a task's own `metric` (older files).
-PRIMARY = {mappings.MULTIPLE_CHOICE: "acc", mappings.LAST_WORD: "acc",
-           mappings.GENERATIVE_QA: "exact_match"}
 AVERAGE_ACCURACY = "average accuracy"
 GROUP_ROWS_LIMIT = 16  # MMLU's 57 subjects stay out of results.md.
 
 
 def primary(entry: dict) -> str:
-    return entry.get("metric") or PRIMARY[entry["kind"]]
+    return task_metrics.result_primary(entry)
 
 
 def shown_tasks(results: dict) -> list[str]:
@@ -46,7 +44,8 @@ def _averaged_over(results: dict) -> tuple[list[dict], list[dict]]:
     """What the per-submodel averages count, each once: the scored (not loss) tasks with a
     row of their own, and the large groups (whose members have no rows)."""
     tasks = results["tasks"]
-    shown = [tasks[t] for t in shown_tasks(results) if tasks[t]["kind"] in PRIMARY]
+    shown = [tasks[t] for t in shown_tasks(results)
+             if tasks[t]["kind"] in task_metrics.ANSWER_KINDS]
     large = [g for g in results.get("groups", {}).values() if len(g["tasks"]) > GROUP_ROWS_LIMIT]
     return shown, large
 
@@ -71,7 +70,7 @@ def table_rows(results: dict) -> tuple[list[str], list[list]]:
     for task in shown_tasks(results):
         entry = results["tasks"][task]
         m = entry["metrics"]
-        if entry["kind"] == "loss":
+        if entry["kind"] == task_metrics.LOSS:
             rows.append([task, "loss", *[f"{m[n]['loss']:.3f}" for n in names]])
             rows.append([task, "bits/byte", *[f"{m[n]['bits_per_byte']:.3f}" for n in names]])
             rows.append([task, f"greedy agree w/ {reference}",
@@ -79,9 +78,7 @@ def table_rows(results: dict) -> tuple[list[str], list[list]]:
             continue
         metric = primary(entry)
         rows.append([task, metric, *[f"{100 * m[n][metric]:.1f}" for n in names]])
-        others = {mappings.GENERATIVE_QA: ("f1",),
-                  mappings.MULTIPLE_CHOICE: ("acc", "acc_norm", "acc_uncond")}
-        for other in others.get(entry["kind"], ()):
+        for other in task_metrics.kind_metrics(entry["kind"]).metrics:
             if other != metric and other in m[names[0]]:
                 rows.append([task, other, *[f"{100 * m[n][other]:.1f}" for n in names]])
     for group, entry in results.get("groups", {}).items():
@@ -167,7 +164,7 @@ def _plots(results: dict, output_dir: Path) -> list[Path]:
     uniform.sort(key=lambda n: subs[n]["params"])
     mixes = [n for n in subs if n not in uniform]
     series = {task: {n: e["metrics"][n]["loss"] for n in subs}
-              for task, e in results["tasks"].items() if e["kind"] == "loss"}
+              for task, e in results["tasks"].items() if e["kind"] == task_metrics.LOSS}
     average = average_accuracy(results)
     if not all(math.isnan(v) for v in average.values()):
         series[AVERAGE_ACCURACY] = average

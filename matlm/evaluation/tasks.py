@@ -19,20 +19,12 @@ import gin
 import seqio
 
 from matlm.data.tf_setup import tf  # Also imports matlm.data: its gin names register now.
-from matlm.evaluation import mappings, sources
+from matlm.evaluation import mappings, sources, task_metrics
 from matlm.evaluation.errors import (EmptySplitError, EvalError, FieldMappingError,
                                      UnknownEvalTaskError)
 from matlm.evaluation.templates import render
 
 SEQIO_PREFIX = "matlm_eval_"
-
-
-# What a task reports as its one number (the table's row and the suite/group averages)
-# unless it says otherwise: acc for multiple choice and last word, exact match for QA.
-DEFAULT_PRIMARY = {mappings.MULTIPLE_CHOICE: "acc", mappings.LAST_WORD: "acc",
-                   mappings.GENERATIVE_QA: "exact_match"}
-METRICS = {mappings.MULTIPLE_CHOICE: ("acc", "acc_norm", "acc_uncond"),
-           mappings.LAST_WORD: ("acc",), mappings.GENERATIVE_QA: ("exact_match", "f1")}
 FEWSHOT_SAMPLERS = ("random", "first_n")
 
 
@@ -47,7 +39,8 @@ class EvalTask:
     train_split: Optional[str] = "train"
     # List fields zipped into one record each (RACE: several questions per article).
     explode_fields: tuple = ()
-    # The reported metric (see DEFAULT_PRIMARY; published tables use acc_norm for some).
+    # The task's one number; None: its kind's default (matlm.evaluation.task_metrics;
+    # published tables use acc_norm for some multiple-choice tasks).
     primary_metric: Optional[str] = None
     # Put once before the shots and the query (MMLU's "The following are ..."); a
     # template over the query's record fields.
@@ -62,7 +55,7 @@ class EvalTask:
 
     @property
     def metric(self) -> str:
-        return self.primary_metric or DEFAULT_PRIMARY[self.kind]
+        return task_metrics.primary_metric(self.kind, self.primary_metric)
 
     @property
     def exemplar_split(self) -> str:
@@ -93,9 +86,8 @@ def register_eval_task(name: str, source, mapping, eval_split: str = "validation
                         "jsonl_source, tfds_source)")
     if not isinstance(eval_split, str) or not source.has_split(eval_split):
         raise EvalError(f"{where}eval_split={eval_split!r} is not a split of its source")
-    if primary_metric is not None and primary_metric not in METRICS[mapping.kind]:
-        raise EvalError(f"{where}primary_metric={primary_metric!r}; expected one of "
-                        f"{METRICS[mapping.kind]} for a {mapping.kind} task")
+    if primary_metric is not None:
+        task_metrics.check_primary(mapping.kind, primary_metric, where)
     if not isinstance(description, str):
         raise EvalError(f"{where}description={description!r}; expected a template string")
     if fewshot_sampler not in FEWSHOT_SAMPLERS:

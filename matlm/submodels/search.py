@@ -5,8 +5,9 @@
     result = search(space, budget, evaluate, method="evolution", max_evals=64, seed=0)
 
 `evaluate(list of width vectors) -> list of metric values` is the only model-facing
-piece (the CLI scores each candidate's held-out loss or task metric through the masked
-path: one compiled function for every width vector). Everything else is plain Python,
+piece (the CLI scores each candidate's held-out loss or the task's primary metric, the
+one `matlm eval` reports, through the masked path: one compiled function for every
+width vector). Everything else is plain Python,
 so the search logic is tested against metrics whose optimum is known exactly.
 
 Candidates. Each layer picks a width from one shared, sorted list of *levels*
@@ -38,6 +39,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from matlm.evaluation import task_metrics
 from matlm.evaluation.errors import EvalError
 from matlm.model.config import ModelConfig
 from matlm.model.counting import forward_flops_per_token, param_count
@@ -337,24 +339,22 @@ def _evolve(space, budget, scorer, family, max_evals, base, seed, population, to
 
 # --- scoring candidates with a checkpoint (masked path) ---------------------------------
 
-def metric_key(kind: str) -> tuple[str, bool]:
-    """(the metric a task kind is searched on, whether lower is better)."""
-    from matlm.evaluation import mappings, runner
-    return {runner.LOSS: ("loss", True), mappings.MULTIPLE_CHOICE: ("acc", False),
-            mappings.LAST_WORD: ("acc", False), mappings.GENERATIVE_QA: ("f1", False)}[kind]
-
-
 class TaskEvaluator:
     """Scores width vectors on one prepared task (`matlm.evaluation.runner`) with one
     masked-path scorer: the widths are a traced array, so every candidate reuses the
-    same compiled function(s)."""
+    same compiled function(s).
+
+    The metric is the task's primary metric, the number `matlm eval` reports for it (its
+    own `primary_metric`, else its kind's default), minimised when lower is better: both
+    from `matlm.evaluation.task_metrics`."""
 
     def __init__(self, task, config: ModelConfig, params, vocab, options, scorer=None):
         from matlm.evaluation import scoring
         if not options.masked:
             raise SearchError("the search scores candidates through the masked path")
         self.task, self.config, self.vocab, self.options = task, config, vocab, options
-        self.key, self.minimize = metric_key(task.kind)
+        self.key = task.metric
+        self.minimize = task_metrics.lower_is_better(self.key)
         self.scorer = scorer or scoring.SubmodelScorer(config, params, options.batch_size,
                                                        options.max_len, masked=True)
 

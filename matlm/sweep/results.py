@@ -81,18 +81,25 @@ def trial_row(trial: Trial, model_dir: Path, labels: dict,
 
 
 def _eval_columns(model_dir: Path) -> dict:
-    """From the newest `matlm eval` results: held-out loss and average accuracy per submodel."""
-    from matlm.evaluation.report import average_accuracy
+    """From the newest `matlm eval` results, per submodel: each task's primary metric (the
+    number results.md shows first: `eval_<loss task>_<G>` for held-out loss,
+    `eval_<task>_<metric>_<G>` otherwise; members of large groups left out, as there) and
+    the average accuracy."""
+    from matlm.evaluation import report, task_metrics
     from matlm.model_dir import ModelDir
     results_file = ModelDir(model_dir).latest_eval_results()
     if results_file is None:
         return {}
     results = json.loads(results_file.read_text())
     out = {}
-    for task, entry in results["tasks"].items():
-        if entry["kind"] == "loss":
-            out.update({f"eval_{task}_{n}": m["loss"] for n, m in entry["metrics"].items()})
-    out.update({f"eval_acc_{n}": v for n, v in average_accuracy(results).items()
+    for task in report.shown_tasks(results):
+        entry = results["tasks"][task]
+        metric = task_metrics.result_primary(entry)
+        # A held-out-loss task's name already says "loss" (loss:matlm_wiki).
+        prefix = f"eval_{task}_" if entry["kind"] == task_metrics.LOSS else \
+            f"eval_{task}_{metric}_"
+        out.update({prefix + n: m[metric] for n, m in entry["metrics"].items()})
+    out.update({f"eval_acc_{n}": v for n, v in report.average_accuracy(results).items()
                 if not math.isnan(v)})
     return out
 
