@@ -174,3 +174,105 @@ def test_masked_mix_equals_sliced_mix_and_compiles_once(setup, params):
     buckets = len({scoring.bucket_for(r.length, masked.buckets) for r in rows})
     assert masked.compiled_count() - before <= buckets  # Reused for all three configs.
     assert sliced.compiled_count() == 3 * buckets  # One per config and bucket.
+
+
+# --- rows too long for the context: lm-evaluation-harness's rule -------------------------
+
+def _lm_eval_loglikelihood_inputs(context_enc, continuation_enc, max_length):
+    """lm-evaluation-harness, HFLM._loglikelihood_tokens (causal backend), transcribed:
+    the model's inputs and the positions whose logits score the continuation. Its
+    context_enc starts with BOS (the export's tokenizer adds it)."""
+    assert len(continuation_enc) > 0
+    assert len(continuation_enc) <= max_length
+    inp = (context_enc + continuation_enc)[-(max_length + 1):][:-1]
+    inplen, contlen = len(inp), len(continuation_enc)
+    return inp, list(range(inplen - contlen, inplen))  # _select_cont_toks' slice.
+
+
+def _row_inputs(row):
+    """A ScoreRow as the scorer feeds it (scoring._pad_rows): inputs and scored positions."""
+    return list(row.tokens[:-1]), list(range(row.score_from - 1, row.length))
+
+
+def test_make_row_follows_lm_eval_on_random_lengths():
+    from matlm.evaluation import scoring
+    rng = np.random.default_rng(0)
+    truncated = 0
+    for _ in range(3000):
+        max_len = int(rng.integers(1, 48))
+        context = [int(t) for t in rng.integers(3, 1000, size=int(rng.integers(0, 64)))]
+        continuation = [int(t) for t in rng.integers(3, 1000,
+                                                      size=int(rng.integers(1, max_len + 1)))]
+        row = scoring.make_row(1, context, continuation, max_len)
+        expected = _lm_eval_loglikelihood_inputs([1] + context, continuation, max_len)
+        assert _row_inputs(row) == expected
+        # The scored targets are the continuation, and the model reads <= max_len tokens.
+        assert list(row.tokens[row.score_from:]) == continuation and row.length <= max_len
+        if 1 + len(context) + len(continuation) <= max_len + 1:  # Fits: as before, whole.
+            assert row.tokens == (1, *context, *continuation)
+            assert row.score_from == 1 + len(context)
+        else:
+            truncated += 1
+            assert row.tokens[0] != 1 and len(row.tokens) == max_len + 1  # BOS went first.
+    assert 1000 < truncated < 2900  # Both cases well covered.
+
+
+def test_make_row_keeps_bos_while_it_fits_and_drops_it_first():
+    from matlm.evaluation import scoring
+    fits = scoring.make_row(1, [10, 11], [20, 21], max_len=4)  # 5 tokens: exactly fits.
+    assert fits.tokens == (1, 10, 11, 20, 21) and fits.score_from == 3
+    over = scoring.make_row(1, [10, 11], [20, 21], max_len=3)  # One too many: BOS goes.
+    assert over.tokens == (10, 11, 20, 21) and over.score_from == 2
+    whole = scoring.make_row(1, [10, 11], [20, 21, 22], max_len=3)  # Continuation = max_len.
+    assert whole.tokens == (11, 20, 21, 22) and whole.score_from == 1
+
+
+def test_make_prompt_follows_lm_eval_generate_until():
+    """generate_until encodes the context with BOS and keeps its last
+    max_length - max_gen_toks tokens (tok_batch_encode's left_truncate_len)."""
+    from matlm.evaluation import scoring
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        room = int(rng.integers(2, 40))
+        context = [int(t) for t in rng.integers(3, 1000, size=int(rng.integers(0, 64)))]
+        assert scoring.make_prompt(1, context, room) == ([1] + context)[-room:]
+        if len(context) < room:
+            assert scoring.make_prompt(1, context, room) == [1, *context]
+
+
+def test_continuation_longer_than_max_len_names_task_and_example(eval_tasks, wiki_vocab):
+    from matlm.evaluation import EvalError, runner, scoring
+    with pytest.raises(EvalError, match=r"^where: the continuation of 3 tokens does not fit "
+                                        r"max_len 2; it needs max_len >= 3$"):
+        scoring.make_row(1, [5], [6, 7, 8], 2, where="where: ")
+    options = runner.EvalOptions(max_examples=2, max_len=1)
+    with pytest.raises(EvalError, match=r"^task 'piqa' \(validation example 0, choice 0\): "
+                                        r"the continuation of \d+ tokens does not fit max_len 1"):
+        runner.prepare(["piqa"], wiki_vocab, options)
+    with pytest.raises(EvalError, match=r"^task 'lambada' \(validation example 0\): the continuation"):
+        runner.prepare(["lambada"], wiki_vocab, options)
+
+
+def test_scorer_refuses_a_row_longer_than_its_max_len_naming_the_row(setup):
+    from matlm.evaluation import EvalError, scoring
+    _, scorer, _ = setup
+    row = scoring.make_row(1, list(range(3, 2000)), [5], 2000, where="task 'x' (example 4): ")
+    with pytest.raises(EvalError, match=r"^task 'x' \(example 4\): a row of 1998 model inputs "
+                                        r"exceeds this scorer's max_len 1024"):
+        scorer.loglik([row], MIX)
+
+
+def test_a_truncated_row_scores_lm_eval_inputs(setup, params):
+    """The number for a row cut to max_len is the continuation's log-likelihood given
+    exactly the inputs lm-eval feeds the model (one unpadded call on them)."""
+    from matlm.evaluation import scoring
+    _, scorer, _ = setup
+    rng = np.random.default_rng(2)
+    context = [int(t) for t in rng.integers(3, CONFIG.vocab_size, size=40)]
+    continuation = [int(t) for t in rng.integers(3, CONFIG.vocab_size, size=5)]
+    row = scoring.make_row(1, context, continuation, max_len=16)
+    sums, _, _ = scorer.loglik([row], MIX)
+    inp, scored = _lm_eval_loglikelihood_inputs([1] + context, continuation, 16)
+    logp = np.asarray(jax.nn.log_softmax(_brute_logits(params, inp, MIX), axis=-1))
+    expected = sum(float(logp[p, t]) for p, t in zip(scored, continuation))
+    assert sums[0] == pytest.approx(expected, rel=1e-5, abs=1e-4)

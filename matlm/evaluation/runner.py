@@ -26,11 +26,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from matlm import data
-from matlm.evaluation import mappings, metrics, prompts, scoring, tasks
+from matlm.evaluation import mappings, metrics, prompts, scoring, task_metrics, tasks
 from matlm.evaluation.errors import EmptySplitError, EvalError, UnknownEvalTaskError
 from matlm.evaluation.submodels import Submodel
 
-LOSS = "loss"
+LOSS = task_metrics.LOSS  # The held-out-loss kind.
 
 
 class VocabularyRoundTripWarning(UserWarning):
@@ -209,17 +209,24 @@ def _prepare_eval(name: str, vocab, options: EvalOptions) -> PreparedTask:
         if room < 2:
             raise EvalError(f"task {name!r}: max_len {options.max_len} leaves no room for a "
                             f"prompt beside max_new_tokens={task.mapping.max_new_tokens}")
-        prepared.rows = [[start, *encode(r.contexts[0])[-(room - 1):]] for r in requests]
+        # Cut on the left to fit, as lm-evaluation-harness does (scoring.make_prompt).
+        prepared.rows = [scoring.make_prompt(start, encode(r.contexts[0]), room)
+                         for r in requests]
     else:
         for r in requests:
-            for context, continuation in zip(r.contexts, r.continuations):
+            # Errors name the task and the example (its index in the split: the doc id).
+            where = f"task {name!r} ({task.eval_split} example {r.index}"
+            for choice, (context, continuation) in enumerate(zip(r.contexts, r.continuations)):
+                at = (f"{where}, choice {choice}): " if task.kind == mappings.MULTIPLE_CHOICE
+                      else f"{where}): ")
                 ctx_ids, cont_ids = scoring.encode_pair(encode, context, continuation)
-                prepared.rows.append(scoring.make_row(start, ctx_ids, cont_ids, options.max_len))
+                prepared.rows.append(scoring.make_row(start, ctx_ids, cont_ids, options.max_len,
+                                                      at))
                 if options.acc_uncond and task.kind == mappings.MULTIPLE_CHOICE:
                     ctx_ids, cont_ids = scoring.encode_pair(encode, options.uncond_context,
                                                             continuation)
                     prepared.uncond_rows.append(
-                        scoring.make_row(start, ctx_ids, cont_ids, options.max_len))
+                        scoring.make_row(start, ctx_ids, cont_ids, options.max_len, at))
     return prepared
 
 

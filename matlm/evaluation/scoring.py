@@ -21,16 +21,21 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from matlm.decoding.buckets import bucket_for, bucket_lengths
+from matlm.evaluation.errors import EvalError
 from matlm.model import MatLM, ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class ScoreRow:
-    """A token sequence (starting with the start id) whose tokens from `score_from` on
-    are scored given everything before them."""
+    """A token sequence (the start id, context, continuation; cut on the left when too
+    long, see `make_row`) whose tokens from `score_from` on are scored given everything
+    before them."""
 
     tokens: tuple
     score_from: int
+    # Which task and example the row scores ("task 'piqa' (validation example 7): "),
+    # for errors; not part of the row's value.
+    where: str = dataclasses.field(default="", compare=False)
 
     @property
     def length(self) -> int:  # Model inputs: all tokens but the last.
@@ -113,9 +118,11 @@ class SubmodelScorer:
                progress: Optional[Callable[[int], None]] = None):
         """For each row: (sum of log p over its scored tokens, whether every scored token
         is the greedy choice, the greedy tokens at the scored positions)."""
-        for row in rows:
+        for row in rows:  # make_row cuts rows to the max_len they were made for.
             if row.length > self.max_len:
-                raise ValueError(f"row of {row.length} tokens exceeds max_len {self.max_len}")
+                raise EvalError(f"{row.where}a row of {row.length} model inputs exceeds this "
+                                f"scorer's max_len {self.max_len} (prepared for a longer "
+                                "max_len?)")
         sums = np.zeros(len(rows), np.float64)
         all_greedy = np.zeros(len(rows), bool)
         greedy_tokens: list = [None] * len(rows)
@@ -175,13 +182,26 @@ def encode_pair(encode: Callable[[str], list], context: str, continuation: str
 
 
 def make_row(start_id: int, context_ids: Sequence[int], continuation_ids: Sequence[int],
-             max_len: int) -> ScoreRow:
-    """[start] + context + continuation, the context truncated on the left to fit."""
+             max_len: int, where: str = "") -> ScoreRow:
+    """[start] + context + continuation, of which the model reads all but the last token.
+
+    Too long for `max_len` inputs, the row keeps its last `max_len + 1` tokens, exactly as
+    lm-evaluation-harness (HFLM._loglikelihood_tokens: `(context_enc +
+    continuation_enc)[-(max_length + 1):][:-1]` are the inputs, its context_enc starting
+    with BOS): the start id is the first token to go, then the context's from the left.
+    A continuation longer than `max_len` cannot be scored (the harness asserts the same);
+    that is an EvalError starting with `where` (the task and the example)."""
     if not continuation_ids:
-        raise ValueError("empty continuation")
-    room = max_len + 1 - 1 - len(continuation_ids)  # Model reads max_len tokens.
-    if room < 0:
-        raise ValueError(f"continuation of {len(continuation_ids)} tokens exceeds max_len")
-    context_ids = list(context_ids)[-room:] if room else []
-    tokens = (start_id, *context_ids, *continuation_ids)
-    return ScoreRow(tokens=tokens, score_from=1 + len(context_ids))
+        raise EvalError(f"{where}empty continuation")
+    if len(continuation_ids) > max_len:
+        raise EvalError(f"{where}the continuation of {len(continuation_ids)} tokens does not "
+                        f"fit max_len {max_len}; it needs max_len >= {len(continuation_ids)}")
+    tokens = (start_id, *context_ids, *continuation_ids)[-(max_len + 1):]
+    return ScoreRow(tokens=tokens, score_from=len(tokens) - len(continuation_ids), where=where)
+
+
+def make_prompt(start_id: int, context_ids: Sequence[int], room: int) -> list:
+    """A generation prompt of at most `room` tokens: [start] + context, its last `room`
+    tokens when longer (lm-evaluation-harness's generate_until left-truncates the encoded
+    context, BOS included, to max_length - max_gen_toks the same way)."""
+    return [start_id, *context_ids][-room:]
