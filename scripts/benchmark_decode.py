@@ -58,7 +58,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes (best is kept)")
     args = parser.parse_args()
 
-    from matlm.data.vocabulary import start_id, task_texts
+    from matlm.data.task_vocabulary import task_texts
+    from matlm.data.vocabulary import start_id
     from matlm.decoding.generate import generate
     from matlm.decoding.nocache import generate_no_cache
     from matlm.decoding.sampling import SamplingConfig
