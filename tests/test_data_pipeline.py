@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from matlm import data
-from matlm.data import documents, mixture_schedule, pipeline, tasks
+from matlm.data import documents, mixture_schedule, pipeline
 
 
 def _wiki_docs(vocab, split):
