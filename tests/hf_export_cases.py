@@ -43,9 +43,9 @@ def greedy_continuation(config, params, prompt, widths, steps=5):
 
 def tokenizer_texts():
     """Every paragraph of the embedded Wikipedia sample, the first five paragraphs of each
-    article as one text with its newlines (whitespace to matlm's vocabulary, and must be
-    to HF's), and edge cases: leading/trailing whitespace and newlines, runs of spaces,
-    tabs, byte-fallback text."""
+    article as one text with its newlines (a piece of matlm's vocabulary, which HF's must
+    split out the same way), and edge cases: leading/trailing whitespace and newlines,
+    runs of spaces, tabs, byte-fallback text."""
     from matlm.data import documents
     articles = [text for _, text in documents.wiki_articles()]
     paragraphs = [p for text in articles for p in text.split("\n") if p.strip()]
