@@ -201,14 +201,33 @@ def _file_error(path: Path, error: BaseException) -> str:
     return f"{where}: {text}: {advice}" if text else f"{where}: {advice}"
 
 
+def _misspelled_gin_flag(argv: Sequence[str], index: int) -> str:
+    """The error for `--gin NAME=VALUE` or `--gin=NAME=VALUE`. Left to argparse, `--gin`
+    would be taken as an abbreviation of --gin_file and the binding read as a file name."""
+    if argv[index] == "--gin":
+        given = " ".join(argv[index:index + 2])
+        binding = argv[index + 1] if index + 1 < len(argv) else ""
+    else:
+        given, binding = argv[index], argv[index][len("--gin="):]
+    if "=" in binding:
+        name, value = binding.split("=", 1)
+        fix = f"--gin.{name.strip()}={value.strip()}"
+    else:
+        fix = "--gin.NAME=VALUE"
+    return f"{given}: write a gin binding as one argument, {fix} (a dot after --gin, no space)"
+
+
 def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Splits `--gin.NAME=VALUE` flags (T5X style) from the other arguments.
 
     Returns (bindings, remaining_argv). `--gin.ModelConfig.d_model=512` becomes the
-    binding `ModelConfig.d_model=512`.
+    binding `ModelConfig.d_model=512`. `--gin NAME=VALUE` (a space) and `--gin=NAME=VALUE`
+    are refused with the spelling to use.
     """
     bindings, rest = [], []
-    for arg in argv:
+    for index, arg in enumerate(argv):
+        if arg == "--gin" or arg.startswith("--gin="):
+            raise ConfigError(_misspelled_gin_flag(argv, index))
         if arg.startswith("--gin."):
             body = arg[len("--gin."):]
             if "=" not in body:

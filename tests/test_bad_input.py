@@ -25,7 +25,7 @@ EVAL_MODEL = ModelConfig(vocab_size=2048, d_model=32, n_layers=2, n_heads=2, d_f
 
 # (command, extra argv, expected exit code, substring of the one-line error). `{out}` is
 # the path that must not exist afterwards (train: --model_dir, vocab: --output, eval:
-# --output_dir; added automatically), `{ckpt}` a tiny saved checkpoint.
+# --output; added automatically), `{ckpt}` a tiny saved checkpoint.
 CASES = [
     ("train", ["--gin.TrainConfig.learning_rate=-0.1"], 2,
      "TrainConfig.learning_rate must be a finite number > 0, got -0.1"),
@@ -81,6 +81,11 @@ CASES = [
     ("train", ["--gin.DataConfig.seed=-1"], 2, "DataConfig.seed must be an integer >= 0, got -1"),
     ("train", ["--gin.DataConfig.default_vocab_size=100"], 2, "DataConfig.default_vocab_size must be an integer >= 300"),
     ("train", ["--gin.ModelConfig.d_model=65536"], 2, "does not fit the local devices' memory"),
+    # A gin binding written with a space (argparse would read it as a --gin_file name).
+    ("train", ["--gin", "TrainConfig.steps=3"], 2,
+     "--gin TrainConfig.steps=3: write a gin binding as one argument, --gin.TrainConfig.steps=3"),
+    ("eval", ["--gin=Foo.bar=1"], 2, "--gin=Foo.bar=1: write a gin binding as one argument, "
+     "--gin.Foo.bar=1"),
     ("train", ["--stop_at=-1"], 2, "--stop_at must be a step in [0, 200]"),
     ("train", ["--stop_at=201"], 2, "--stop_at must be a step in [0, 200]"),
     ("train", ["--model_dir=/etc/hostname"], 2, "--model_dir /etc/hostname exists and is not a directory"),
@@ -133,8 +138,8 @@ def test_bad_input_is_one_line_and_writes_nothing(command, argv, code, message, 
     extra = {"train": ([] if any(a.startswith("--model_dir") for a in argv)
                        else [f"--model_dir={out}"]) + ["--no_progress"],
              "vocab": [] if any(a.startswith("--output") for a in argv) else [f"--output={out}"],
-             "eval": [f"--checkpoint_dir={request.getfixturevalue('ckpt')}" if command == "eval"
-                      else "", f"--output_dir={out}", "--no_progress"]}[command]
+             "eval": [f"--model_dir={request.getfixturevalue('ckpt')}" if command == "eval"
+                      else "", f"--output={out}", "--no_progress"]}[command]
     before = set(tmp_path.iterdir())
     assert main([command, *argv, *extra]) == code
     captured = capsys.readouterr()

@@ -120,7 +120,7 @@ def checkpoint(tmp_path_factory, wiki_vocab):
 ])
 def test_bad_declarations_are_one_line_errors(checkpoint, capsys, no_model_work, eval_tasks,
                                               binding, message):
-    assert main(["eval", f"--checkpoint_dir={checkpoint}", "--tasks=piqa",
+    assert main(["eval", f"--model_dir={checkpoint}", "--tasks=piqa",
                  f"--gin.{binding}"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err, err

@@ -106,7 +106,7 @@ def parent(tmp_path_factory, wiki_vocab):
 def extracted(parent, tmp_path_factory):
     model_dir, _ = parent
     out = tmp_path_factory.mktemp("extracted") / "mix"
-    assert main(["extract", f"--checkpoint_dir={model_dir}", f"--widths={MIXED}",
+    assert main(["extract", f"--model_dir={model_dir}", f"--widths={MIXED}",
                  f"--output={out}"]) == 0
     return out
 
@@ -134,16 +134,16 @@ def test_the_extracted_dir_holds_the_extracted_params_and_shrinks(parent, extrac
 
 def test_eval_and_info_read_the_extracted_dir(parent, extracted, tmp_path, capsys):
     model_dir, config = parent
-    assert main(["info", f"--checkpoint_dir={extracted}"]) == 0
+    assert main(["info", f"--model_dir={extracted}"]) == 0
     printed = capsys.readouterr().out
     small_config = extract_submodel(init_params(config, jax.random.key(0)), config, MIXED)[1]
     assert f"{param_count(small_config):,}" in printed and "16,128,64" in printed
 
     def loss(checkpoint, *flags):
         out = tmp_path / checkpoint.name
-        assert main(["eval", f"--checkpoint_dir={checkpoint}", "--tasks=loss",
+        assert main(["eval", f"--model_dir={checkpoint}", "--tasks=loss",
                      "--max_examples=2", "--max_len=64", "--no_plots", "--no_progress",
-                     f"--output_dir={out}", *flags]) == 0
+                     f"--output={out}", *flags]) == 0
         return json.loads((out / "results.json").read_text())["tasks"]["loss:matlm_wiki"][
             "metrics"]
     small = loss(extracted)
@@ -193,14 +193,14 @@ def _refused(capsys, argv) -> str:
 def test_bad_input_is_refused_before_anything_is_written(parent, extracted, tmp_path, capsys):
     model_dir, _ = parent
     out = tmp_path / "out"
-    base = [f"--checkpoint_dir={model_dir}", f"--output={out}"]
+    base = [f"--model_dir={model_dir}", f"--output={out}"]
     err = _refused(capsys, ["extract", *base, "--widths=S,M"])
     assert "--widths='S,M'" in err and "2 entries but the model has 3 layers" in err
     err = _refused(capsys, ["extract", *base, "--widths=XXL"])
     assert "unknown granularity 'XXL'" in err and "S=16, M=32, L=64, XL=128" in err
     err = _refused(capsys, ["extract", *base, "--widths=200"])
     assert "--widths='200'" in err and "exceeds d_ff=128" in err
-    err = _refused(capsys, ["extract", f"--checkpoint_dir={tmp_path}/nope",
+    err = _refused(capsys, ["extract", f"--model_dir={tmp_path}/nope",
                             f"--output={out}", "--widths=M"])
     assert "nope" in err and "does not exist" in err
     err = _refused(capsys, ["extract", *base, "--widths=M", "--step=3"])
@@ -217,7 +217,7 @@ def test_bad_input_is_refused_before_anything_is_written(parent, extracted, tmp_
     again = tmp_path / "again"
     for widths, message in [("128", "layer 0: width 128 exceeds the stored width 16"),
                             ("16,128,128", "layer 2: width 128 exceeds the stored width 64")]:
-        err = _refused(capsys, ["extract", f"--checkpoint_dir={extracted}",
+        err = _refused(capsys, ["extract", f"--model_dir={extracted}",
                                 f"--output={again}", f"--widths={widths}"])
         assert message in err and "can only be cut narrower" in err
     assert not again.exists()
@@ -226,7 +226,7 @@ def test_bad_input_is_refused_before_anything_is_written(parent, extracted, tmp_
 def test_an_extracted_model_extracts_narrower(extracted, tmp_path, capsys):
     from matlm.model_dir import load_checkpoint_for_inference
     out = tmp_path / "s"
-    assert main(["extract", f"--checkpoint_dir={extracted}", f"--output={out}",
+    assert main(["extract", f"--model_dir={extracted}", f"--output={out}",
                  "--widths=M"]) == 0
     printed = capsys.readouterr().out
     assert "parameters:" in printed and "checkpoint on disk:" in printed

@@ -54,7 +54,7 @@ def test_prompt_streams_the_library_output(checkpoint, wiki_vocab, monkeypatch, 
     want, new = library_text(params, wiki_vocab, "The river", 20)
     out = Recorder()
     monkeypatch.setattr("sys.stdout", out)
-    assert main(["generate", f"--checkpoint_dir={model_dir}", "--prompt=The river",
+    assert main(["generate", f"--model_dir={model_dir}", "--prompt=The river",
                  "--max_new_tokens=20"]) == 0
     assert out.getvalue() == want + "\n"
     # Streamed: written in pieces as decoding chunks arrive (not once at the end).
@@ -68,7 +68,7 @@ def test_prompts_file_batch_stop_and_draft(checkpoint, wiki_vocab, tmp_path, cap
     wants = [library_text(params, wiki_vocab, t, 16)[0] for t in texts]
     (tmp_path / "p.txt").write_text("\n".join(texts) + "\n")
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
-    base = ["generate", f"--checkpoint_dir={model_dir}", "--max_new_tokens=16"]
+    base = ["generate", f"--model_dir={model_dir}", "--max_new_tokens=16"]
     # Plain lines to stdout.
     assert main(base + [f"--prompts_file={tmp_path}/p.txt"]) == 0
     rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
@@ -117,12 +117,17 @@ def test_streamer_holds_back_a_possible_stop_and_partial_characters():
 def test_bad_input_is_one_line_before_any_model_work(checkpoint, capsys, no_model_work,
                                                     flags, message):
     model_dir, _ = checkpoint
-    assert main(["generate", f"--checkpoint_dir={model_dir}", *flags]) == 2
+    assert main(["generate", f"--model_dir={model_dir}", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_missing_checkpoint_dir(tmp_path, capsys, no_model_work):
-    assert main(["generate", f"--checkpoint_dir={tmp_path}/nope", "--prompt=x"]) == 2
+def test_missing_model_dir(tmp_path, capsys, no_model_work):
+    assert main(["generate", f"--model_dir={tmp_path}/nope", "--prompt=x"]) == 2
     err = capsys.readouterr().err
-    assert "--checkpoint_dir=" in err and "does not exist" in err
+    assert "--model_dir=" in err and "does not exist" in err
+    # The old spelling still works, with a one-line deprecation warning first.
+    assert main(["generate", f"--checkpoint_dir={tmp_path}/nope", "--prompt=x"]) == 2
+    warning, error = capsys.readouterr().err.strip().splitlines()
+    assert warning == "matlm generate: warning: --checkpoint_dir is deprecated; use --model_dir"
+    assert "--model_dir=" in error and "does not exist" in error

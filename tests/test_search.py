@@ -177,7 +177,7 @@ def test_search_end_to_end_finds_the_zeroed_layers_optimum(checkpoint, tmp_path,
     model_dir, params = checkpoint
     out = tmp_path / "out"
     budget = param_count(MODEL, (64, 8, 8, 8))
-    assert main(["search", f"--checkpoint_dir={model_dir}", f"--budget_params={budget}",
+    assert main(["search", f"--model_dir={model_dir}", f"--budget_params={budget}",
                  "--max_evals=40", "--eval_batches=2", "--batch_size=3", f"--output={out}",
                  "--no_progress"]) == 0
     printed = capsys.readouterr().out
@@ -225,18 +225,18 @@ def test_search_end_to_end_finds_the_zeroed_layers_optimum(checkpoint, tmp_path,
 def test_bad_input_is_one_line_before_model_work(checkpoint, capsys, no_model_work, eval_tasks,
                                                  flags, message):
     model_dir, _ = checkpoint
-    assert main(["search", f"--checkpoint_dir={model_dir}", *flags]) == 2
+    assert main(["search", f"--model_dir={model_dir}", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
 
 
 def test_missing_checkpoint_and_non_empty_output(checkpoint, tmp_path, capsys, no_model_work):
-    assert main(["search", f"--checkpoint_dir={tmp_path}/nope", "--budget_params=1e9"]) == 2
+    assert main(["search", f"--model_dir={tmp_path}/nope", "--budget_params=1e9"]) == 2
     assert "does not exist" in capsys.readouterr().err
     model_dir, _ = checkpoint
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    assert main(["search", f"--checkpoint_dir={model_dir}", "--budget_params=1e9",
+    assert main(["search", f"--model_dir={model_dir}", "--budget_params=1e9",
                  f"--output={tmp_path}/full"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"

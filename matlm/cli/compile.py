@@ -13,15 +13,16 @@ import os
 
 from tabulate import tabulate
 
+from matlm.cli import flags
 from matlm.gin_config import model_config_from_gin, parse_gin, train_config_from_gin
 
 GiB = 1 << 30
 
+PARENTS = [flags.gin_files("the run recipe's gin file(s) (repeatable), e.g. "
+                           "configs/runs/c4_matlm_78m.gin", required=True)]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gin_file", action="append", default=[], required=True,
-                        help="the run recipe's gin file(s) (repeatable), e.g. "
-                             "configs/runs/c4_matlm_78m.gin")
     parser.add_argument("--topology", default=None,
                         help="v5e:4x4, v6e:8x8 (2-D), v4:2x2x2, v5p:2x2x4 (3-D), or local "
                              "(this machine's devices); default: the recipe's "

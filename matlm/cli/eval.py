@@ -1,14 +1,14 @@
 """`matlm eval`: evaluate any set of submodels of one checkpoint.
 
-    matlm eval --checkpoint_dir=runs/tiny --max_examples=50
-    matlm eval --checkpoint_dir=runs/tiny --tasks=loss,hellaswag,trivia_qa \
+    matlm eval --model_dir=runs/tiny --max_examples=50
+    matlm eval --model_dir=runs/tiny --tasks=loss,hellaswag,trivia_qa \
         --granularities=S,XL --widths=S,XL,M,L --widths=mixnmatch:10 --num_shots=1
-    matlm eval --checkpoint_dir=runs/tiny --tasks=mmlu --num_shots=5 --log_samples
+    matlm eval --model_dir=runs/tiny --tasks=mmlu --num_shots=5 --log_samples
 
 The model is rebuilt from the checkpoint's own `run_config.json`. Everything the user
 gave is checked — checkpoint dir, task names, widths, task data and field mappings —
 before parameters are loaded or anything is compiled. Results go to
-`--output_dir` (default `MODEL_DIR/eval/STEP/`): results.json, results.md, plots and,
+`--output` (default `MODEL_DIR/eval/STEP/`): results.json, results.md, plots and,
 with --log_samples, samples/<submodel>/samples_<task>.jsonl. docs/eval.md says which
 numbers compare with which published tables.
 """
@@ -20,18 +20,20 @@ import time
 import warnings
 from pathlib import Path
 
+from matlm.cli import flags
 from matlm.config_checks import Check, check_flags
 
 DEFAULT_GIN = "configs/eval/offline.gin"
 
+PARENTS = [
+    flags.model_dir(), flags.step(),
+    flags.gin_files(f"gin files defining more tasks (repeatable); {DEFAULT_GIN} is always "
+                    "read first, e.g. add configs/eval/tfds.gin"),
+    flags.output("where to write results (default MODEL_DIR/eval/STEP)", old=["--output_dir"]),
+    flags.no_plots(), flags.no_progress()]
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint_dir", required=True,
-                        help="a model dir written by `matlm train` (MODEL_DIR)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
-    parser.add_argument("--gin_file", action="append", default=[],
-                        help=f"gin files defining more tasks (repeatable); {DEFAULT_GIN} is "
-                             "always read first, e.g. add configs/eval/tfds.gin")
     parser.add_argument("--tasks", default=None,
                         help="comma-separated tasks or groups (default: loss and every offline "
                              "task). 'loss' = held-out loss on the checkpoint's data task; "
@@ -63,15 +65,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="exemplar seed")
     parser.add_argument("--batch_size", type=int, default=8,
                         help="rows per batch (rounded up to a multiple of the device count)")
-    parser.add_argument("--max_len", type=int, default=1024,
-                        help="tokens per row; longer prompts lose their start")
+    parser.add_argument("--max_len", type=int, default=None,
+                        help="tokens per row; longer prompts lose their start (default: the "
+                             "context the checkpoint trained at, its train.seq_len, as "
+                             "lm-evaluation-harness reads an export's "
+                             "max_position_embeddings; 1024 when the dir records none)")
     parser.add_argument("--sliced", action="store_true",
                         help="slice kernels per submodel (fewer FLOPs, one compile per "
                              "submodel) instead of the masked path (one compile for all)")
-    parser.add_argument("--output_dir", default=None,
-                        help="where to write results (default MODEL_DIR/eval/STEP)")
-    parser.add_argument("--no_plots", action="store_true")
-    parser.add_argument("--no_progress", action="store_true")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -96,7 +97,6 @@ FLAG_CHECKS = {
 def run(args, gin_bindings) -> int:
     check_flags(args, FLAG_CHECKS)
     # Heavy imports (TensorFlow via seqio) only when the command runs.
-    from matlm import data
     from matlm.evaluation import report, runner, tasks
     from matlm.evaluation.submodels import resolve_submodels
     from matlm.gin_config import parse_gin, unwrap_gin_error
@@ -104,8 +104,8 @@ def run(args, gin_bindings) -> int:
 
     start = time.time()
     # 1. The checkpoint's own config (missing or empty dir: CheckpointError naming it).
-    model_dir, run_config, config = model_dir_lib.open_existing(args.checkpoint_dir)
-    data_config = run_config.get("data") or {}
+    model_dir, run_config = model_dir_lib.open_run(args.model_dir)
+    config = run_config.model
     # 2. Tasks (gin) and submodels, validated against that config.
     parse_gin([DEFAULT_GIN, *args.gin_file], gin_bindings)
     try:  # Gin builds (and so validates) every task declaration here.
@@ -122,14 +122,11 @@ def run(args, gin_bindings) -> int:
     submodels, reference = resolve_submodels(config, _split(args.granularities), args.widths,
                                              args.reference)
     # 3. Data: vocabulary, tasks, prompts (field mappings and empty splits fail here).
-    vocab = model_dir.vocabulary(fallback=lambda: data.DataConfig(**data_config).vocabulary())
-    options = runner.EvalOptions(
-        num_shots=args.num_shots, seed=args.seed, max_examples=args.max_examples,
+    vocab = model_dir.vocabulary(fallback=lambda: run_config.data.vocabulary())
+    options = runner.eval_options_for_run(
+        run_config, num_shots=args.num_shots, seed=args.seed, max_examples=args.max_examples,
         batch_size=runner.device_batch_size(args.batch_size), max_len=args.max_len,
-        masked=not args.sliced,
-        data_task=data_config.get("task", data.DEFAULT_TASK),
-        loss_split=data_config.get("eval_split", "validation"),
-        progress=not args.no_progress, acc_uncond=args.acc_uncond)
+        masked=not args.sliced, progress=not args.no_progress, acc_uncond=args.acc_uncond)
     with warnings.catch_warnings():  # One line per task on stderr, not a code location.
         warnings.simplefilter("always", runner.VocabularyRoundTripWarning)
         warnings.showwarning = _show_warning
@@ -138,8 +135,8 @@ def run(args, gin_bindings) -> int:
     loaded = model_dir_lib.load_checkpoint_for_inference(model_dir, args.step)
     results = runner.run(plan, config, loaded.params, submodels, reference, vocab, options,
                          groups=groups, log_samples=args.log_samples)
-    results.update(checkpoint=str(Path(args.checkpoint_dir)), step=loaded.step)
-    output_dir = Path(args.output_dir or model_dir.eval_dir(loaded.step))
+    results.update(checkpoint=str(Path(args.model_dir)), step=loaded.step)
+    output_dir = Path(args.output or model_dir.eval_dir(loaded.step))
     written = report.write_results(results, output_dir, plots=not args.no_plots)
     print(report.format_table(results))
     print(f"\n{len(submodels)} submodels x {len(plan)} tasks in {time.time() - start:.0f}s "

@@ -1,7 +1,7 @@
 """`matlm extract`: one submodel of a checkpoint as a standalone, smaller model dir.
 
-    matlm extract --checkpoint_dir=runs/tiny --widths=M --output=runs/tiny_M
-    matlm extract --checkpoint_dir=runs/tiny --widths=S,M,L,XL --output=runs/tiny_mix
+    matlm extract --model_dir=runs/tiny --widths=M --output=runs/tiny_M
+    matlm extract --model_dir=runs/tiny --widths=S,M,L,XL --output=runs/tiny_mix
 
 Checks the checkpoint dir, the widths and the output dir before loading parameters or
 writing anything; an output dir that exists and is not empty is refused, never
@@ -13,20 +13,19 @@ import json
 import time
 from pathlib import Path
 
+from matlm.cli import flags
 from matlm.config_checks import Check, check_flags
 
 FLAG_CHECKS = {"step": Check(int, ge=0)}
 
+PARENTS = [flags.model_dir(), flags.step(),
+           flags.output("the new model dir (must not exist, or be empty)", required=True)]
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint_dir", required=True,
-                        help="a model dir written by `matlm train` (or `matlm extract`)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
     parser.add_argument("--widths", required=True,
                         help="the submodel: a granularity name (M), an integer, or one "
                              "name/integer per layer (S,M,L,XL,...)")
-    parser.add_argument("--output", required=True,
-                        help="the new model dir (must not exist, or be empty)")
 
 
 def _human_bytes(n: int) -> str:
@@ -40,14 +39,15 @@ def run(args, gin_bindings) -> int:
     check_flags(args, FLAG_CHECKS)
     if gin_bindings:
         raise ValueError("matlm extract takes no gin bindings: the model comes from "
-                         f"--checkpoint_dir's run_config.json (got {gin_bindings[0]!r})")
+                         f"--model_dir's run_config.json (got {gin_bindings[0]!r})")
     from matlm.model.counting import param_count
     from matlm.submodels import extract as lib
     import matlm.model_dir as model_dir_lib
 
     start = time.time()
     # 1. Everything the user gave, before any parameter is read or anything written.
-    model_dir, run_config, config = model_dir_lib.open_existing(args.checkpoint_dir)
+    model_dir, run_config = model_dir_lib.open_run(args.model_dir)
+    config = run_config.model
     provenance_file = model_dir.path / lib.PROVENANCE_FILE
     parent_provenance = (json.loads(provenance_file.read_text())
                          if provenance_file.is_file() else None)
@@ -62,8 +62,9 @@ def run(args, gin_bindings) -> int:
                   "parent_layer_d_ff": list(config.layer_d_ff),
                   "parent_ffn_nest_blocks": config.ffn_nest_blocks,
                   "parent_extracted_from": parent_provenance}
-    lib.write_extracted(output, params, new_config, loaded.vocab_path,
-                        run_config.get("data") or {}, provenance)
+    # The parent's data section as saved: typing it would import TensorFlow for nothing.
+    lib.write_extracted(output, params, new_config, loaded.vocab_path, loaded.data_config,
+                        provenance)
     # 3. Sizes: parameters (exact counts) and bytes on disk of each checkpoint.
     parent_params, new_params = param_count(config), param_count(new_config)
     parent_bytes = lib.directory_bytes(model_dir.checkpoints / str(loaded.step))

@@ -1,9 +1,9 @@
 """`matlm generate`: text from any submodel of a checkpoint, plain or speculative.
 
-    matlm generate --checkpoint_dir=runs/default --prompt="The history of"
-    matlm generate --checkpoint_dir=runs/default --prompt="The" --widths=M --temperature=0.8 --top_p=0.9
-    matlm generate --checkpoint_dir=runs/default --prompt="The" --draft=S --draft_tokens=4
-    matlm generate --checkpoint_dir=runs/default --prompts_file=prompts.jsonl --output=out.jsonl
+    matlm generate --model_dir=runs/default --prompt="The history of"
+    matlm generate --model_dir=runs/default --prompt="The" --widths=M --temperature=0.8 --top_p=0.9
+    matlm generate --model_dir=runs/default --prompt="The" --draft=S --draft_tokens=4
+    matlm generate --model_dir=runs/default --prompts_file=prompts.jsonl --output=out.jsonl
 
 One prompt (`--prompt`) is streamed to stdout as it is produced; a file of prompts
 (`--prompts_file`: JSONL with a "prompt" field per line if the name ends in `.jsonl`,
@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from matlm.cli import flags
 from matlm.config_checks import Check, FlagError, check_flags
 
 FLAG_CHECKS = {
@@ -37,10 +38,11 @@ FLAG_CHECKS = {
 }
 
 
+PARENTS = [flags.model_dir(), flags.step(),
+           flags.output("JSONL results file for --prompts_file (default stdout)")]
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint_dir", required=True,
-                        help="a model dir written by `matlm train` or `matlm extract`")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
     parser.add_argument("--widths", default=None,
                         help="the submodel that generates (the target with --draft): a "
                              "granularity name, an integer, or one per layer (default: the "
@@ -49,8 +51,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompts_file", default=None,
                         help="prompts, one per line; a .jsonl file: one JSON object with a "
                              "'prompt' field per line")
-    parser.add_argument("--output", default=None,
-                        help="JSONL results file for --prompts_file (default stdout)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top_k", type=int, default=0, help="0: off")
@@ -117,12 +117,6 @@ def _check_output(output) -> None:
         raise FlagError(f"--output={output!r} is a directory; name a .jsonl file")
 
 
-def context_length(run_config: dict):
-    """The model's context: the seq_len it was trained at (None when the dir does not
-    record one, e.g. an extracted model)."""
-    return (run_config.get("train") or {}).get("seq_len")
-
-
 def cut_at_stop(text: str, stops) -> tuple[str, bool]:
     """The text before the earliest stop sequence, and whether one occurred."""
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
@@ -179,7 +173,7 @@ def run(args, gin_bindings) -> int:
     check_flags(args, FLAG_CHECKS)
     if gin_bindings:
         raise FlagError("matlm generate takes no gin bindings: the model comes from "
-                        f"--checkpoint_dir's run_config.json (got {gin_bindings[0]!r})")
+                        f"--model_dir's run_config.json (got {gin_bindings[0]!r})")
     from matlm.decoding.sampling import SamplingConfig
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     texts = read_prompts(args)
@@ -195,7 +189,8 @@ def run(args, gin_bindings) -> int:
     import matlm.model_dir as model_dir_lib
 
     # 1. The checkpoint's config, the submodels and the step, before any parameter.
-    model_dir, run_config, config = model_dir_lib.open_existing(args.checkpoint_dir)
+    model_dir, run_config = model_dir_lib.open_run(args.model_dir)
+    config = run_config.model
     target_flag = args.widths or config.granularity_names[-1]
     try:
         target = config.resolve_widths(target_flag)
@@ -209,10 +204,12 @@ def run(args, gin_bindings) -> int:
     # 2. Prompts as tokens (the vocabulary the model was trained with), checked.
     from matlm import data
     vocab = model_dir.vocabulary(
-        fallback=lambda: data.DataConfig(**(run_config.get("data") or {})).vocabulary())
+        fallback=lambda: run_config.data.vocabulary())
     start_id = data.start_id(vocab)
     prompts = [[start_id, *vocab.encode(t)] for t in texts]
-    max_len = context_length(run_config)
+    # The model's context: the seq_len it trained at (None when the dir records none,
+    # e.g. an extracted model).
+    max_len = run_config.seq_len
     try:
         check_prompts(prompts, config, args.max_new_tokens, max_len)
     except GenerateError as e:

@@ -9,19 +9,22 @@ import argparse
 import jax
 from tabulate import tabulate
 
+from matlm.cli import flags
 from matlm.gin_config import model_config_from_gin, parse_gin
 from matlm.model import ModelConfig, abstract_params
 from matlm.model.counting import (forward_flops_per_token, joint_forward_flops_per_token,
                                   param_count)
 
 
+PARENTS = [
+    flags.gin_files("gin file(s) describing the model (repeatable); default "
+                    "configs/models/tiny.gin"),
+    flags.model_dir(required=False,
+                    help="read the model from this model dir's run_config.json (e.g. one "
+                         "written by `matlm extract`) instead of gin files")]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gin_file", action="append", default=[],
-                        help="gin file(s) describing the model (repeatable); "
-                             "default configs/models/tiny.gin")
-    parser.add_argument("--checkpoint_dir", default=None,
-                        help="read the model from this model dir's run_config.json (e.g. "
-                             "one written by `matlm extract`) instead of gin files")
     parser.add_argument("--widths", action="append", default=[],
                         help="a Mix'n'Match width vector to add to the table: a granularity "
                              "name, an integer, or one comma-separated name/integer per layer "
@@ -58,12 +61,12 @@ def submodel_rows(config: ModelConfig, width_vectors, seq_len: int):
 
 
 def run(args, gin_bindings) -> int:
-    if args.checkpoint_dir is not None:
+    if args.model_dir is not None:
         if args.gin_file or gin_bindings:
-            raise ValueError("--checkpoint_dir reads the model from the dir's run_config.json; "
+            raise ValueError("--model_dir reads the model from the dir's run_config.json; "
                              "give it or --gin_file/--gin.* bindings, not both")
         from matlm.model_dir import ModelDir
-        config = ModelDir(args.checkpoint_dir).model_config()
+        config = ModelDir(args.model_dir).model_config()
     else:
         parse_gin(args.gin_file or ["configs/models/tiny.gin"], gin_bindings)
         config = model_config_from_gin()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from matlm.cli import flags
 from matlm.config_checks import Check, check_flags
 
 FLAG_CHECKS = {"local_processes": Check(int, ge=1), "devices_per_process": Check(int, ge=1),
@@ -21,12 +22,16 @@ FLAG_CHECKS = {"local_processes": Check(int, ge=1), "devices_per_process": Check
                "stop_at": Check(int, ge=1)}
 
 
+PARENTS = [
+    flags.gin_files("gin file(s) of the train job (repeatable); default "
+                    "configs/runs/default.gin; --gin.NAME=VALUE flags go to every process's "
+                    "matlm train"),
+    flags.model_dir(required=False, default="runs/default",
+                    help="the run's model dir (on a slice: a path every worker sees)")]
+
+
 def add_arguments(parser) -> None:
     job = parser.add_argument_group("the train job (as for matlm train)")
-    job.add_argument("--gin_file", action="append", default=[],
-                     help="gin file(s) (repeatable); default configs/runs/default.gin")
-    job.add_argument("--model_dir", default="runs/default",
-                     help="the run's model dir (on a slice: a path every worker sees)")
     job.add_argument("--steps", type=int, default=None)
     job.add_argument("--stop_at", type=int, default=None)
     job.add_argument("--skip_memory_check", action="store_true")

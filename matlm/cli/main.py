@@ -1,6 +1,7 @@
 """`matlm` console entry point: dispatches to one module per subcommand.
 
-Each subcommand module defines `add_arguments(parser)` and `run(args, gin_bindings)`.
+Each subcommand module defines `add_arguments(parser)` and `run(args, gin_bindings)`, and
+may list shared flags (matlm.cli.flags) in `PARENTS`.
 Modules are imported lazily so that, e.g., `matlm info` never imports TensorFlow.
 Bad input (a ValueError) is printed as one line with exit code 2; set MATLM_DEBUG=1 for
 the traceback. `matlm train` handles SIGTERM/SIGINT from its first line, before any heavy
@@ -12,6 +13,8 @@ import argparse
 import importlib
 import os
 import sys
+
+from matlm.cli import flags  # Light: argparse only.
 
 SUBCOMMANDS = {
     "compile": ("matlm.cli.compile", "Compile a recipe's train/eval steps for a TPU topology: memory and FLOPs per chip."),
@@ -47,18 +50,33 @@ def main(argv=None) -> int:
             SIGNALS.uninstall()
 
 
+EPILOG = f"""\
+Every command that reads or writes a run names it with --model_dir=DIR (a model dir:
+run_config.json, vocab.model, checkpoints/, metrics, eval results). `matlm COMMAND
+--help` lists a command's flags.
+
+{flags.GIN_HELP}"""
+
+
 def _main(argv: list) -> int:
     from matlm.gin_config import split_gin_flags
     parser = argparse.ArgumentParser(
-        prog="matlm", description="MatFormer language models: nested models end to end.")
+        prog="matlm", description="MatFormer language models: nested models end to end.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         # Only the chosen subcommand's module is imported (it may pull in heavy deps).
         if argv and argv[0] == name:
             modules[name] = importlib.import_module(module_name)
+            parents = list(getattr(modules[name], "PARENTS", ()))
+            sub_parser = sub.add_parser(
+                name, help=help_text, description=help_text, parents=parents,
+                epilog=flags.gin_epilog(parents),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
             modules[name].add_arguments(sub_parser)
+        else:
+            sub.add_parser(name, help=help_text, description=help_text)
     try:
         bindings, rest = split_gin_flags(argv)
         args = parser.parse_args(rest)

@@ -1,8 +1,8 @@
 """`matlm search`: per-layer widths on the Pareto front of metric vs cost, under a budget.
 
-    matlm search --checkpoint_dir=runs/default --budget_params=1.6e6
-    matlm search --checkpoint_dir=runs/default --budget_flops=3e6 --method=heuristic
-    matlm search --checkpoint_dir=runs/default --budget_params=1.6e6 --metric=piqa \
+    matlm search --model_dir=runs/default --budget_params=1.6e6
+    matlm search --model_dir=runs/default --budget_flops=3e6 --method=heuristic
+    matlm search --model_dir=runs/default --budget_params=1.6e6 --metric=piqa \
         --space=aligned --max_evals=200 --seed=1
 
 Every candidate is scored through the masked path (one compiled function for all width
@@ -20,15 +20,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from matlm.cli import flags
 from matlm.config_checks import Check, check_flags
 
 DEFAULT_GIN = "configs/eval/offline.gin"
 
+PARENTS = [
+    flags.model_dir(), flags.step(),
+    flags.gin_files(f"gin files defining more tasks (repeatable); {DEFAULT_GIN} is always read"),
+    flags.output("output dir (default MODEL_DIR/search/<step, method, budget, metric, "
+                 "seed>); must be new or empty"),
+    flags.no_plots(), flags.no_progress()]
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint_dir", required=True,
-                        help="a model dir written by `matlm train` (MODEL_DIR)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
     parser.add_argument("--budget_params", type=float, default=None,
                         help="most parameters the submodel may use (embeddings included, as "
                              "`matlm info` counts them), e.g. 1.6e6")
@@ -54,15 +59,9 @@ def add_arguments(parser) -> None:
                         help="held-out batches each candidate is scored on")
     parser.add_argument("--batch_size", type=int, default=8,
                         help="rows per batch (rounded up to a multiple of the device count)")
-    parser.add_argument("--max_len", type=int, default=1024,
-                        help="tokens per row for eval tasks")
-    parser.add_argument("--gin_file", action="append", default=[],
-                        help=f"gin files defining more tasks; {DEFAULT_GIN} is always read")
-    parser.add_argument("--output", default=None,
-                        help="output dir (default MODEL_DIR/search/<step, method, budget, "
-                             "metric, seed>); must be new or empty")
-    parser.add_argument("--no_plot", action="store_true")
-    parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--max_len", type=int, default=None,
+                        help="tokens per row for eval tasks (default: the context the "
+                             "checkpoint trained at, as for matlm eval)")
 
 
 FLAG_CHECKS = {
@@ -86,21 +85,27 @@ def run(args, gin_bindings) -> int:
         raise S.SearchError(f"--method must be one of {', '.join(S.METHODS)}, "
                             f"got {args.method!r}")
     # Heavy imports (TensorFlow via seqio) only when the command runs.
-    from matlm import data
     from matlm.evaluation import runner, tasks
     from matlm.gin_config import parse_gin
     import matlm.model_dir as model_dir_lib
 
     start = time.time()
     # 1. The checkpoint: its config and the step (missing dir/step: one line, no loading).
-    model_dir, run_config, config = model_dir_lib.open_existing(args.checkpoint_dir)
+    model_dir, run_config = model_dir_lib.open_run(args.model_dir)
+    config = run_config.model
     step = model_dir.resolve_step(args.step)
-    data_config = run_config.get("data") or {}
-    seq_len = int((run_config.get("train") or {}).get("seq_len") or 256)
-    # 2. Space and budget, against that config.
+    # Loss batches are sharded over every device: whole rows per device (as the scorer).
+    batch_size = runner.device_batch_size(args.batch_size)
+    rows = args.eval_batches * batch_size
+    is_loss = args.metric == runner.LOSS or args.metric.startswith(runner.LOSS + ":")
+    options = runner.eval_options_for_run(
+        run_config, num_shots=1, seed=args.seed, max_examples=2 * rows if is_loss else rows,
+        batch_size=batch_size, max_len=args.max_len, masked=True, progress=False)
+    # 2. Space and budget, against that config (FLOPs at the run's seq_len).
     space = S.SearchSpace.build(config, args.space)
     kind = "params" if args.budget_params is not None else "flops"
-    budget = S.Budget(kind, float(args.budget_params or args.budget_flops), seq_len)
+    budget = S.Budget(kind, float(args.budget_params or args.budget_flops),
+                      options.loss_seq_len)
     S.check_budget(space, budget)
     # 3. The metric (gin-defined tasks too).
     parse_gin([DEFAULT_GIN, *args.gin_file], gin_bindings)
@@ -109,7 +114,6 @@ def run(args, gin_bindings) -> int:
         runner.check_task_names([args.metric])
     except ValueError as e:
         raise S.SearchError(f"--metric={args.metric!r}: {e}") from None
-    is_loss = args.metric == runner.LOSS or args.metric.startswith(runner.LOSS + ":")
     # 4. The output dir: new or empty, so nothing is overwritten.
     slug = (f"step{step}_{args.method}_{kind}{budget.limit:.4g}_"
             f"{args.metric.replace(':', '_')}_{args.space}_seed{args.seed}")
@@ -118,16 +122,7 @@ def run(args, gin_bindings) -> int:
         raise S.SearchError(f"--output={str(output)!r} exists and is not empty; give a new "
                             "dir (nothing is overwritten)")
     # 5. Data: the search sample (+ for loss the next as many batches, to confirm).
-    vocab = model_dir.vocabulary(fallback=lambda: data.DataConfig(**data_config).vocabulary())
-    # Loss batches are sharded over every device: whole rows per device (as the scorer).
-    batch_size = runner.device_batch_size(args.batch_size)
-    rows = args.eval_batches * batch_size
-    options = runner.EvalOptions(
-        num_shots=1, seed=args.seed, max_examples=2 * rows if is_loss else rows,
-        batch_size=batch_size, max_len=args.max_len, masked=True,
-        data_task=data_config.get("task", data.DEFAULT_TASK),
-        loss_split=data_config.get("eval_split", "validation"), loss_seq_len=seq_len,
-        progress=False)
+    vocab = model_dir.vocabulary(fallback=lambda: run_config.data.vocabulary())
     (task,) = runner.prepare([args.metric], vocab, options)
     confirm_task = None
     if is_loss:
@@ -166,11 +161,11 @@ def run(args, gin_bindings) -> int:
         again = list({c.widths: c for c in again})
         values = evaluator.with_task(confirm_task)([c for c in again])
         confirm = dict(zip(again, values))
-    info = {"checkpoint": str(Path(args.checkpoint_dir)), "step": step, "seed": args.seed,
+    info = {"checkpoint": str(Path(args.model_dir)), "step": step, "seed": args.seed,
             "max_evals": args.max_evals, "eval_rows": sum(
                 int(b["loss_mask"].any(axis=1).sum()) for b in task.batches) if is_loss
             else len(task.rows), "compiled_functions": evaluator.compiled_count()}
-    written = S.write_outputs(result, output, metric_name, info, confirm, plot=not args.no_plot)
+    written = S.write_outputs(result, output, metric_name, info, confirm, plot=not args.no_plots)
     print(S.front_table(result, metric_name, confirm))
     best = result.best
     print(f"\nbest under {kind} <= {budget.limit:.6g}: --widths={','.join(map(str, best.widths))}"

@@ -18,14 +18,18 @@ import shlex
 import sys
 from pathlib import Path
 
+from matlm.cli import flags
 from matlm.config_checks import Check, check_flags
 
 FLAG_CHECKS = {"parallel": Check(int, ge=1)}
 
+PARENTS = [flags.gin_files("the run's gin file(s) (repeatable); default "
+                           "configs/runs/default.gin; --gin.NAME=VALUE flags apply to every "
+                           "trial"),
+           flags.no_plots()]
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--gin_file", action="append", default=[],
-                        help="the run's gin file(s) (repeatable); default configs/runs/default.gin")
     parser.add_argument("--sweep", required=True,
                         help="the sweep spec: a .yaml/.yml file or a gin-style file (docs/sweep.md)")
     parser.add_argument("--base_dir", default=None,
@@ -49,7 +53,6 @@ def add_arguments(parser) -> None:
                         help="run nothing: write sweep_results.{csv,md} and plots from what "
                              "BASE_DIR holds (e.g. after --launcher=tpu, once the trials' "
                              "model dirs are readable here)")
-    parser.add_argument("--no_plots", action="store_true")
     parser.add_argument("--launcher", choices=("local", "tpu"), default="local",
                         help="local: run the trials here; tpu: one `matlm launch --tpu` per "
                              "trial (with --tpu, --zone, [--project], [--install])")

@@ -8,17 +8,20 @@ import sys
 
 from tabulate import tabulate
 
+from matlm.cli import flags
 from matlm.gin_config import model_config_from_gin, parse_gin, train_config_from_gin
 
 DEFAULT_GIN = "configs/runs/default.gin"
 
+PARENTS = [
+    flags.gin_files(f"gin file(s) (repeatable); default {DEFAULT_GIN}"),
+    flags.model_dir(required=False, default="runs/default",
+                    help="where checkpoints, metrics and TensorBoard files go; an existing "
+                         "run there is resumed (default runs/default)"),
+    flags.no_progress()]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gin_file", action="append", default=[],
-                        help=f"gin file(s) (repeatable); default {DEFAULT_GIN}")
-    parser.add_argument("--model_dir", default="runs/default",
-                        help="where checkpoints, metrics and TensorBoard files go; an "
-                             "existing run there is resumed (default runs/default)")
     parser.add_argument("--steps", type=int, default=None,
                         help="total steps to train to (overrides TrainConfig.steps)")
     parser.add_argument("--stop_at", type=int, default=None,
@@ -30,7 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
     parser.add_argument("--num_processes", type=int, default=None)
     parser.add_argument("--process_id", type=int, default=None)
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.add_argument("--skip_memory_check", action="store_true",
                         help="do not refuse a model estimated not to fit the local devices' "
                              "memory (matlm.training.memory_check)")

@@ -17,37 +17,37 @@ import json
 
 from tabulate import tabulate
 
+from matlm.cli import flags
+
+PARENTS = [flags.model_dir(help="a model dir written by `matlm train`"),
+           flags.step(help="check only this checkpoint (default: all of them)")]
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model_dir", required=True, help="a model dir written by `matlm train`")
-    parser.add_argument("--step", type=int, default=None,
-                        help="check only this checkpoint (default: all of them)")
+    pass  # Its flags are the shared ones (PARENTS).
 
 
-def _targets(model_dir, run_config: dict):
+def _targets(run_config):
     """(params target, opt_state target or None, note): abstract trees on one CPU device."""
     import flax.linen
     import jax
 
     from matlm.model import abstract_params
     from matlm.training import mesh as mesh_lib
-    from matlm.model_dir import model_config_from_dict, train_config_from_dict
+    from matlm.model_dir import CheckpointError
     from matlm.training.optimizer import make_optimizer
     from matlm.training.train_step import abstract_state
 
-    model_config = model_config_from_dict(run_config["model"])
+    model_config = run_config.model
     # CPU, whatever the default backend: a verify beside a training job must not take
     # accelerator memory. One device: the fingerprint is sharding-agnostic.
     mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices("cpu")[:1])
-    saved_train = run_config.get("train") or {}
     try:
         # The optimizer state's tree depends on the optimizer, built from the saved recipe.
-        train_config, _ = train_config_from_dict(saved_train)
-    except (TypeError, ValueError) as e:
+        train_config, note = run_config.train, ""
+    except CheckpointError as e:
         train_config, note = None, f"saved train config unusable ({e})"
-    else:
-        note = ""
-    if not saved_train or train_config is None:
+    if train_config is None:
         # A params-only checkpoint (save_for_inference) or an unusable recipe: parameters.
         shapes = flax.linen.meta.unbox(abstract_params(model_config))
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -66,7 +66,7 @@ def run(args, gin_bindings) -> int:
     model_dir = ModelDir(args.model_dir)
     if not model_dir.path.is_dir():
         raise CheckpointError(f"--model_dir {args.model_dir!r} does not exist")
-    run_config = model_dir.read_run_config()
+    run_config = model_dir.run_config()
     steps = model_dir.checkpoint_steps()
     set_aside = model_dir.set_aside_checkpoints()
     if args.step is not None:
@@ -78,7 +78,7 @@ def run(args, gin_bindings) -> int:
         raise CheckpointError(f"--model_dir {args.model_dir!r} holds no checkpoint under "
                               f"{model_dir.checkpoints}")
 
-    params_target, opt_target, note = _targets(model_dir, run_config)
+    params_target, opt_target, note = _targets(run_config)
     results = [verify_checkpoint(model_dir, step, params_target, opt_target) for step in steps]
     rows = [(r.step, r.arrays, r.status, r.detail) for r in results]
     if args.step is None:

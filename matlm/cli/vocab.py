@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+from matlm.cli import flags
 from matlm.config_checks import Check, check_flags
 
 # matlm.data.vocabulary.MIN_VOCAB_SIZE, without importing TensorFlow to check a flag
@@ -18,15 +19,16 @@ from matlm.config_checks import Check, check_flags
 MIN_VOCAB_SIZE = 300
 
 
+PARENTS = [flags.output("path of the .model file to write", required=True),
+           flags.gin_files("gin file(s) defining tasks (e.g. configs/data/local_files.gin)")]
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--task", default=None,
                         help="task or mixture to train on (default: DataConfig.task)")
     parser.add_argument("--vocab_size", type=int, default=8192)
-    parser.add_argument("--output", required=True, help="path of the .model file to write")
     parser.add_argument("--max_documents", type=int, default=None,
                         help="train on at most this many documents per task")
-    parser.add_argument("--gin_file", action="append", default=[],
-                        help="gin file(s) defining tasks (e.g. configs/data/local_files.gin)")
 
 
 def run(args, gin_bindings) -> int:

@@ -1,7 +1,8 @@
 """In-loop evaluation for the trainer: a small eval set every N steps.
 
+    options = runner.EvalOptions(num_shots=1, max_examples=32)
     metrics = in_loop_eval(params, model_config, vocab, ["loss", "hellaswag"],
-                           max_examples=32, widths_by_name={"S": (64,) * 4, "XL": (512,) * 4})
+                           {"S": (64,) * 4, "XL": (512,) * 4}, options)
     # {"eval/loss:matlm_wiki/S/loss": 5.1, ..., "eval/hellaswag/XL/acc": 0.27, ...}
 
 Prepared tasks (tokenised prompts, loss batches) and the compiled scoring functions
@@ -9,7 +10,10 @@ are cached across calls, so each call after the first only runs the model.
 
 `downstream_eval_hook` wraps it as a trainer hook (training never imports this package;
 `matlm train` passes the hook to `train(..., hooks=[downstream_eval_hook])` when
-`TrainConfig.downstream_eval_tasks` is set).
+`TrainConfig.downstream_eval_tasks` is set). The hook scores with the options `matlm eval`
+derives for the run (`runner.eval_options_for_run`): held-out loss on the run's data task
+at the sequence length it trains at, rows of at most that many tokens, so the numbers in
+metrics.jsonl are the ones `matlm eval` reports for the saved checkpoint.
 """
 from __future__ import annotations
 
@@ -38,20 +42,16 @@ def ensure_builtin_tasks() -> None:
         task_registry.eval_suite()
 
 
-def in_loop_eval(params, model_config, vocab, tasks: Sequence[str], max_examples: int,
-                 widths_by_name: Mapping[str, Sequence[int]], num_shots: int = 1,
-                 data_task: str | None = None, batch_size: int = 8,
-                 max_len: int = 512, reference: str | None = None) -> dict[str, float]:
-    """Flat metrics `eval/<task>/<submodel>/<metric>` (see the module docstring).
-    `reference` (default: the submodel with the most parameters) is the one agreement
-    is measured against."""
+def in_loop_eval(params, model_config, vocab, tasks: Sequence[str],
+                 widths_by_name: Mapping[str, Sequence[int]], options: runner.EvalOptions,
+                 reference: str | None = None) -> dict[str, float]:
+    """Flat metrics `eval/<task>/<submodel>/<metric>` (see the module docstring), scored
+    with `options` (`options.max_examples` examples per task). `reference` (default: the
+    submodel with the most parameters) is the one agreement is measured against."""
     if not widths_by_name:
         raise ValueError("in_loop_eval needs at least one submodel in widths_by_name")
     if any(not (t == runner.LOSS or t.startswith(runner.LOSS + ":")) for t in tasks):
         ensure_builtin_tasks()
-    options = runner.EvalOptions(num_shots=num_shots, max_examples=max_examples,
-                                 batch_size=batch_size, max_len=max_len,
-                                 **({"data_task": data_task} if data_task else {}))
     submodels = [Submodel(name, tuple(int(w) for w in widths),
                           param_count(model_config, widths),
                           non_embedding_param_count(model_config, widths))
@@ -59,14 +59,14 @@ def in_loop_eval(params, model_config, vocab, tasks: Sequence[str], max_examples
     for s in submodels:
         model_config.resolve_widths(list(s.widths))  # Validates before any work.
     reference = reference or max(submodels, key=lambda s: s.params).name
-    plan_key = (tuple(tasks), max_examples, num_shots, options.data_task, batch_size,
-                max_len, vocab.tokenizer.serialized_model_proto())
+    plan_key = (tuple(tasks), options, vocab.tokenizer.serialized_model_proto())
     if plan_key not in _PLANS:
         _PLANS.clear()  # One configuration per trainer: keep memory bounded.
         _PLANS[plan_key] = runner.prepare(list(tasks), vocab, options)
-    scorer_key = (model_config, batch_size, max_len)
+    scorer_key = (model_config, options.batch_size, options.max_len)
     if scorer_key not in _SCORERS:
-        _SCORERS[scorer_key] = scoring.SubmodelScorer(model_config, params, batch_size, max_len)
+        _SCORERS[scorer_key] = scoring.SubmodelScorer(model_config, params, options.batch_size,
+                                                      options.max_len)
     scorer = _SCORERS[scorer_key].with_params(params)
     results = runner.run(_PLANS[plan_key], model_config, params, submodels, reference, vocab,
                          options, scorer=scorer)
@@ -84,12 +84,18 @@ def downstream_eval_hook(context):
     `TrainConfig.downstream_eval_tasks` (`downstream_eval_examples` examples each) for every
     granularity at each validation eval (the start, every `eval_every` steps, the end) and
     writes the metrics to the run's metrics.jsonl and TensorBoard."""
+    from matlm.model_dir import RunConfig
     from matlm.training.hooks import DOWNSTREAM_EVAL_HOOK, Hook
     from matlm.training.preemption import SIGNALS
     train_config = context.train_config
     if not train_config.downstream_eval_tasks:
         raise ValueError("downstream_eval_hook needs TrainConfig.downstream_eval_tasks, "
                          "e.g. --gin.TrainConfig.downstream_eval_tasks=\"('copa',)\"")
+    # The run's own configs (as run_config.json records them), not a re-read of the file.
+    run_config = RunConfig(model=context.model_config, data=context.data_config,
+                           train=train_config)
+    options = runner.eval_options_for_run(
+        run_config, num_shots=1, max_examples=train_config.downstream_eval_examples)
 
     def score(info):
         # Already in metrics.jsonl (the restored step, a finished run started again): the
@@ -99,8 +105,7 @@ def downstream_eval_hook(context):
         SIGNALS.check()  # A signal before a (long) downstream eval: give up, save, stop.
         context.writer.write(info.step, in_loop_eval(
             info.state.params, context.model_config, context.vocab,
-            list(train_config.downstream_eval_tasks), train_config.downstream_eval_examples,
-            context.widths_by_name))
+            list(train_config.downstream_eval_tasks), context.widths_by_name, options))
 
     return Hook(score, train_config.eval_every, at_start=True, at_end=True,
                 name=DOWNSTREAM_EVAL_HOOK)

@@ -47,10 +47,29 @@ class EvalOptions:
     masked: bool = True  # One compiled function for all submodels (see scoring.py).
     data_task: str = data.DEFAULT_TASK  # What `loss` means (the checkpoint's data task).
     loss_split: str = "validation"
-    loss_seq_len: int = 256
+    loss_seq_len: int = 256  # Tokens per held-out-loss row.
     progress: bool = False
     acc_uncond: bool = False  # Also score each continuation after `uncond_context` alone.
     uncond_context: str = "Answer:"  # OLMES's unconditional prompt.
+
+
+def eval_options_for_run(run_config, **overrides) -> EvalOptions:
+    """The EvalOptions that score a trained run, derived from its RunConfig here only, so
+    that `matlm eval`, the trainer's in-loop eval and `matlm search` agree:
+
+    - `loss` is held-out loss on the run's data task and eval split, in rows of the
+      sequence length it trained at;
+    - a row holds at most that many tokens (`max_len`): the model's context, as
+      lm-evaluation-harness reads it from an export's max_position_embeddings.
+
+    A dir that records no train section (`save_for_inference`, `matlm extract`) keeps
+    EvalOptions' defaults for both lengths. `overrides` are EvalOptions fields, e.g. the
+    command's flags; None leaves the derived value (a flag the user did not give)."""
+    derived = {"data_task": run_config.data.task, "loss_split": run_config.data.eval_split}
+    if run_config.seq_len is not None:
+        derived.update(loss_seq_len=run_config.seq_len, max_len=run_config.seq_len)
+    derived.update({name: value for name, value in overrides.items() if value is not None})
+    return EvalOptions(**derived)
 
 
 @dataclasses.dataclass

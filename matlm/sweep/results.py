@@ -47,7 +47,7 @@ def trial_row(trial: Trial, model_dir: Path, labels: dict,
     """One trial's row: swept values, status, params and final val loss per granularity,
     the step reached, tokens trained, wall time, the error's last line."""
     from matlm.model.counting import param_count
-    from matlm.model_dir import ModelDir, model_config_from_dict
+    from matlm.model_dir import ModelDir
     record = read_trial(model_dir)
     row = {"trial": trial.name, **({"variant": trial.variant} if trial.variant else {})}
     row.update({labels[b]: v for b, v in trial.values.items()})
@@ -57,15 +57,16 @@ def trial_row(trial: Trial, model_dir: Path, labels: dict,
     has_run_config = trial_dir.run_config_file.is_file()
     metrics = read_metrics(model_dir)
     if has_run_config:
-        run_config = trial_dir.read_run_config()
-        config = model_config_from_dict(run_config["model"])
+        run_config = trial_dir.run_config()
+        config = run_config.model
         spec = config.granularities
         for name in spec.names:
             row[f"params_{name}"] = param_count(config, spec.uniform(name))
-        train = run_config.get("train", {})
+        train = run_config.train
         steps = [r["step"] for r in metrics if "train/loss" in r]
         row["step"] = max(steps) if steps else 0
-        row["tokens"] = row["step"] * train.get("global_batch_size", 0) * train.get("seq_len", 0)
+        row["tokens"] = (row["step"] * train.global_batch_size * train.seq_len
+                         if train is not None else 0)
     val_step, losses = final_val_losses(metrics)
     order = list(spec.names) if has_run_config else []
     # In the model's granularity order (metrics.jsonl keys are sorted by name: L, M, S, XL).
