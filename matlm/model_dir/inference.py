@@ -45,7 +45,7 @@ def open_run(checkpoint_dir, flag: str = "--model_dir") -> tuple[ModelDir, RunCo
     return model_dir, model_dir.run_config()
 
 
-# To be replaced by open_run once cli/ uses run_config() (issue 25).
+# To be removed (issue 25) once its last caller, scripts/benchmark_decode.py, uses open_run.
 def open_existing(checkpoint_dir, flag: str = "--checkpoint_dir"
                   ) -> tuple[ModelDir, dict, ModelConfig]:
     """A model dir named on the command line, its run_config.json and ModelConfig, read

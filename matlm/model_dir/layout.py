@@ -70,7 +70,8 @@ class ModelDir:
         return run_config_lib.run_config_from_dict(self.read_run_config(),
                                                    source=str(self.run_config_file))
 
-    # To be made private once cli/ and sweep/ use run_config() (issue 25).
+    # To be made private (issue 25) once its last outside callers use run_config():
+    # scripts/reproduce_matformer.py and tests/test_extract.py.
     def read_run_config(self) -> dict:
         return run_config_lib.read_run_config_dict(self.path)
 
