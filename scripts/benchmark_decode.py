@@ -229,14 +229,11 @@ def _load(args):
     """(config, params, vocabulary, context, description) of the checkpoint, or a fresh
     init of --gin_file with the default vocabulary."""
     if args.checkpoint_dir:
-        from matlm import data
-        from matlm.cli.generate import context_length
         import matlm.model_dir as model_dir_lib
-        model_dir, run_config, config = model_dir_lib.open_existing(args.checkpoint_dir)
+        model_dir, run_config = model_dir_lib.open_run(args.checkpoint_dir, "--checkpoint_dir")
         loaded = model_dir_lib.load_checkpoint_for_inference(model_dir)
-        vocab = model_dir.vocabulary(
-            fallback=lambda: data.DataConfig(**(run_config.get("data") or {})).vocabulary())
-        return (config, loaded.params, vocab, context_length(run_config),
+        vocab = model_dir.vocabulary(fallback=lambda: run_config.data.vocabulary())
+        return (run_config.model, loaded.params, vocab, run_config.seq_len,
                 f"{args.checkpoint_dir} step {loaded.step}")
     from matlm import data
     from matlm.gin_config import model_config_from_gin, parse_gin

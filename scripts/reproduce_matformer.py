@@ -155,18 +155,16 @@ def score_checkpoints(base_dir: Path, trials, eval_sequences: int, seq_len: int,
     """Every trial's submodels on the same held-out sequences: {trial: {submodel: {loss,
     params, widths, greedy}}} (greedy: the next-token argmax at every scored position).
     Recipes (all four granularities) also score `mixes` Mix'n'Match configurations."""
-    from matlm import data
     from matlm.evaluation import runner
     from matlm.evaluation.scoring import SubmodelScorer
     from matlm.evaluation.submodels import resolve_submodels
     import matlm.model_dir as model_dir_lib
 
     first = model_dir_lib.ModelDir(base_dir / trials[0].name)
-    run_config = first.read_run_config()
-    vocab = first.vocabulary(fallback=lambda: data.DataConfig(**run_config["data"]).vocabulary())
+    run_config = first.run_config()
+    vocab = first.vocabulary(fallback=lambda: run_config.data.vocabulary())
     options = runner.EvalOptions(max_examples=eval_sequences, batch_size=8, max_len=seq_len,
-                                 loss_seq_len=seq_len,
-                                 data_task=run_config["data"].get("task", data.DEFAULT_TASK))
+                                 loss_seq_len=seq_len, data_task=run_config.data.task)
     task, = runner.prepare(["loss"], vocab, options)
     out = {}
     for trial in trials:
@@ -198,12 +196,12 @@ def score_checkpoints(base_dir: Path, trials, eval_sequences: int, seq_len: int,
 def train_flops_per_token(model_dir: Path, seq_len: int) -> tuple[float | None, str]:
     """(training FLOPs per token of the trial's objective, a note): the library's count
     from the saved configs; None and why where the saved train config does not build."""
-    from matlm.model_dir import ModelDir, model_config_from_dict, train_config_from_dict
+    from matlm.model_dir import ModelDir
     from matlm.training.objective import build_objective
-    run_config = ModelDir(model_dir).read_run_config()
     try:
-        model_config = model_config_from_dict(run_config["model"])
-        train_config, dropped = train_config_from_dict(run_config.get("train") or {})
+        run_config = ModelDir(model_dir).run_config()
+        model_config, train_config = run_config.model, run_config.train
+        dropped = [name for name in run_config.unknown_fields if name.startswith("train.")]
         note = (f"saved fields this TrainConfig lacks, ignored: {', '.join(dropped)}"
                 if dropped else "")
         objective = build_objective(model_config, train_config)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from matlm.cli.main import main
+from matlm.data.config import DataConfig
 from matlm.model import MatLM, ModelConfig, init_params
 from matlm.model.counting import param_count
 from matlm.model.layout import ffn_to_contiguous, unstack_layers
@@ -120,7 +121,7 @@ def test_the_extracted_dir_holds_the_extracted_params_and_shrinks(parent, extrac
     assert loaded.model_config == want_config and loaded.step == 0
     jax.tree.map(np.testing.assert_array_equal, loaded.params, want)
     assert (extracted / "vocab.model").read_bytes() == (model_dir / "vocab.model").read_bytes()
-    assert ModelDir(extracted).read_run_config()["data"] == {"task": "matlm_wiki"}
+    assert ModelDir(extracted).run_config().data == DataConfig(task="matlm_wiki")
     provenance = json.loads((extracted / "extracted_from.json").read_text())
     assert provenance["widths"] == [16, 128, 64] and provenance["step"] == 7
     # Params only: no optimizer state; the params item shrinks with the parameter count.

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from matlm.decoding.buckets import bucket_for, bucket_lengths
+from matlm.decoding.generate import Decoder
 from matlm.evaluation.errors import EvalError
 from matlm.model import MatLM, ModelConfig
 
@@ -82,9 +83,7 @@ class SubmodelScorer:
         else:  # Widths are static: one compile per width vector and bucket.
             self._token_logp = jax.jit(token_logp, static_argnums=(5,))
         # Generation: the KV-cache decoder, its own compiled functions (counted below),
-        # rows sharded like the scoring batches. Imported here: matlm.decoding.generate
-        # reads this module's bucket helpers.
-        from matlm.decoding.generate import Decoder
+        # rows sharded like the scoring batches.
         self._decoder = Decoder(config, rows_sharding=self._rows_sharding)
 
     def with_params(self, params) -> "SubmodelScorer":

@@ -35,7 +35,7 @@ when a vocabulary is loaded or `RunConfig.data` is read.
 from matlm.model_dir.checkpoints import RunCheckpointer
 from matlm.model_dir.errors import CheckpointError
 from matlm.model_dir.inference import (LoadedCheckpoint, load_checkpoint_for_inference,
-                                       open_existing, open_run, save_for_inference)
+                                       open_run, save_for_inference)
 from matlm.model_dir.layout import ITEMS, ModelDir, as_model_dir
 from matlm.model_dir.run_config import (EXECUTION_ONLY_FIELDS, RunConfig,
                                         data_config_from_dict, model_config_from_dict,
@@ -46,6 +46,6 @@ __all__ = [
     "CheckpointError", "EXECUTION_ONLY_FIELDS", "ITEMS", "LoadedCheckpoint", "ModelDir",
     "RunCheckpointer", "RunConfig", "VerifyResult", "as_model_dir", "data_config_from_dict",
     "load_checkpoint_for_inference", "model_config_from_dict", "model_config_to_dict",
-    "open_existing", "open_run", "save_for_inference", "train_config_from_dict",
+    "open_run", "save_for_inference", "train_config_from_dict",
     "verify_checkpoint",
 ]

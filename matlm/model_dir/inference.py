@@ -19,7 +19,8 @@ from matlm.model_dir.errors import CheckpointError
 from matlm.model_dir.layout import ModelDir, as_model_dir
 from matlm.model_dir.restore import restore_and_verify
 from matlm.model_dir.run_config import (RunConfig, model_config_from_dict,
-                                        model_config_to_dict, write_run_config)
+                                        model_config_to_dict, read_run_config_dict,
+                                        write_run_config)
 
 
 @dataclasses.dataclass
@@ -45,17 +46,6 @@ def open_run(checkpoint_dir, flag: str = "--model_dir") -> tuple[ModelDir, RunCo
     return model_dir, model_dir.run_config()
 
 
-# To be removed (issue 25) once its last caller, scripts/benchmark_decode.py, uses open_run.
-def open_existing(checkpoint_dir, flag: str = "--checkpoint_dir"
-                  ) -> tuple[ModelDir, dict, ModelConfig]:
-    """A model dir named on the command line, its run_config.json and ModelConfig, read
-    before any parameter is loaded; a missing dir is a one-line CheckpointError naming
-    the flag (the commands that read checkpoints: eval, search, extract, export)."""
-    model_dir = _existing(checkpoint_dir, flag)
-    run_config = model_dir.read_run_config()
-    return model_dir, run_config, model_config_from_dict(run_config["model"])
-
-
 def load_checkpoint_for_inference(model_dir, step: Optional[int] = None,
                                   shardings=None) -> LoadedCheckpoint:
     """The model config, parameters (only) and vocabulary path of one checkpoint.
@@ -66,7 +56,7 @@ def load_checkpoint_for_inference(model_dir, step: Optional[int] = None,
     model_dir = as_model_dir(model_dir)
     if not model_dir.path.is_dir():
         raise CheckpointError(f"checkpoint dir {model_dir.path} does not exist")
-    run_config = model_dir.read_run_config()
+    run_config = read_run_config_dict(model_dir.path)
     model_config = model_config_from_dict(run_config["model"])
     step = model_dir.resolve_step(step)
     shapes = flax.linen.meta.unbox(abstract_params(model_config))

@@ -67,17 +67,16 @@ class ModelDir:
     # --- The run config (matlm.model_dir.run_config). ----------------------------------------
     def run_config(self) -> run_config_lib.RunConfig:
         """The run's typed configs; a dir without run_config.json is a CheckpointError."""
-        return run_config_lib.run_config_from_dict(self.read_run_config(),
+        return run_config_lib.run_config_from_dict(self._saved_run_config(),
                                                    source=str(self.run_config_file))
 
-    # To be made private (issue 25) once its last outside callers use run_config():
-    # scripts/reproduce_matformer.py and tests/test_extract.py.
-    def read_run_config(self) -> dict:
+    def _saved_run_config(self) -> dict:
+        """run_config.json as parsed JSON; everyone outside this package reads run_config()."""
         return run_config_lib.read_run_config_dict(self.path)
 
     def model_config(self) -> ModelConfig:
         """The ModelConfig the run was trained with."""
-        return run_config_lib.model_config_from_dict(self.read_run_config()["model"])
+        return run_config_lib.model_config_from_dict(self._saved_run_config()["model"])
 
     def check_same_model(self, model_config: ModelConfig) -> None:
         """A model dir that already holds a run must hold a run of *this* model."""
@@ -86,7 +85,7 @@ class ModelDir:
                 raise CheckpointError(f"{self.path} holds checkpoints but no run_config.json; "
                                       "refusing to train over them. Use a new --model_dir.")
             return
-        diffs = run_config_lib.model_differences(self.read_run_config().get("model", {}),
+        diffs = run_config_lib.model_differences(self._saved_run_config().get("model", {}),
                                                  model_config)
         if diffs:
             raise CheckpointError(

@@ -55,7 +55,7 @@ def train_command(trial: Trial, options: SweepOptions) -> list[str]:
 
 def eval_command(trial: Trial, options: SweepOptions) -> list[str]:
     return [sys.executable, "-m", "matlm.cli.main", "eval",
-            f"--checkpoint_dir={options.base_dir / trial.name}", "--no_progress",
+            f"--model_dir={options.base_dir / trial.name}", "--no_progress",
             *options.eval_flags]
 
 
