@@ -243,7 +243,7 @@ def test_make_prompt_follows_lm_eval_generate_until():
 def test_continuation_longer_than_max_len_names_task_and_example(eval_tasks, wiki_vocab):
     from matlm.evaluation import EvalError, runner, scoring
     with pytest.raises(EvalError, match=r"^where: the continuation of 3 tokens does not fit "
-                                        r"max_len 2; it needs max_len >= 3$"):
+                                        r"max_len 2; it needs --max_len >= 3 \(the default is the "):
         scoring.make_row(1, [5], [6, 7, 8], 2, where="where: ")
     options = runner.EvalOptions(max_examples=2, max_len=1)
     with pytest.raises(EvalError, match=r"^task 'piqa' \(validation example 0, choice 0\): "

@@ -8,11 +8,13 @@ Modules, one job each:
 - `scoring`: the plain-JAX core (log-likelihoods, greedy decoding, held-out loss) with
   padded length buckets, sharded batches, and masked (one compile) or sliced widths.
 - `metrics`: SQuAD-normalised exact match / F1.
+- `task_metrics`: the one table of metrics (which way is better; each kind's metrics and
+  primary), read by the report, `matlm search` and sweep results.
 - `submodels`: granularities, width vectors and Mix'n'Match presets to evaluate.
 - `runner`: prepare (all input checks) → score every task with every submodel.
 - `report`: results.json, results.md, plots. `in_loop`: the trainer's hook.
 
-Only `setup_data` is light; import the rest (TensorFlow/seqio) when evaluating.
+Only `setup_data` and `task_metrics` are light; import the rest (TensorFlow/seqio) when evaluating.
 """
 from matlm.evaluation.errors import (EmptySplitError, EvalDataMissingError, EvalError,
                                      FieldMappingError, SubmodelError, UnknownEvalTaskError)

@@ -43,7 +43,8 @@ class EvalOptions:
     seed: int = 0  # Exemplar draws.
     max_examples: Optional[int] = None  # Per task (held-out loss: sequences).
     batch_size: int = 8
-    max_len: int = 1024  # Tokens the model reads per row; contexts are cut on the left.
+    max_len: int = 1024  # Tokens the model reads per row; longer rows keep their last
+    # max_len + 1 tokens, as lm-eval (scoring.make_row). A run's own: eval_options_for_run.
     masked: bool = True  # One compiled function for all submodels (see scoring.py).
     data_task: str = data.DEFAULT_TASK  # What `loss` means (the checkpoint's data task).
     loss_split: str = "validation"

@@ -194,7 +194,9 @@ def make_row(start_id: int, context_ids: Sequence[int], continuation_ids: Sequen
         raise EvalError(f"{where}empty continuation")
     if len(continuation_ids) > max_len:
         raise EvalError(f"{where}the continuation of {len(continuation_ids)} tokens does not "
-                        f"fit max_len {max_len}; it needs max_len >= {len(continuation_ids)}")
+                        f"fit max_len {max_len}; it needs --max_len >= {len(continuation_ids)} (the "
+                        "default is the context the model trained at; positions beyond it "
+                        "were never trained) or leave the task out")
     tokens = (start_id, *context_ids, *continuation_ids)[-(max_len + 1):]
     return ScoreRow(tokens=tokens, score_from=len(tokens) - len(continuation_ids), where=where)
 
