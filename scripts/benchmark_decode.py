@@ -1,6 +1,6 @@
 """Decoding speed side by side on the same prompts: no cache, KV cache, speculative.
 
-    python scripts/benchmark_decode.py --checkpoint_dir=runs/default
+    python scripts/benchmark_decode.py --model_dir=runs/default
     python scripts/benchmark_decode.py                      # a fresh tiny init (speed only)
 
 Prompts: the first `--prompt_tokens` tokens of `--prompts` articles of the embedded
@@ -40,7 +40,7 @@ from tabulate import tabulate
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--checkpoint_dir", default=None,
+    parser.add_argument("--model_dir", default=None,
                         help="a model dir (default: a fresh init of --gin_file, speed only)")
     parser.add_argument("--gin_file", default="configs/models/tiny.gin")
     parser.add_argument("--prompts", type=int, default=4)
@@ -228,13 +228,13 @@ def _extend_ms(params, config, widths, K, cache_len, depth):
 def _load(args):
     """(config, params, vocabulary, context, description) of the checkpoint, or a fresh
     init of --gin_file with the default vocabulary."""
-    if args.checkpoint_dir:
+    if args.model_dir:
         import matlm.model_dir as model_dir_lib
-        model_dir, run_config = model_dir_lib.open_run(args.checkpoint_dir, "--checkpoint_dir")
+        model_dir, run_config = model_dir_lib.open_run(args.model_dir, "--model_dir")
         loaded = model_dir_lib.load_checkpoint_for_inference(model_dir)
         vocab = model_dir.vocabulary(fallback=lambda: run_config.data.vocabulary())
         return (run_config.model, loaded.params, vocab, run_config.seq_len,
-                f"{args.checkpoint_dir} step {loaded.step}")
+                f"{args.model_dir} step {loaded.step}")
     from matlm import data
     from matlm.gin_config import model_config_from_gin, parse_gin
     from matlm.model import init_params
