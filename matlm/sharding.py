@@ -67,6 +67,14 @@ def activation_sharding(mesh: jax.sharding.Mesh, rules: Sequence = DEFAULT_RULES
         _ACTIVATION_CONTEXT.reset(token)
 
 
+def current_rules() -> tuple:
+    """The rules in force: those of the enclosing `activation_sharding`, else the default
+    table. Code that places work by hand (splash attention's shard_map) reads them here,
+    so that it follows the rules a step was traced with."""
+    context = _ACTIVATION_CONTEXT.get()
+    return DEFAULT_RULES if context is None else context[1]
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """`x` with a sharding constraint from its logical axis names (one per dimension), under
     `activation_sharding`; the identity elsewhere. Mesh axes that do not divide a

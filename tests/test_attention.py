@@ -34,9 +34,9 @@ def _segments(B, T):
     return jnp.array([first] + [[r + 3] * T for r in range(B - 1)], jnp.int32)
 
 
-def naive_attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT):
+def naive_attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, causal=True):
     """The definition, written independently of matlm: full [B, H, T, T] scores, KV head
-    h // G for query head h, a boolean causal & same-document mask, one softmax."""
+    h // G for query head h, a boolean (causal &) same-document mask, one softmax."""
     B, T, H, E = q_BTHE.shape
     K = k_BTKE.shape[2]
     kv_head_H = np.arange(H) // (H // K)
@@ -44,7 +44,7 @@ def naive_attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT):
     scores_BHTS = jnp.einsum("bthe,bshe->bhts", q_BTHE, k_BTHE,
                              precision=jax.lax.Precision.HIGHEST)
     pos = np.arange(T)
-    allowed_BTS = (pos[:, None] >= pos[None, :]) & (
+    allowed_BTS = (pos[:, None] >= pos[None, :] if causal else True) & (
         segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
     scores_BHTS = jnp.where(allowed_BTS[:, None], scores_BHTS, -jnp.inf)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
@@ -99,6 +99,56 @@ def test_xla_matches_jax_dot_product_attention():
     ref = lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, mask=same_doc_B1TT, is_causal=True, scale=1.0, implementation="xla")
     _assert_same(_loss_and_grads(_attend(config, seg), q, k, v), _loss_and_grads(ref, q, k, v), 1e-4)
+
+
+@pytest.mark.parametrize("block", [5, 0], ids=["blocked", "one_block"])
+def test_bidirectional_mask_matches_naive_softmax(block):
+    """causal=False (an encoder): every query sees its whole segment, future included;
+    the query blocking of the causal path does not cut keys off."""
+    B, T, H, K, E = 3, 16, 4, 2, 8
+    config = ModelConfig(d_model=H * E, n_heads=H, n_kv_heads=K, attention_impl="xla",
+                         attention_query_block=block)
+    q, k, v = _qkv(B, T, H, K, E, seed=11)
+    seg = _segments(B, T)
+    mask = attn.make_attention_mask(seg, config, causal=False)
+    assert mask.kind == "bidirectional+segments"
+    out = attn.attend(q, k, v, mask, config)
+    np.testing.assert_allclose(out, naive_attention(q, k, v, seg, causal=False),
+                               rtol=1e-5, atol=1e-5)
+    # The oracle can tell the two kinds apart.
+    assert not np.allclose(out, naive_attention(q, k, v, seg), atol=1e-3)
+
+
+def test_cached_decoding_goes_through_attend():
+    """A decode mask (T new queries over S cache slots) takes attend's grouped path: the
+    last queries of a sequence, over a cache holding it, equal full causal attention's
+    last rows; cache slots past the queries' positions (stale) are never read."""
+    B, T, H, K, E, S = 2, 12, 4, 2, 8, 16
+    config = ModelConfig(d_model=H * E, n_heads=H, n_kv_heads=K, attention_impl="xla")
+    q, k, v = _qkv(B, T, H, K, E, seed=13)
+    full = attn.attend(q, k, v, attn.make_attention_mask(jnp.ones((B, T), jnp.int32), config),
+                       config)
+    stale = jax.random.normal(jax.random.key(14), (B, S - T, K, E))
+    k_S, v_S = (jnp.concatenate([a, stale], axis=1) for a in (k, v))
+    positions_BT = jnp.broadcast_to(jnp.arange(T - 3, T), (B, 3))
+    mask = attn.decode_mask(positions_BT, S)
+    assert mask.kind == "causal+cache"
+    out = attn.attend(q[:, T - 3:], k_S, v_S, mask, config)
+    np.testing.assert_allclose(out, full[:, T - 3:], rtol=1e-5, atol=1e-5)
+
+
+def test_splash_shards_by_the_rules_it_is_given():
+    """splash's shard_map splits batch and heads as the rules in force say, not as the
+    default table does."""
+    from matlm.sharding import DEFAULT_RULES, activation_sharding, current_rules
+    mesh = jax.sharding.AbstractMesh((2, 1, 2), ("data", "fsdp", "tensor"))
+    assert attn.splash_shard_axes(mesh, DEFAULT_RULES, 4, 4) == (("data",), ("tensor",))
+    swapped = dict(DEFAULT_RULES, activation_batch="tensor", activation_heads="data")
+    assert attn.splash_shard_axes(mesh, tuple(swapped.items()), 4, 4) == (("tensor",), ("data",))
+    assert current_rules() == DEFAULT_RULES
+    with activation_sharding(jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor")),
+                             tuple(swapped.items())):
+        assert dict(current_rules())["activation_heads"] == "data"
 
 
 def test_oracle_detects_a_leak_across_documents():
@@ -206,7 +256,7 @@ def test_matlm_lowers_with_splash_for_a_tpu_topology():
     """The whole model under a TPU mesh: 'auto' gives every layer the splash kernels
     (forward, dq, dkv) and no [B, T, T] bias is built."""
     from matlm.model import MatLM
-    from matlm.model.transformer import abstract_params
+    from matlm.model import abstract_params
     mesh = _tpu_mesh("v5e:2x2", (2, 1, 2))
     config = ModelConfig(vocab_size=256, d_model=256, n_layers=2, n_heads=2, d_ff=512,
                          compute_dtype="bfloat16")

@@ -26,6 +26,9 @@ VARIANTS = {
     # Shard-local nesting: 4 blocks, each with its own nested prefix.
     "swiglu_4_nest_blocks": dataclasses.replace(BASE, ffn_nest_blocks=4),
     "swiglu_one_attention_block": dataclasses.replace(BASE, attention_query_block=0),
+    # Position encodings other than RoPE (ModelConfig.position_encoding).
+    "learned_positions": dataclasses.replace(BASE, position_encoding="learned", max_positions=16),
+    "no_positions": dataclasses.replace(BASE, position_encoding="none"),
 }
 
 
@@ -262,3 +265,66 @@ def test_joint_widths_refuse_a_wrong_layer_count():
     tokens, _, _ = _batch(BASE)
     with pytest.raises(ValueError, match="2 widths for 3 layers"):
         MatLM(BASE).apply({"params": params}, tokens, joint_widths=[(8, 8), (16, 16)])
+
+
+def _digest(x) -> str:
+    import hashlib
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="digests recorded on CPU")
+def test_rope_model_is_bit_identical_to_before_the_position_encoding_choice():
+    """Logits and a training loss of the default (RoPE) model, digested bit for bit as
+    they were before attention masks, position encodings and the body/family split were
+    reworked: every existing checkpoint computes exactly what it did."""
+    from matlm.model.layout import stack_layers
+    from matlm.training.objective import Objective, joint_loss
+    config = ModelConfig(attention_query_block=5)
+    assert config.position_encoding == "rope"
+    params = init_params(config, jax.random.key(0))
+    B, T = 2, 12
+    tokens = jax.random.randint(jax.random.key(1), (B, T), 0, 256)
+    segments = jnp.array([[1] * 5 + [2] * 5 + [0] * 2, [3] * T], jnp.int32)
+    positions = jnp.array([list(range(5)) * 2 + [0, 0], list(range(T))], jnp.int32)
+    logits = MatLM(config).apply({"params": params}, tokens, segments, positions)
+    assert _digest(logits) == "884b52654a05547f84bf552284385b66c7bdbdb4bf8565b6511767997f497bd1"
+    scanned = dataclasses.replace(config, scan_layers=True)
+    logits = MatLM(scanned).apply({"params": stack_layers(params)}, tokens, segments, positions)
+    assert _digest(logits) == "6650240fd0c2b10f1c07d328ea6a8add5bcb70e4eebfd92de5f397d48526779b"
+    widths = tuple(config.resolve_widths(n) for n in config.granularity_names)
+    batch = dict(inputs=tokens, targets=jnp.roll(tokens, -1, 1), segment_ids=segments,
+                 positions=positions, loss_mask=(segments > 0).astype(jnp.float32))
+    objective = Objective(names=config.granularity_names, widths=widths, weights=(0.25,) * 4,
+                          distill_weight=0.3, z_loss=1e-4)
+    loss, _ = joint_loss(MatLM(config), objective, params, batch, jnp.arange(4))
+    assert float(loss).hex() == "0x1.45812c0000000p+2"
+
+
+@pytest.mark.parametrize("encoding", ["learned", "none"])
+def test_other_position_encodings_train_a_step(encoding):
+    """learned and none build (learned: a position table, no RoPE), train one step with
+    the real objective and optimizer, and lower the loss on the batch they trained on."""
+    import optax
+    from matlm.training.objective import Objective, joint_loss
+    config = dataclasses.replace(BASE, position_encoding=encoding, max_positions=16)
+    params = init_params(config, jax.random.key(0))
+    assert ("position_embedding" in params) == (encoding == "learned")
+    tokens, segments, positions = _batch(config)
+    batch = dict(inputs=tokens, targets=jnp.roll(tokens, -1, 1), segment_ids=segments,
+                 positions=positions, loss_mask=(segments > 0).astype(jnp.float32))
+    widths = tuple(config.resolve_widths(n) for n in config.granularity_names)
+    objective = Objective(names=config.granularity_names, widths=widths, weights=(0.25,) * 4)
+    loss_fn = lambda p: joint_loss(MatLM(config), objective, p, batch, jnp.arange(4))[0]
+    optimizer = optax.adam(1e-2)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    if encoding == "learned":  # Positions are seen: the table learns.
+        assert float(jnp.abs(grads["position_embedding"][:5]).sum()) > 0
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    assert float(loss_fn(optax.apply_updates(params, updates))) < float(loss)
+
+
+def test_learned_positions_refuse_a_sequence_past_the_table():
+    config = dataclasses.replace(BASE, position_encoding="learned", max_positions=8)
+    params = init_params(config, jax.random.key(0))
+    with pytest.raises(ValueError, match="exceed the learned position table"):
+        MatLM(config).apply({"params": params}, jnp.zeros((1, 12), jnp.int32))

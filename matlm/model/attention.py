@@ -1,19 +1,29 @@
-"""Causal self-attention over packed segments, behind one interface.
+"""Self-attention behind one interface, for every kernel and for cached decoding.
 
-`attend(q_BTHE, k_BTKE, v_BTKE, mask, config)` returns softmax(q kᵀ + mask) v, [B, T, H, E],
-for queries already scaled by 1/sqrt(E), grouped/multi-query KV heads (K divides H), causal
-masking, and packed documents that never see each other (equal `segment_ids`). Three
-implementations, chosen by `ModelConfig.attention_impl`:
+`attend(q_BTHE, k_BSKE, v_BSKE, mask, config)` returns softmax(q kᵀ + mask) v, [B, T, H, E],
+for queries already scaled by 1/sqrt(E) and grouped/multi-query KV heads (K divides H).
+*Which* keys a query may see is the mask's business alone (`AttentionMask`, the one
+definition of causality in the model):
+- `causal=True` (a decoder) or False (bidirectional: an encoder);
+- `segment_ids_BT`: packed documents never see each other (equal ids only); padding is a
+  segment of its own (id 0), so real tokens never see it and it never sees them;
+- `query_positions_BT` (cached decoding): T new queries at these absolute positions over
+  S cached keys; a causal query sees cache positions up to its own, so keys past a row's
+  length (stale or never written) stay hidden.
+The kernels only translate the mask into their own form. Implementations, chosen by
+`ModelConfig.attention_impl`:
 
-- "xla": causal query blocks in plain XLA (`ModelConfig.attention_query_block`); the CPU
-  path and the oracle that the fused kernels are tested against.
+- "xla": query blocks in plain XLA (`ModelConfig.attention_query_block`; causal blocks
+  skip the upper triangle); the CPU path and the oracle that the fused kernels are tested
+  against. Cached decoding always runs here (grouped heads, no repeated cache).
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused flash
   attention on NVIDIA GPUs (bfloat16/float16 only). Causal masking is the kernel's own
   (`is_causal`, skips the upper triangle); packed segments go in as a boolean [B, 1, T, T]
   `mask`, which jax turns into an additive bias.
-- "splash": Pallas splash attention on TPU (`make_splash_mha`, `CausalMask` + `SegmentIds`),
-  per example (vmapped over the batch), GQA native. Under a mesh (`jax.set_mesh`) it runs
-  inside `shard_map`: batch over (data, fsdp), heads over tensor, as the rule table says.
+- "splash": Pallas splash attention on TPU (`make_splash_mha`, `CausalMask` or `FullMask`
+  + `SegmentIds`), per example (vmapped over the batch), GQA native. Under a mesh it runs
+  inside `shard_map`: batch and heads over the mesh axes that the sharding rules in force
+  (`matlm.sharding.activation_sharding`, else the default table) give them.
 - "auto": splash on TPU, cuDNN on GPU (when the compute dtype is bfloat16), else xla.
 
 The platform is the one the computation is *compiled for*: the mesh set with
@@ -21,8 +31,8 @@ The platform is the one the computation is *compiled for*: the mesh set with
 resolves "auto" to splash), else `jax.default_backend()`. A fused kernel asked for on a
 platform without it raises `ModelConfigError` at trace time, before XLA sees it.
 
-The mask is built once per forward by `make_attention_mask` and handed to every layer as
-an opaque pytree (`AttentionMask`), so scanned and unrolled layer stacks pass it alike.
+The mask is built once per forward (`make_attention_mask`, `decode_mask`) and handed to
+every layer as an opaque pytree, so scanned and unrolled layer stacks pass it alike.
 """
 from __future__ import annotations
 
@@ -34,7 +44,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from matlm.model.config import ATTENTION_IMPLS, ModelConfig, ModelConfigError
+from matlm.model.config import ATTENTION_IMPLS, BodyConfig, ModelConfigError
+from matlm.sharding import current_rules
 
 # Splash attention tiles: the kernel walks [block, block] tiles of the score matrix and
 # skips those the causal/segment mask empties. 512 is MaxText's default on v5e/v5p.
@@ -45,15 +56,48 @@ _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 @flax.struct.dataclass
 class AttentionMask:
-    """Which keys each query may see, shared by every layer of one forward pass.
+    """Which keys each query may see, shared by every layer of one forward pass (the
+    module docstring lists the kinds). `bias_BTS`: the additive [B, T, S] form of the
+    xla path, built once per forward rather than per layer (None for the fused kernels,
+    which never materialise it)."""
 
-    `segment_ids_BT`: packed-document ids (a query sees keys of its own id at or before
-    its position). `bias_BTT`: the additive [B, T, T] mask of the xla path, built once per
-    forward rather than per layer (None for the fused kernels, which never materialise it).
-    """
+    segment_ids_BT: Optional[jax.Array] = None
+    bias_BTS: Optional[jax.Array] = None
+    query_positions_BT: Optional[jax.Array] = None
+    causal: bool = flax.struct.field(pytree_node=False, default=True)
 
-    segment_ids_BT: jax.Array
-    bias_BTT: Optional[jax.Array] = None
+    @property
+    def kind(self) -> str:
+        """"causal" or "bidirectional", "+segments" with packed segments (and padding),
+        "+cache" for queries over a KV cache."""
+        return ("causal" if self.causal else "bidirectional") + (
+            "+segments" if self.segment_ids_BT is not None else "") + (
+            "+cache" if self.query_positions_BT is not None else "")
+
+    def allowed_BTS(self, T: int, S: int) -> jax.Array:
+        """Boolean [B or 1, T, S]: query t may see key s. Queries sit at positions
+        0..T-1 (keys are the same tokens), or at `query_positions_BT` over S cache slots."""
+        if self.query_positions_BT is not None:
+            query_pos_BT = self.query_positions_BT
+        else:
+            query_pos_BT = jnp.arange(T)[None]
+        if self.causal:  # The model's one definition of causal: keys at or before the query.
+            allowed_BTS = jnp.arange(S)[None, None, :] <= query_pos_BT[:, :, None]
+        else:
+            allowed_BTS = jnp.ones((1, T, S), bool)
+        if self.segment_ids_BT is not None:
+            if T != S:
+                raise ValueError("segment ids mask T queries against the same T keys; a "
+                                 f"KV cache of {S} positions has none")
+            seg_BT = self.segment_ids_BT
+            allowed_BTS = allowed_BTS & (seg_BT[:, :, None] == seg_BT[:, None, :])
+        return allowed_BTS
+
+    def bias(self, T: int, S: int) -> jax.Array:
+        """The additive form: 0 where a query may attend and -1e30 elsewhere, float32."""
+        if self.bias_BTS is not None:
+            return self.bias_BTS
+        return jnp.where(self.allowed_BTS(T, S), 0.0, -1e30).astype(jnp.float32)
 
 
 def target_platform() -> str:
@@ -63,7 +107,7 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def resolve_impl(config: ModelConfig, platform: str | None = None,
+def resolve_impl(config: BodyConfig, platform: str | None = None,
                  seq_len: int | None = None) -> str:
     """The concrete implementation ("xla" | "cudnn" | "splash") of `config.attention_impl`
     on `platform` (default: `target_platform()`); a fused kernel asked for on a platform
@@ -92,36 +136,52 @@ def resolve_impl(config: ModelConfig, platform: str | None = None,
     return impl
 
 
-def attention_bias(segment_ids_BT):
-    """Additive mask, 0 where a query may attend and -1e30 elsewhere: causal and
-    block-diagonal by segment (packed documents never see each other)."""
+def attention_bias(segment_ids_BT, causal: bool = True):
+    """Additive [B, T, T] mask of packed segments (causal by default): 0 where a query may
+    attend and -1e30 elsewhere (AttentionMask.bias)."""
     T = segment_ids_BT.shape[1]
-    causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
-    same_doc_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    return jnp.where(causal_TT[None] & same_doc_BTT, 0.0, -1e30).astype(jnp.float32)
+    return AttentionMask(segment_ids_BT, causal=causal).bias(T, T)
 
 
-def make_attention_mask(segment_ids_BT, config: ModelConfig) -> AttentionMask:
-    """The mask for one forward pass; only the xla path builds the [B, T, T] bias."""
-    impl = resolve_impl(config, seq_len=segment_ids_BT.shape[1])
+def make_attention_mask(segment_ids_BT, config: BodyConfig, causal: bool = True
+                        ) -> AttentionMask:
+    """The mask of one forward pass over packed segments; only the xla path builds the
+    [B, T, T] bias."""
+    T = segment_ids_BT.shape[1]
+    impl = resolve_impl(config, seq_len=T)
     if impl == "splash":
-        check_splash_seq_len(segment_ids_BT.shape[1])
-    bias_BTT = attention_bias(segment_ids_BT) if impl == "xla" else None
-    return AttentionMask(segment_ids_BT=segment_ids_BT, bias_BTT=bias_BTT)
+        check_splash_seq_len(T)
+    mask = AttentionMask(segment_ids_BT=segment_ids_BT, causal=causal)
+    return mask.replace(bias_BTS=mask.bias(T, T)) if impl == "xla" else mask
 
 
-def attend(q_BTHE, k_BTKE, v_BTKE, mask: AttentionMask, config: ModelConfig):
-    """softmax(q kᵀ + mask) v with q pre-scaled; [B, T, H, E] in q's dtype."""
-    impl = resolve_impl(config, seq_len=q_BTHE.shape[1])
+def decode_mask(query_positions_BT, cache_len: int) -> AttentionMask:
+    """The causal mask of T new tokens at `query_positions_BT` over a KV cache of
+    `cache_len` positions: each sees its row's positions up to its own. Positions past a
+    row's length hold stale entries (rewound or never written) and stay masked until
+    overwritten."""
+    mask = AttentionMask(query_positions_BT=query_positions_BT, causal=True)
+    return mask.replace(bias_BTS=mask.bias(query_positions_BT.shape[1], cache_len))
+
+
+def attend(q_BTHE, k_BSKE, v_BSKE, mask: AttentionMask, config: BodyConfig):
+    """softmax(q kᵀ + mask) v with q pre-scaled; [B, T, H, E] in q's dtype. Keys and
+    values have T positions, or S with a cache mask (`decode_mask`)."""
+    T, S = q_BTHE.shape[1], k_BSKE.shape[1]
+    if mask.query_positions_BT is not None:
+        # A few queries against a cache: the grouped xla path whatever the kernel choice
+        # (the fused kernels here are built for [T, T] training shapes).
+        return cached_attention(q_BTHE, k_BSKE, v_BSKE, mask.bias(T, S))
+    impl = resolve_impl(config, seq_len=T)
     if impl == "cudnn":
-        return cudnn_attention(q_BTHE, k_BTKE, v_BTKE, mask.segment_ids_BT)
+        return cudnn_attention(q_BTHE, k_BSKE, v_BSKE, mask.segment_ids_BT, mask.causal)
     if impl == "splash":
-        return splash_attention(q_BTHE, k_BTKE, v_BTKE, mask.segment_ids_BT)
-    bias_BTT = mask.bias_BTT if mask.bias_BTT is not None else attention_bias(mask.segment_ids_BT)
-    return xla_attention(q_BTHE, k_BTKE, v_BTKE, bias_BTT, config.attention_blocks(q_BTHE.shape[1]))
+        return splash_attention(q_BTHE, k_BSKE, v_BSKE, mask.segment_ids_BT, causal=mask.causal)
+    blocks = config.attention_blocks(T) if mask.causal else ((0, T),)
+    return xla_attention(q_BTHE, k_BSKE, v_BSKE, mask.bias(T, S), blocks, causal=mask.causal)
 
 
-# --- xla: blocked causal attention (CPU path and test oracle) -----------------------------
+# --- xla: blocked attention (CPU path and test oracle) ------------------------------------
 
 def _softmax_mix(q_BHTE, k_BHSE, v_BHSE, bias_BTS, dtype):
     """softmax(q kᵀ + bias) v for one query block, in float32 where it matters.
@@ -139,8 +199,8 @@ def _softmax_mix(q_BHTE, k_BHSE, v_BHSE, bias_BTS, dtype):
     return (out_BHTE.astype(jnp.float32) / denom_BHT1).astype(dtype)
 
 
-def xla_attention(q_BTHE, k_BTKE, v_BTKE, bias_BTT, blocks):
-    """Causal attention in query blocks [start, end), each against keys [0, end) only, so
+def xla_attention(q_BTHE, k_BTKE, v_BTKE, bias_BTS, blocks, causal: bool = True):
+    """Attention in query blocks [start, end); causal blocks see keys [0, end) only, so
     the masked upper triangle is skipped block by block (static slices, unrolled)."""
     H, K = q_BTHE.shape[2], k_BTKE.shape[2]
     # Grouped KV heads are repeated to the query heads: on CPU the 4-D layout's
@@ -150,17 +210,35 @@ def xla_attention(q_BTHE, k_BTKE, v_BTKE, bias_BTT, blocks):
     # Heads-major layout for the score and mixing matmuls: on CPU the forward pass is
     # ~2.5× faster than contracting in the [B, T, H, E] layout (benchmark_train.py).
     q_BHTE, k_BHTE, v_BHTE = (a.transpose(0, 2, 1, 3) for a in (q_BTHE, k_BTHE, v_BTHE))
-    out_blocks = [_softmax_mix(q_BHTE[:, :, start:end], k_BHTE[:, :, :end],
-                               v_BHTE[:, :, :end], bias_BTT[:, start:end, :end], q_BTHE.dtype)
+    T = k_BHTE.shape[2]
+    keys_end = lambda end: end if causal else T
+    out_blocks = [_softmax_mix(q_BHTE[:, :, start:end], k_BHTE[:, :, :keys_end(end)],
+                               v_BHTE[:, :, :keys_end(end)],
+                               bias_BTS[:, start:end, :keys_end(end)], q_BTHE.dtype)
                   for start, end in blocks]
     out_BHTE = out_blocks[0] if len(out_blocks) == 1 else jnp.concatenate(out_blocks, axis=2)
     return out_BHTE.transpose(0, 2, 1, 3)
 
 
+def cached_attention(q_BTHE, k_BSKE, v_BSKE, bias_BTS):
+    """softmax(q kᵀ + bias) v of T new queries (pre-scaled) against S cached keys, GQA
+    without repeating the cache: query head h = k·G + g reads KV head k, so the G query
+    heads of a group ride along the query axis ([B, K, G·T, E]) of the blocked path's
+    core (_softmax_mix). [B, T, H, E] in q's dtype."""
+    B, T, H, E = q_BTHE.shape
+    K = k_BSKE.shape[2]
+    G = H // K
+    q_BKNE = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)
+    k_BKSE, v_BKSE = (a.astype(q_BTHE.dtype).transpose(0, 2, 1, 3) for a in (k_BSKE, v_BSKE))
+    bias_BNS = jnp.tile(bias_BTS, (1, G, 1))  # Row g·T + t is query t of group member g.
+    out_BKNE = _softmax_mix(q_BKNE, k_BKSE, v_BKSE, bias_BNS, q_BTHE.dtype)
+    return out_BKNE.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
+
+
 # --- cudnn: jax.nn.dot_product_attention's fused kernel on NVIDIA GPUs ----------------------
 
-def cudnn_attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT):
-    """cuDNN flash attention: causal by the kernel, packed segments as a boolean mask.
+def cudnn_attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, causal: bool = True):
+    """cuDNN flash attention: causality by the kernel, packed segments as a boolean mask.
 
     The mask is [B, 1, T, T] (broadcast over heads), not per-head scores: the flash
     kernel still never holds the [B, H, T, T] scores. GQA is native (K divides H).
@@ -174,9 +252,10 @@ def cudnn_attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT):
         raise ModelConfigError(
             f"attention_impl='cudnn' needs a head dim that is a multiple of 8 and at most 256 "
             f"(128 before Hopper), got {E}; change head_dim or use attention_impl='xla'")
-    same_doc_B1TT = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+    same_doc_B1TT = None if segment_ids_BT is None else (
+        segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
     return jax.nn.dot_product_attention(q_BTHE, k_BTKE, v_BTKE, mask=same_doc_B1TT,
-                                        scale=1.0, is_causal=True, implementation="cudnn")
+                                        scale=1.0, is_causal=causal, implementation="cudnn")
 
 
 # --- splash: Pallas TPU splash attention ----------------------------------------------------
@@ -201,11 +280,12 @@ def check_splash_seq_len(T: int, block: int = SPLASH_BLOCK) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _splash_kernel(num_heads: int, T: int, tile: int, interpret: bool):
-    """One kernel per (heads, length, tile): its mask tables are built in numpy at trace
-    time, so caching keeps them out of every layer's trace."""
+def _splash_kernel(num_heads: int, T: int, tile: int, interpret: bool, causal: bool = True):
+    """One kernel per (heads, length, tile, causality): its mask tables are built in numpy
+    at trace time, so caching keeps them out of every layer's trace."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
-    mask = splash.MultiHeadMask([splash.CausalMask((T, T)) for _ in range(num_heads)])
+    head_mask = splash.CausalMask if causal else splash.FullMask
+    mask = splash.MultiHeadMask([head_mask((T, T)) for _ in range(num_heads)])
     sizes = splash.BlockSizes(block_q=tile, block_kv=tile, block_kv_compute=tile,
                               block_q_dkv=tile, block_kv_dkv=tile, block_kv_dkv_compute=tile,
                               block_q_dq=tile, block_kv_dq=tile)
@@ -213,9 +293,9 @@ def _splash_kernel(num_heads: int, T: int, tile: int, interpret: bool):
                                   interpret=interpret)
 
 
-def _splash_local(q_BHTE, k_BKTE, v_BKTE, segment_ids_BT, *, tile, interpret):
+def _splash_local(q_BHTE, k_BKTE, v_BKTE, segment_ids_BT, *, tile, interpret, causal):
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
-    kernel = _splash_kernel(q_BHTE.shape[1], q_BHTE.shape[2], tile, interpret)
+    kernel = _splash_kernel(q_BHTE.shape[1], q_BHTE.shape[2], tile, interpret, causal)
 
     def one(q_HTE, k_KTE, v_KTE, seg_T):
         return kernel(q_HTE, k_KTE, v_KTE, segment_ids=splash.SegmentIds(q=seg_T, kv=seg_T))
@@ -228,26 +308,37 @@ def _mesh_axes(mesh, names, size):
     return axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else ()
 
 
+def splash_shard_axes(mesh, rules, B: int, H: int) -> tuple[tuple, tuple]:
+    """(batch axes, head axes): the mesh axes that `rules` give the activations' batch and
+    heads, kept where they divide B and H (none without a mesh)."""
+    if mesh.empty:
+        return (), ()
+    rules = dict(rules)
+    as_tuple = lambda a: (a,) if isinstance(a, str) else tuple(a or ())
+    return (_mesh_axes(mesh, as_tuple(rules.get("activation_batch")), B),
+            _mesh_axes(mesh, as_tuple(rules.get("activation_heads")), H))
+
+
 def splash_attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, *, block: int = SPLASH_BLOCK,
-                     interpret: bool = False):
+                     interpret: bool = False, causal: bool = True, rules=None):
     """Splash attention in the [B, T, H, E] interface. `interpret=True` runs the Pallas
-    kernel in interpret mode (any platform, slow: tests)."""
+    kernel in interpret mode (any platform, slow: tests). Under a mesh, batch and heads
+    are split as `rules` say (default: the rules in force, `matlm.sharding.current_rules`)."""
     B, T, H, E = q_BTHE.shape
     tile = check_splash_seq_len(T, block)
     K = k_BTKE.shape[2]
+    if segment_ids_BT is None:
+        segment_ids_BT = jnp.ones((B, T), jnp.int32)
     mesh = jax.sharding.get_abstract_mesh()
-    from matlm.sharding import DEFAULT_RULES
-    rules = dict(DEFAULT_RULES)
-    as_tuple = lambda a: (a,) if isinstance(a, str) else tuple(a or ())
-    batch_axes = _mesh_axes(mesh, as_tuple(rules.get("batch")), B) if not mesh.empty else ()
-    head_axes = _mesh_axes(mesh, as_tuple(rules.get("heads")), H) if not mesh.empty else ()
+    batch_axes, head_axes = splash_shard_axes(mesh, current_rules() if rules is None else rules,
+                                              B, H)
     if head_axes and K % math.prod(mesh.shape[a] for a in head_axes):
         # Heads sharded but too few KV heads to split alike (e.g. MQA over 4 shards): give
         # each query head its own KV head, so every shard holds the KV heads it reads.
         k_BTKE, v_BTKE = (jnp.repeat(a, H // K, axis=2) for a in (k_BTKE, v_BTKE))
     # The kernel's layout is heads-major, [H, T, E] per example.
     q_BHTE, k_BKTE, v_BKTE = (a.transpose(0, 2, 1, 3) for a in (q_BTHE, k_BTKE, v_BTKE))
-    local = functools.partial(_splash_local, tile=tile, interpret=interpret)
+    local = functools.partial(_splash_local, tile=tile, interpret=interpret, causal=causal)
     if batch_axes or head_axes:
         # A Pallas call is opaque to XLA's SPMD partitioner (it would gather its inputs):
         # run it per shard. Attention never mixes batch rows or heads, so no collectives.

@@ -1,4 +1,12 @@
-"""ModelConfig: the dimensions and numerics of a MatLM, as a plain frozen dataclass."""
+"""Model configs as plain frozen dataclasses: the shared nested-Transformer body
+(`BodyConfig`) and the causal LM family's config on top of it (`ModelConfig`).
+
+`ModelConfig` *is* a `BodyConfig` (a subclass) with the LM's own fields added (vocabulary,
+tied embeddings, position encoding): its fields stay flat, so gin bindings
+(`ModelConfig.d_model = 256`) and old run_config.json model dicts load unchanged, while
+the body's modules (matlm.model.layers, matlm.model.nested_stack) are handed
+`config.body`, the body part alone. A new family subclasses BodyConfig the same way
+(docs/model_families.md)."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +24,9 @@ DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "minimal", "dots_saveable")
 # "auto": splash on TPU, cuDNN on GPU (bfloat16), blocked XLA on CPU (matlm.model.attention).
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+# How token positions enter the model: rotary embeddings on queries and keys (every layer),
+# a learned [max_positions, d_model] table added to the token embeddings, or nothing.
+POSITION_ENCODINGS = ("rope", "learned", "none")
 
 
 class ModelConfigError(ValueError):
@@ -23,8 +34,9 @@ class ModelConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """A decoder-only MatFormer LM.
+class BodyConfig:
+    """The nested-Transformer body every family shares: widths, heads, the nested FFN's
+    granularities and Mix'n'Match widths, scanned layers, remat, the attention kernel.
 
     `d_ff` is the full (XL) FFN width; granularities nest inside it. `layer_d_ff`
     is for *extracted* models whose FFN widths differ per layer: when set, layer `i`
@@ -34,7 +46,6 @@ class ModelConfig:
 
     # Each field declares its type and range (matlm.config_checks); __post_init__ checks
     # them all first, then the relations between fields.
-    vocab_size: int = checked(256, int, ge=1)
     d_model: int = checked(64, int, ge=1)
     n_layers: int = checked(2, int, ge=1)
     n_heads: int = checked(4, int, ge=1)
@@ -43,8 +54,6 @@ class ModelConfig:
     head_dim: Optional[int] = checked(None, int, ge=1, optional=True)  # None: d_model // n_heads.
     d_ff: int = checked(256, int, ge=1)
     activation: str = checked("swiglu", str, choices=ACTIVATIONS)
-    tie_embeddings: bool = checked(True, bool)
-    rope_theta: float = checked(10_000.0, float, gt=0)
     norm_eps: float = checked(1e-6, float, gt=0)
     # Parameters are always stored in float32.
     compute_dtype: str = checked("float32", str, choices=DTYPES)
@@ -67,8 +76,8 @@ class ModelConfig:
     # checkpoints; `matlm.model.layout.ffn_to_contiguous` converts for export.
     ffn_nest_blocks: int = checked(1, int, ge=1)
     layer_d_ff: tuple = checked((), tuple, each=Check(int, ge=1))
-    # Decoder blocks stored stacked (params["layers"], leading logical axis "layers") and
-    # run under jax.lax.scan: compile time and HLO size stay flat in depth. Unrolled
+    # Blocks stored stacked (params["layers"], leading logical axis "layers") and run
+    # under jax.lax.scan: compile time and HLO size stay flat in depth. Unrolled
     # (params["layer_{i}"]) otherwise; matlm.model.layout converts between the two.
     scan_layers: bool = checked(False, bool)
 
@@ -87,7 +96,7 @@ class ModelConfig:
              "attention_impl='cudnn' runs cuDNN's fused kernel, which takes 16-bit inputs "
              f"only; set compute_dtype='bfloat16' (it is {self.compute_dtype!r}) or "
              "attention_impl='auto'")
-        need(self.head_size % 2 == 0, f"head_dim={self.head_size} must be even for RoPE")
+        self._check_family()
         need(self.d_ff % self.ffn_nest_blocks == 0,
              f"ffn_nest_blocks={self.ffn_nest_blocks} must be a positive divisor of "
              f"d_ff={self.d_ff}")
@@ -106,6 +115,18 @@ class ModelConfig:
         object.__setattr__(self, "granularity_widths", tuple(self.granularity_widths))
         object.__setattr__(self, "layer_d_ff", tuple(self.layer_d_ff))
         self.granularities  # Validates the nesting eagerly, before any compile.
+
+    def _check_family(self):
+        """A family's own relations between fields (raise ModelConfigError); run after
+        the body's head checks, in the order ModelConfig always checked them."""
+
+    @property
+    def body(self) -> "BodyConfig":
+        """The body part alone: what the shared modules (layers, nested_stack) are given,
+        so that they cannot come to depend on a family's fields."""
+        if type(self) is BodyConfig:
+            return self
+        return BodyConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(BodyConfig)})
 
     @property
     def num_kv_heads(self) -> int:
@@ -145,3 +166,22 @@ class ModelConfig:
             if w > cap:
                 raise ModelConfigError(f"layer {i}: width {w} exceeds the stored width {cap}")
         return widths
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(BodyConfig):
+    """The causal LM family (MatLM): the body plus a token vocabulary, a tied or untied
+    output head and a position encoding. Its attention is causal (the mask says so,
+    matlm.model.attention); the fields are flat (module docstring)."""
+
+    vocab_size: int = checked(256, int, ge=1)
+    tie_embeddings: bool = checked(True, bool)
+    position_encoding: str = checked("rope", str, choices=POSITION_ENCODINGS)
+    rope_theta: float = checked(10_000.0, float, gt=0)  # position_encoding="rope" only.
+    # The learned table's length (position_encoding="learned" only): no position may
+    # reach it, in training or in cached decoding.
+    max_positions: int = checked(2048, int, ge=1)
+
+    def _check_family(self):
+        if self.position_encoding == "rope" and self.head_size % 2:
+            raise ModelConfigError(f"head_dim={self.head_size} must be even for RoPE")

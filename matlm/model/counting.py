@@ -31,16 +31,22 @@ def _attn_proj_params(config: ModelConfig) -> int:
 def param_count(config: ModelConfig, widths: Sequence[int] | None = None) -> int:
     """Parameters used by the submodel at `widths` (None: every layer at its stored width)."""
     widths = config.ffn_dims if widths is None else widths
-    D, V = config.d_model, config.vocab_size
-    embed = V * D * (1 if config.tie_embeddings else 2)
+    D = config.d_model
+    embed = _embedding_params(config)
     per_layer_fixed = _attn_proj_params(config) + 2 * D  # + attention and FFN norms
     ffn = sum(_ffn_kernels(config) * D * m for m in widths)
     return embed + config.n_layers * per_layer_fixed + ffn + D  # + final norm
 
 
+def _embedding_params(config: ModelConfig) -> int:
+    """The token table (and its untied transpose) and a learned position table."""
+    D, V = config.d_model, config.vocab_size
+    positions = config.max_positions * D if config.position_encoding == "learned" else 0
+    return V * D * (1 if config.tie_embeddings else 2) + positions
+
+
 def non_embedding_param_count(config: ModelConfig, widths: Sequence[int] | None = None) -> int:
-    embed = config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2)
-    return param_count(config, widths) - embed
+    return param_count(config, widths) - _embedding_params(config)
 
 
 def attended_keys_per_token(config: ModelConfig, seq_len: int) -> float:

@@ -1,4 +1,5 @@
-"""Building blocks of the MatLM decoder: RMSNorm, RoPE, attention, the nested FFN.
+"""Building blocks of the shared nested-Transformer body: RMSNorm, RoPE, attention, the
+nested FFN, the pre-norm block (every family's; matlm.model.nested_stack runs L of them).
 
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`,
 `kv`, `mlp`, `norm`); `matlm.sharding` maps them to mesh axes. Array names carry
@@ -14,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from matlm.model.config import ModelConfig
+from matlm.model.config import BodyConfig
 from matlm.sharding import constrain
-# Re-exported: attention_bias lived here before the attention interface.
-from matlm.model.attention import AttentionMask, attend, attention_bias  # noqa: F401
-from matlm.model.attention import _softmax_mix
+# Re-exported: attention_bias and cached_attention lived here before the attention interface.
+from matlm.model.attention import (AttentionMask, attend, attention_bias,  # noqa: F401
+                                   cached_attention)
 
 # A static width (python int → slice, no FLOPs on unused units) or a traced scalar
 # (mask → one compiled function serves any width).
@@ -73,19 +74,20 @@ def apply_rope(x_BTNE, tables):
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with grouped / multi-query KV heads and RoPE; the
-    score/mix core is `matlm.model.attention.attend` (the kernel that
-    `ModelConfig.attention_impl` picks). `mask` is an opaque AttentionMask."""
+    """Multi-head attention with grouped / multi-query KV heads and RoPE (when `rope`
+    tables are given); the score/mix core is `matlm.model.attention.attend` (the kernel
+    that `ModelConfig.attention_impl` picks). `mask` (an AttentionMask) says which keys
+    each query sees: causal or not is its business, not this layer's."""
 
-    config: ModelConfig
+    config: BodyConfig  # The body part (ModelConfig.body): no family fields here.
 
     @nn.compact
     def __call__(self, x_BTD, rope, mask: AttentionMask, cache=None):
         """Attention output [B, T, D]. With `cache = (k_BSKE, v_BSKE, positions_BT)` (cached
         decoding, matlm.decoding.kv_cache) the T new tokens' keys and values are written
         at `positions_BT` (writes at positions >= S are dropped), the queries attend over
-        all S cache positions under `mask`, an additive [B, T, S] bias, and the result
-        is (output, (k_BSKE, v_BSKE) updated)."""
+        all S cache positions under `mask` (attention.decode_mask), and the result is
+        (output, (k_BSKE, v_BSKE) updated)."""
         cfg = self.config
         D, H, K, E = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.head_size
         dtype = jnp.dtype(cfg.compute_dtype)
@@ -101,36 +103,23 @@ class Attention(nn.Module):
         project = lambda w, n: (x_ND @ w.reshape(D, n * E).astype(dtype)).reshape(B, T, n, E)
         q_BTHE, k_BTKE, v_BTKE = project(wq, H), project(wk, K), project(wv, K)
         # The 1/sqrt(E) scale rides on q (fused into RoPE) rather than on the [T, S] scores.
-        q_BTHE = apply_rope(q_BTHE, rope) * jnp.asarray(E ** -0.5, dtype)
-        k_BTKE = apply_rope(k_BTKE, rope)
-        if cache is None:
-            out_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, mask, cfg)  # matlm.model.attention
-        else:
+        # `rope` is None when positions enter otherwise (ModelConfig.position_encoding).
+        if rope is not None:
+            q_BTHE, k_BTKE = apply_rope(q_BTHE, rope), apply_rope(k_BTKE, rope)
+        q_BTHE = q_BTHE * jnp.asarray(E ** -0.5, dtype)
+        if cache is not None:
             k_BSKE, v_BSKE, positions_BT = cache
             rows_B1 = jnp.arange(B)[:, None]
             # A scatter, not dynamic_update_slice: each row writes at its own offset, and a
             # write past S is dropped instead of being clamped onto valid positions.
-            k_BSKE = k_BSKE.at[rows_B1, positions_BT].set(k_BTKE.astype(k_BSKE.dtype), mode="drop")
-            v_BSKE = v_BSKE.at[rows_B1, positions_BT].set(v_BTKE.astype(v_BSKE.dtype), mode="drop")
-            out_BTHE = cached_attention(q_BTHE, k_BSKE, v_BSKE, mask)
+            k_BTKE = k_BSKE = k_BSKE.at[rows_B1, positions_BT].set(
+                k_BTKE.astype(k_BSKE.dtype), mode="drop")
+            v_BTKE = v_BSKE = v_BSKE.at[rows_B1, positions_BT].set(
+                v_BTKE.astype(v_BSKE.dtype), mode="drop")
+        out_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, mask, cfg)  # matlm.model.attention
         out_BTD = (out_BTHE.reshape(B * T, H * E) @ wo.reshape(H * E, D).astype(dtype)
                    ).reshape(B, T, D)
         return out_BTD if cache is None else (out_BTD, (k_BSKE, v_BSKE))
-
-
-def cached_attention(q_BTHE, k_BSKE, v_BSKE, bias_BTS):
-    """softmax(q kᵀ + bias) v of T new queries (pre-scaled) against S cached keys, GQA
-    without repeating the cache: query head h = k·G + g reads KV head k, so the G query
-    heads of a group ride along the query axis ([B, K, G·T, E]) of the blocked path's
-    core (matlm.model.attention._softmax_mix). [B, T, H, E] in q's dtype."""
-    B, T, H, E = q_BTHE.shape
-    K = k_BSKE.shape[2]
-    G = H // K
-    q_BKNE = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)
-    k_BKSE, v_BKSE = (a.astype(q_BTHE.dtype).transpose(0, 2, 1, 3) for a in (k_BSKE, v_BSKE))
-    bias_BNS = jnp.tile(bias_BTS, (1, G, 1))  # Row g·T + t is query t of group member g.
-    out_BKNE = _softmax_mix(q_BKNE, k_BKSE, v_BKSE, bias_BNS, q_BTHE.dtype)
-    return out_BKNE.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
 
 
 def activate(name: str, gate, up=None):
@@ -154,7 +143,7 @@ class NestedFFN(nn.Module):
     In a gated FFN the gate and up projections nest together.
     """
 
-    config: ModelConfig
+    config: BodyConfig  # The body part (ModelConfig.body): no family fields here.
     d_ff: int  # Stored width of this layer's kernels.
 
     @nn.compact
@@ -215,13 +204,13 @@ class Block(nn.Module):
     and the output is a tuple with, per stream, one output per width.
     """
 
-    config: ModelConfig
+    config: BodyConfig  # The body part (ModelConfig.body): no family fields here.
     d_ff: int
     static_width: int | None = None  # Static FFN width for the slicing path.
     stream_widths: tuple[tuple[int, ...], ...] | None = None
 
     @nn.compact
-    def __call__(self, x_BTD, rope, bias_BTT, traced_width=None, cache=None):
+    def __call__(self, x_BTD, rope, mask, traced_width=None, cache=None):
         """The block's output; with a layer's `cache` (see Attention), (output, updated
         (k_BSKE, v_BSKE))."""
         cfg = self.config
@@ -233,7 +222,7 @@ class Block(nn.Module):
             return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
         def attend(x):
-            return residual(x + attention(attn_norm(x), rope, bias_BTT).astype(x.dtype))
+            return residual(x + attention(attn_norm(x), rope, mask).astype(x.dtype))
 
         if self.stream_widths is not None:
             outputs = []
@@ -246,7 +235,7 @@ class Block(nn.Module):
         if cache is None:
             x_BTD = attend(x_BTD)
         else:
-            out_BTD, new_cache = attention(attn_norm(x_BTD), rope, bias_BTT, cache)
+            out_BTD, new_cache = attention(attn_norm(x_BTD), rope, mask, cache)
             x_BTD = residual(x_BTD + out_BTD.astype(x_BTD.dtype))
         width = self.static_width if traced_width is None else traced_width
         x_BTD = residual(x_BTD + ffn(ffn_norm(x_BTD), width).astype(x_BTD.dtype))

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-LAYERS = "layers"  # The stacked layers' key (matlm.model.transformer.LAYERS).
+LAYERS = "layers"  # The stacked layers' key and logical axis (matlm.model.nested_stack).
 _LAYER_KEY = re.compile(r"layer_(\d+)$")
 
 

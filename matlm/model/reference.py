@@ -62,6 +62,8 @@ def dense_forward(config: ModelConfig, params, tokens, segment_ids=None, positio
     params = unstack_layers(params)
     emb = params["embedding"]
     x = emb[tokens]
+    if config.position_encoding == "learned":
+        x = x + params["position_embedding"][positions]
     allowed = (jnp.arange(T)[:, None] >= jnp.arange(T)[None, :])[None] & (
         segment_ids[:, :, None] == segment_ids[:, None, :])
     for i in range(config.n_layers):
@@ -70,7 +72,8 @@ def dense_forward(config: ModelConfig, params, tokens, segment_ids=None, positio
         q = (h @ p["attn"]["wq"].reshape(config.d_model, H * E)).reshape(B, T, H, E)
         k = (h @ p["attn"]["wk"].reshape(config.d_model, K * E)).reshape(B, T, K, E)
         v = (h @ p["attn"]["wv"].reshape(config.d_model, K * E)).reshape(B, T, K, E)
-        q, k = _rope(q, positions, config.rope_theta), _rope(k, positions, config.rope_theta)
+        if config.position_encoding == "rope":
+            q, k = _rope(q, positions, config.rope_theta), _rope(k, positions, config.rope_theta)
         k, v = jnp.repeat(k, H // K, axis=2), jnp.repeat(v, H // K, axis=2)
         scores = jnp.einsum("bqhe,bkhe->bhqk", q, k) / jnp.sqrt(E)
         scores = jnp.where(allowed[:, None], scores, -1e30)
