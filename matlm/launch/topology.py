@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from matlm.messages import first_line
+
 GiB = 1 << 30
 
 
@@ -135,7 +137,7 @@ def tpu_target(topology: str) -> Target:
             topology_name=name, platform="tpu", chip_config_name=chip.chip_config_name)
     except Exception as e:  # JaxRuntimeError from libtpu: say which string it refused.
         raise TopologyError(f"libtpu cannot describe topology {topology!r}: "
-                            f"{str(e).splitlines()[0]}") from e
+                            f"{first_line(e)}") from e
     chips = math.prod(grid)
     devices = tuple(description.devices)
     if len(devices) != chips:  # One device per chip is what the HBM figure assumes.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from matlm.fileio import write_atomically
 from matlm.launch.launcher import TrainJob
 from matlm.sweep.spec import SweepSpecError, Trial
 
@@ -65,9 +65,8 @@ def read_trial(model_dir: Path) -> dict:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)  # Atomic: a killed sweep never leaves half a trial.json.
+    # Atomic: a killed sweep never leaves half a trial.json.
+    write_atomically(path, json.dumps(value, indent=2) + "\n")
 
 
 def final_checkpoint_step(model_dir: Path) -> Optional[int]:

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from matlm.fileio import write_atomically
 
 # Dense bf16 peak FLOP/s per chip, from vendor data sheets.
 KNOWN_PEAK_FLOPS = {
@@ -95,9 +96,7 @@ class MetricsWriter:
             self._rows.setdefault(row_step, {}).update(row)
         if dropped:
             # Rewritten beside and renamed over: a reader never sees a half-written file.
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            write_atomically(path, "".join(line + "\n" for line in kept))
             print(f"metrics.jsonl: dropped {dropped} rows past step {step} "
                   "(written by a job that stopped before saving them; they are recomputed)")
         return dropped
