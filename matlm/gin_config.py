@@ -16,13 +16,15 @@ from typing import Sequence
 
 import gin
 
-from matlm.model.config import ModelConfig
+from matlm.model import families
 from matlm.training.config import TrainConfig
 
-# Registered under the `matlm` module so gin files may write `ModelConfig.d_model = 512`
-# or the fully-qualified `matlm.ModelConfig.d_model = 512`. Gin returns a wrapping
-# subclass; code keeps using the plain dataclass (see `model_config_from_gin`).
-_GinModelConfig = gin.external_configurable(ModelConfig, module="matlm")
+# Every model family's config class (matlm.model.families), registered under the `matlm`
+# module so gin files may write `ModelConfig.d_model = 512` or the fully-qualified
+# `matlm.ModelConfig.d_model = 512`. Gin returns a wrapping subclass; code keeps using the
+# plain dataclass (see `model_config_from_gin`).
+_GIN_MODEL_CONFIGS = {family.name: gin.external_configurable(family.config_class, module="matlm")
+                      for family in families.families()}
 _GinTrainConfig = gin.external_configurable(TrainConfig, module="matlm")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -250,9 +252,10 @@ def config_from_gin(cls, gin_cls):
     return cls(**{f.name: getattr(bound, f.name) for f in dataclasses.fields(cls)})
 
 
-def model_config_from_gin() -> ModelConfig:
-    """The ModelConfig that the parsed gin bindings describe (a plain dataclass)."""
-    return config_from_gin(ModelConfig, _GinModelConfig)
+def model_config_from_gin(family: str = families.DEFAULT_FAMILY):
+    """The config of `family` (default: the LM's ModelConfig) that the parsed gin bindings
+    describe (a plain dataclass)."""
+    return config_from_gin(families.get_family(family).config_class, _GIN_MODEL_CONFIGS[family])
 
 
 def train_config_from_gin() -> TrainConfig:

@@ -161,3 +161,45 @@ def test_every_run_config_validates(path):
     tensor = train_config.mesh_shape[2]
     if tensor > 1:  # Shard-local nesting needs whole nesting blocks per tensor shard.
         assert model_config.ffn_nest_blocks % tensor == 0
+
+
+# ---- model families: the body/family split and the registry --------------------------------
+
+def test_model_config_is_the_lm_family_on_the_shared_body():
+    from matlm.model import BodyConfig, MatLM, build_model, family_of
+    config = ModelConfig(d_model=32, n_heads=2, vocab_size=100, tie_embeddings=False)
+    assert isinstance(config, BodyConfig) and family_of(config).name == "lm"
+    assert isinstance(build_model(config), MatLM)
+    body = config.body
+    assert type(body) is BodyConfig and body.d_model == 32 and not hasattr(body, "vocab_size")
+    # The body's checks name the family's class, as gin binds it.
+    with pytest.raises(ModelConfigError, match="ModelConfig.d_model must be an integer >= 1"):
+        ModelConfig(d_model=0)
+    with pytest.raises(ModelConfigError, match="must be even for RoPE"):
+        ModelConfig(d_model=12, n_heads=4)
+    ModelConfig(d_model=12, n_heads=4, position_encoding="none")  # No RoPE, no constraint.
+
+
+def test_old_model_dicts_load_through_the_registry():
+    """A run_config.json model section written before families (no "family") is the LM's;
+    missing fields take their defaults, unknown ones are listed, and the round trip holds."""
+    import dataclasses
+    from matlm.model import families
+    old = {"vocab_size": 512, "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64,
+           "rope_theta": 500.0, "from_the_future": 1}
+    config, unknown = families.config_from_dict(old)
+    assert type(config) is ModelConfig and config.vocab_size == 512
+    assert config.position_encoding == "rope" and unknown == ["from_the_future"]
+    d = families.config_to_dict(config)
+    assert d["family"] == "lm" and families.config_from_dict(d) == (config, [])
+    assert {k for k in d if k != "family"} == {f.name for f in dataclasses.fields(ModelConfig)}
+    with pytest.raises(ModelConfigError, match="unknown model family 'vit'"):
+        families.config_from_dict({"family": "vit"})
+
+
+def test_gin_binds_the_lm_config_through_the_registry():
+    parse_gin([], ["ModelConfig.d_model = 48", "ModelConfig.n_heads = 3",
+                   "ModelConfig.position_encoding = 'learned'"])
+    config = model_config_from_gin()
+    assert type(config) is ModelConfig
+    assert (config.d_model, config.position_encoding) == (48, "learned")

@@ -241,3 +241,27 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
     assert wi.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  (state.params, state.opt_state), (params, opt_state))
+
+
+def test_the_train_step_builds_the_family_the_registry_names():
+    """A family registered by its config class alone reaches the jitted train step: here a
+    bidirectional variant of the LM (a subclass that only flips the mask), whose step
+    runs and trains something other than the causal LM would."""
+    from matlm.model import MatLM, build_model, families
+
+    @dataclasses.dataclass(frozen=True)
+    class BidiConfig(ModelConfig):
+        pass
+
+    class BidiLM(MatLM):
+        causal = False
+
+    families.register_family("test_bidi", BidiConfig, BidiLM, families.get_family("lm").example_inputs)
+    try:
+        bidi = BidiConfig(**{f.name: getattr(MODEL, f.name) for f in dataclasses.fields(MODEL)})
+        assert type(build_model(bidi)) is BidiLM
+        causal_ce, _ = run_steps((1, 1, 1), steps=1, devices=jax.devices()[:1])
+        bidi_ce, _ = run_steps((1, 1, 1), steps=1, devices=jax.devices()[:1], model=bidi)
+        assert np.isfinite(bidi_ce).all() and not np.allclose(bidi_ce, causal_ce)
+    finally:
+        del families._FAMILIES["test_bidi"]

@@ -6,7 +6,7 @@ from a short list so that the jitted functions compile once per bucket, not per 
 and `lengths_B`, the number of valid positions of each row. Rows advance independently:
 
 - `extend(params, config, cache, tokens_BK, widths)` runs K new tokens per row through the
-  model (`MatLM(...).apply(..., kv_cache=...)`: the model's own modules, not a copy of
+  model (`build_model(config).apply(..., kv_cache=...)`, MatLM: its own modules, not a copy of
   the forward pass); row b's tokens take positions lengths_B[b] + [0, K), with RoPE at
   those absolute positions, and each attends to its row's positions up to its own.
 - `prefill` is `extend` by a right-padded [B, T] prompt batch followed by a rewind to
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from matlm.model.config import ModelConfig
 from matlm.model.layout import unstack_layers
-from matlm.model.transformer import MatLM
+from matlm.model.families import build_model
 
 
 @flax.struct.dataclass
@@ -94,7 +94,7 @@ def extend(params, config: ModelConfig, cache: KVCache, tokens_BK, widths=None
     if tokens_BK.ndim != 2 or tokens_BK.shape[0] != cache.batch_size:
         raise ValueError(f"tokens must be [batch={cache.batch_size}, K], got shape "
                          f"{tokens_BK.shape}")
-    logits_BKV, (keys, values) = MatLM(config).apply(
+    logits_BKV, (keys, values) = build_model(config).apply(
         {"params": params}, tokens_BK, widths=widths,
         kv_cache=(cache.keys, cache.values, cache.lengths_B))
     return logits_BKV, KVCache(keys=keys, values=values,

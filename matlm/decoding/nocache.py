@@ -20,14 +20,14 @@ import numpy as np
 from matlm.decoding.generate import (cache_buckets, check_prompts, pad_prompts, split_widths,
                                      token_budgets)
 from matlm.model.config import ModelConfig
-from matlm.model.transformer import MatLM
+from matlm.model.families import build_model
 
 
 @functools.partial(jax.jit, static_argnames=("config", "static_widths", "max_new_tokens"))
 def _greedy(params, tokens_BL, lengths_B, traced_widths, *, config, static_widths,
             max_new_tokens):
     widths = static_widths if traced_widths is None else traced_widths
-    model = MatLM(config)
+    model = build_model(config)
     rows_B = jnp.arange(tokens_BL.shape[0])
 
     def step(_, carry):  # No KV cache: a full forward per token.

@@ -8,16 +8,22 @@ pure function of (seed, step) computed inside the compiled step, so every host a
 without communicating; `lax.switch` over the g static-width branches keeps a single
 compiled step when granularities are sampled ("sample") or sandwiched ("sandwich": the
 smallest and the largest every step, `sample_k − 2` of the others drawn).
+
+`model` is whatever the config's family builds (matlm.model.families; the train step
+asks the registry): the granularity choice, the weights and the joint pass are the
+body's. The per-token loss head (`hidden_loss`, `distill_token_terms`: next-token CE over
+the vocabulary) is the LM family's; another family supplies its own (docs/model_families.md).
 """
 from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from matlm.model import MatLM, ModelConfig
+from matlm.model import ModelConfig
 from matlm.model.counting import joint_train_flops_per_token, train_flops_per_token
 from matlm.model.head import head_logits, head_table
 from matlm.training.config import WEIGHT_PRESETS, TrainConfig, TrainConfigError
@@ -313,19 +319,19 @@ def distilled_losses(objective: Objective, config: ModelConfig, params, hidden_S
     return loss_S, ce_S, kl_S
 
 
-def submodel_hidden(model: MatLM, params, batch, widths):
+def submodel_hidden(model: nn.Module, params, batch, widths):
     """Final-normed hidden states [B, T, D] of one submodel on a batch."""
     return model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
                        batch["positions"], widths=widths, return_hidden=True)
 
 
-def granularity_loss(model: MatLM, params, batch, widths, z_loss: float, chunk: int = 0):
+def granularity_loss(model: nn.Module, params, batch, widths, z_loss: float, chunk: int = 0):
     """(loss for optimisation, mean CE) of one submodel on a batch, over masked tokens."""
     hidden = submodel_hidden(model, params, batch, widths)
     return hidden_loss(model.config, params, hidden, batch, z_loss, chunk)
 
 
-def joint_loss(model: MatLM, objective: Objective, params, batch, indices):
+def joint_loss(model: nn.Module, objective: Objective, params, batch, indices):
     """Σ λ · loss over this step's granularities; also the CE and the distillation KL of
     each granularity ([g] each, zero where not trained; KL zero for the teacher)."""
     g = len(objective.names)
@@ -371,7 +377,7 @@ def joint_loss(model: MatLM, objective: Objective, params, batch, indices):
     return total, (ce_G, kl_G)
 
 
-def _joint_hidden(model: MatLM, objective: Objective, params, batch) -> list:
+def _joint_hidden(model: nn.Module, objective: Objective, params, batch) -> list:
     """Every granularity's hidden states from one pass over shared residual streams:
     layers whose input is the same for several granularities (at least layer 0) run once
     (matlm.model.streams)."""

@@ -1,4 +1,7 @@
-"""The train state, and the pure, jitted train and eval steps with explicit shardings."""
+"""The train state, and the pure, jitted train and eval steps with explicit shardings.
+
+The model is the one `model_config`'s family builds (matlm.model.families), never a
+class named here."""
 from __future__ import annotations
 
 from typing import Any
@@ -11,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from matlm.model import MatLM, ModelConfig, abstract_params, init_params, logical_axes
+from matlm.model import ModelConfig, abstract_params, build_model, init_params, logical_axes
 from matlm.training import mesh as mesh_lib
 from matlm.sharding import activation_sharding
 from matlm.training.objective import Objective, hidden_loss, joint_loss
@@ -90,7 +93,7 @@ def make_train_step(model_config: ModelConfig, objective: Objective, optimizer, 
     the untrained and without distillation), `trained` [g] (1 where trained), `grad_norm`, `param_norm`
     (after the update), `learning_rate`.
     """
-    model = MatLM(model_config)
+    model = build_model(model_config)
     shardings = state_shardings(model_config, optimizer, mesh)
 
     def loss_and_grads(params, batch, indices):
@@ -132,7 +135,7 @@ def make_train_step(model_config: ModelConfig, objective: Objective, optimizer, 
 def make_eval_step(model_config: ModelConfig, widths_by_name: dict, mesh, loss_chunk: int = 0):
     """`eval_step(params, batch) -> {name: (sum CE, token count)}` for every submodel;
     cross entropy in sequence chunks of `loss_chunk` positions (0: at once)."""
-    model = MatLM(model_config)
+    model = build_model(model_config)
 
     names = list(widths_by_name)
 

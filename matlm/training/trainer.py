@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from matlm.model import ModelConfig
+from matlm.model import ModelConfig, family_of
 from matlm.model.counting import param_count
 from matlm.model_dir import CheckpointError, ModelDir, RunCheckpointer, model_config_to_dict
 from matlm.model_dir.lock import acquire_for_job
@@ -207,10 +207,14 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
         from matlm.training.memory_check import check_fits_local_memory
         check_fits_local_memory(model_config, train_config, mesh)
     model_dir.check_same_model(model_config)
+    family = family_of(model_config)  # What the model reads: tokens of a vocabulary or not.
+    if train_config.downstream_eval_tasks and not family.tokens:
+        raise TrainingError(f"TrainConfig.downstream_eval_tasks evaluates text, but the "
+                            f"{family.name!r} family reads no tokens: leave it empty")
     if vocab is None:
         # A resumed run keeps the vocabulary it started with (copied into the model dir).
         vocab = model_dir.vocabulary(fallback=data_config.vocabulary)
-    if vocab.vocab_size > model_config.vocab_size:
+    if family.tokens and vocab.vocab_size > model_config.vocab_size:
         raise CheckpointError(
             f"the vocabulary has {vocab.vocab_size} ids but the model only "
             f"{model_config.vocab_size}: set ModelConfig.vocab_size ≥ {vocab.vocab_size}")
