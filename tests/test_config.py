@@ -104,6 +104,7 @@ def test_info_prints_the_table(capsys):
     assert matlm_main(["info", "--gin_file=configs/models/matlm_2.6b.gin", "--widths=640",
                        "--gin.ModelConfig.n_layers=2", "--widths=S,XL"]) == 0
     out = capsys.readouterr().out
+    assert "│ family " in out and "│ lm " in out and "│ rope " in out
     parse_gin(["configs/models/matlm_2.6b.gin"], ["ModelConfig.n_layers = 2"])
     config = model_config_from_gin()
     for name in ("S", "M", "L", "XL"):

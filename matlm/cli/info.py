@@ -11,7 +11,7 @@ from tabulate import tabulate
 
 from matlm.cli import flags
 from matlm.gin_config import model_config_from_gin, parse_gin
-from matlm.model import ModelConfig, abstract_params
+from matlm.model import ModelConfig, abstract_params, family_of
 from matlm.model.counting import (forward_flops_per_token, joint_forward_flops_per_token,
                                   param_count)
 
@@ -79,13 +79,15 @@ def run(args, gin_bindings) -> int:
     assert tree_params == param_count(config), (tree_params, param_count(config))
 
     dims = [
+        ["family", family_of(config).name],  # matlm.model.families
         ["vocab_size", config.vocab_size], ["d_model", config.d_model],
         ["n_layers", config.n_layers], ["n_heads / kv_heads / head_dim",
                                         f"{config.n_heads} / {config.num_kv_heads} / {config.head_size}"],
         ["d_ff", config.d_ff if not config.layer_d_ff else
          f"{config.d_ff} (stored per layer: {','.join(map(str, config.layer_d_ff))})"],
         ["activation", config.activation],
-        ["tie_embeddings", config.tie_embeddings], ["compute_dtype", config.compute_dtype],
+        ["tie_embeddings", config.tie_embeddings],
+        ["position_encoding", config.position_encoding], ["compute_dtype", config.compute_dtype],
         ["granularities", ", ".join(f"{n}={w}" for n, w in config.granularities.by_name.items())],
         ["parameters (tree)", f"{tree_params:,}"],
     ]
