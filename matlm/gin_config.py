@@ -16,6 +16,7 @@ from typing import Sequence
 
 import gin
 
+from matlm.messages import first_line
 from matlm.model import families
 from matlm.training.config import TrainConfig
 
@@ -144,7 +145,7 @@ def _first_line(error: BaseException) -> str:
         message = str(error.args[0])
     else:
         message = str(error)
-    return (message.strip().splitlines() or [type(error).__name__])[0].strip()
+    return first_line(message) or type(error).__name__
 
 
 _UNPARSED_TOKEN = re.compile(r"Failed to parse token '(?P<token>.*)'")

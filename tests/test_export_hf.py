@@ -155,6 +155,16 @@ def test_non_gated_model_is_refused(tmp_path, capsys, wiki_vocab):
     assert not (tmp_path / "hf").exists()
 
 
+@pytest.mark.parametrize("position_encoding", ["learned", "none"])
+def test_position_encoding_other_than_rope_is_refused(tmp_path, capsys, wiki_vocab,
+                                                      position_encoding):
+    config = dataclasses.replace(BASE, position_encoding=position_encoding)
+    model_dir = _save(tmp_path / "m", config, init_params(config, jax.random.key(0)), wiki_vocab)
+    err = _error(capsys, ["export", f"--model_dir={model_dir}", f"--output={tmp_path}/hf"])
+    assert f"position_encoding={position_encoding!r} cannot be exported" in err
+    assert not (tmp_path / "hf").exists()
+
+
 def test_output_dir_that_is_not_empty_is_refused(tied, tmp_path, capsys):
     _, _, model_dir = tied
     (tmp_path / "hf").mkdir()

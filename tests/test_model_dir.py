@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from matlm.model import ModelConfig
-from matlm.model_dir import CheckpointError, ModelDir, model_config_to_dict
+from matlm.model_dir import (CheckpointError, ModelDir, model_config_from_dict,
+                             model_config_to_dict)
 
 SAVED = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64)
 
@@ -24,18 +25,18 @@ def test_a_field_added_after_the_run_started_takes_its_default(tmp_path):
     model_dir = _dir_with_saved(tmp_path, old)
     model_dir.check_same_model(SAVED)  # Same model: accepted.
     with pytest.raises(CheckpointError, match="scan_layers: saved False, now True"):
-        model_dir.check_same_model(ModelConfig(**{**model_config_to_dict(SAVED),
-                                                  "scan_layers": True}))
+        model_dir.check_same_model(model_config_from_dict({**model_config_to_dict(SAVED),
+                                                         "scan_layers": True}))
 
 
 def test_execution_only_fields_may_change_parameters_may_not(tmp_path):
     model_dir = _dir_with_saved(tmp_path, model_config_to_dict(SAVED))
     as_dict = model_config_to_dict(SAVED)
-    model_dir.check_same_model(ModelConfig(**{**as_dict, "remat_policy": "full",
-                                              "attention_impl": "xla",
-                                              "attention_query_block": 0}))
+    model_dir.check_same_model(model_config_from_dict({**as_dict, "remat_policy": "full",
+                                                         "attention_impl": "xla",
+                                                         "attention_query_block": 0}))
     with pytest.raises(CheckpointError, match="d_model: saved 32, now 64"):
-        model_dir.check_same_model(ModelConfig(**{**as_dict, "d_model": 64}))
+        model_dir.check_same_model(model_config_from_dict({**as_dict, "d_model": 64}))
 
 
 # --- The typed run config (ModelDir.run_config). ------------------------------------------
@@ -87,6 +88,17 @@ def test_a_dir_without_run_config_names_the_file(tmp_path):
 def test_an_unknown_model_field_is_refused(tmp_path):
     _dir_with_saved(tmp_path, {**model_config_to_dict(SAVED), "new_width_knob": 2})
     with pytest.raises(CheckpointError, match=r"unknown fields \['new_width_knob'\]"):
+        ModelDir(tmp_path).run_config()
+
+
+def test_the_model_section_names_its_family_and_one_without_is_the_lm(tmp_path):
+    saved = model_config_to_dict(SAVED)
+    assert saved["family"] == "lm"  # Written by every run since families exist.
+    del saved["family"]  # A run from before.
+    _dir_with_saved(tmp_path, saved)
+    assert ModelDir(tmp_path).run_config().model == SAVED
+    _dir_with_saved(tmp_path, {**saved, "family": "vit_from_the_future"})
+    with pytest.raises(CheckpointError, match="unknown model family 'vit_from_the_future'"):
         ModelDir(tmp_path).run_config()
 
 

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from matlm.decoding.buckets import bucket_for, bucket_lengths
 from matlm.decoding.generate import Decoder
 from matlm.evaluation.errors import EvalError
-from matlm.model import MatLM, ModelConfig
+from matlm.model import ModelConfig, build_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,7 @@ class SubmodelScorer:
         self._rows_sharding = NamedSharding(self.mesh, P("data"))
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
         self.buckets = bucket_lengths(max_len)
-        model = MatLM(config)
+        model = build_model(config)
 
         def logits(params, inputs_BT, segment_ids_BT, positions_BT, widths):
             return model.apply({"params": params}, inputs_BT, segment_ids_BT, positions_BT,

@@ -65,7 +65,13 @@ def require_backend() -> None:
 
 
 def check_exportable(config: ModelConfig) -> None:
-    """Refuses activations that no Hugging Face architecture computes exactly."""
+    """Refuses models that no Hugging Face Llama computes exactly: a position encoding
+    other than RoPE, a non-gated activation."""
+    if config.position_encoding != "rope":
+        raise ExportError(
+            f"position_encoding={config.position_encoding!r} cannot be exported to Hugging "
+            "Face: the Llama architecture the export targets encodes positions with RoPE "
+            "only")
     if config.activation not in HIDDEN_ACT:
         raise ExportError(
             f"activation={config.activation!r} cannot be exported to Hugging Face: no "

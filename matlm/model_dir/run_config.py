@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Mapping, Optional
 
 from matlm.fileio import write_atomically
 from matlm.messages import first_line
-from matlm.model import ModelConfig
+from matlm.model import ModelConfig, families
+from matlm.model.config import ModelConfigError
 from matlm.model_dir.errors import CheckpointError
 from matlm.training.config import TrainConfig
 
@@ -44,16 +45,21 @@ EXECUTION_ONLY_FIELDS = frozenset({"remat_policy", "attention_impl", "attention_
 
 
 def model_config_to_dict(config: ModelConfig) -> dict:
-    return dataclasses.asdict(config)
+    """The model section: the config's fields and its family's name (the registry's)."""
+    return families.config_to_dict(config)
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = set(d) - known
+    """The config of the family the section names ("family"; absent: the LM, as every run
+    written before families existed)."""
+    try:
+        config, unknown = families.config_from_dict(d)
+    except ModelConfigError as e:
+        raise CheckpointError(f"saved model config: {first_line(e, 300)}") from e
     if unknown:
-        raise CheckpointError(f"saved model config has unknown fields {sorted(unknown)}; "
+        raise CheckpointError(f"saved model config has unknown fields {unknown}; "
                               "was it written by a newer matlm?")
-    return ModelConfig(**d)
+    return config
 
 
 def _known_fields(config_class, d: Mapping) -> tuple[dict, list[str]]:
@@ -200,7 +206,7 @@ def model_differences(saved_model: Mapping, model_config: ModelConfig) -> list[s
     # A field the saved config lacks was added after the run started: the run had its
     # default. Fields that only change how the same parameters are computed (memory,
     # kernels) may change between jobs, e.g. to resume on another slice.
-    defaults = model_config_to_dict(ModelConfig())
+    defaults = model_config_to_dict(families.family_of(model_config).config_class())
     return [f"{k}: saved {saved_model.get(k, defaults[k])!r}, now {_json_value(v)!r}"
             for k, v in current.items() if k not in EXECUTION_ONLY_FIELDS
             and _json_value(v) != saved_model.get(k, _json_value(defaults[k]))]
