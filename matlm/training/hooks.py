@@ -106,7 +106,7 @@ class RunContext:
     model_config: Any
     data_config: Any
     train_config: Any
-    model_dir: Any  # matlm.training.model_dir.ModelDir
+    model_dir: Any  # matlm.model_dir.ModelDir
     vocab: Any
     mesh: Any
     objective: Any
