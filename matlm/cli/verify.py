@@ -5,7 +5,7 @@
 
 Each checkpoint is restored onto this host's first CPU device (parameters, and the
 optimizer state rebuilt from the run's saved TrainConfig) and its per-array fingerprints
-are compared with those recorded when it was written (matlm.training.integrity). Prints a
+are compared with those recorded when it was written (matlm.model_dir.integrity). Prints a
 table and a final JSON line. Exit 0: every checkpoint ok (or written before checksums
 existed: "unverified"); 1: any corrupt or unreadable; 2: bad input (no such model dir or
 step). A reader: takes no lock and never writes or moves anything, so it may run beside

@@ -178,7 +178,7 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
     `check_memory`: refuse a model whose parameters, optimizer state and activations
     cannot fit the local devices (matlm.training.memory_check) before anything is written.
 
-    The model dir is locked for this job (matlm.training.lock) before the first write.
+    The model dir is locked for this job (matlm.model_dir.lock) before the first write.
     SIGTERM/SIGINT: before the first step, `Preempted` propagates (nothing new to save);
     from the first step on, the current step is saved and the result says `interrupted`
     (matlm.training.preemption).
