@@ -14,3 +14,4 @@ class SeedStream(enum.IntEnum):
     MIX_ORDER = 2          # A mixture's seeded slots within one block of rows.
     FILE_ORDER = 3         # A streamed task's file order of one epoch.
     COMPONENT_STREAMS = 4  # The streams of one streamed component of a mixture.
+    IMAGE_ORDER = 5        # An image split's example order per epoch, and a step's augmentation.
