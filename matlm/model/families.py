@@ -124,16 +124,27 @@ def config_from_dict(d: Mapping) -> tuple[Any, list[str]]:
     return family.config_class(**{k: v for k, v in d.items() if k in known}), unknown
 
 
-# ---- the LM family ------------------------------------------------------------------------
+# ---- the built-in families: the LM (MatLM) ----------------------------------------------
 
 def _lm_inputs(config: ModelConfig, seq_len: int) -> tuple:
     return (jnp.zeros((1, seq_len), jnp.int32),)  # Token ids, [B, T].
 
 
+# ---- the ViT (MatViT) ---------------------------------------------------------------------
+
+def _vit_inputs(config, seq_len: int) -> tuple:
+    del seq_len  # An image's token count is the config's (ViTConfig.num_tokens).
+    return (jnp.zeros((1, *config.image_shape), jnp.float32),)  # Images, [B, H, W, C].
+
+
 def _register_builtin() -> None:
     from matlm.model.transformer import MatLM
+    from matlm.model.vit import MatViT
+    from matlm.model.vit_config import ViTConfig
     register_family(DEFAULT_FAMILY, ModelConfig, MatLM, _lm_inputs, tokens=True,
                     description="decoder-only causal LM (MatLM): tokens -> next-token logits")
+    register_family("vit", ViTConfig, MatViT, _vit_inputs, tokens=False,
+                    description="bidirectional image encoder (MatViT): images -> class logits")
 
 
 _register_builtin()
