@@ -46,22 +46,55 @@ def resolve_gin_file(path: str) -> Path:
         "Pass an existing path, e.g. --gin_file=configs/models/tiny.gin")
 
 
-def parse_gin(gin_files: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
+def parse_gin(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
+              model_from_dir: str = "") -> None:
     """Clears gin, then applies files and bindings; any error is one line naming the
     culprit (the file and line, or the binding) and the fix.
+
+    `model_from_dir`: the command (e.g. "matlm eval") rebuilds the run's configs from
+    --model_dir's run_config.json, so a file or binding that sets one of them (ModelConfig,
+    TrainConfig, DataConfig) would be silently ignored: it is refused, naming it.
 
     The config is not locked (`gin.finalize`): modules imported later (e.g. the eval
     tasks, loaded lazily) must still be able to register their configurables.
     """
     gin.clear_config()
     files = [resolve_gin_file(f) for f in gin_files]
-    for path in files:
+    for given, path in zip(gin_files, files):
         _parse_file(path, (path.resolve(),))
+        if model_from_dir:
+            _refuse_run_config_bindings(f"--gin_file={given}", model_from_dir)
     for binding in bindings:
         try:
             gin.parse_config(binding)
         except _GIN_ERRORS as e:
             raise ConfigError(_binding_error(binding, e)) from None
+        if model_from_dir:
+            name, value = (part.strip() for part in binding.split("=", 1))
+            _refuse_run_config_bindings(f"--gin.{name}={value}", model_from_dir)
+
+
+def _run_config_selectors() -> list[str]:
+    """The configurables whose values a run records in run_config.json (the registered
+    ones: DataConfig registers when matlm.data is imported)."""
+    return [*(c.__name__ for c in _GIN_MODEL_CONFIGS.values()), "TrainConfig", "DataConfig"]
+
+
+def _refuse_run_config_bindings(where: str, command: str) -> None:
+    """Raises ConfigError if the gin bindings applied so far (the last being `where`) set
+    a field of a run-config configurable. Files and bindings are applied one at a time and
+    checked after each, so the first one that binds such a field is the one named."""
+    for selector in _run_config_selectors():
+        try:
+            bound = gin.get_bindings(selector)
+        except ValueError:  # Not registered in this process: nothing can bind it.
+            continue
+        if bound:
+            field = sorted(bound)[0]
+            raise ConfigError(
+                f"{where} sets {selector}.{field}, but {command} takes the model and its "
+                "training and data config from --model_dir's run_config.json (gin flags "
+                "here only define eval tasks); drop it, or train a model with it")
 
 
 # What gin raises for bad input: SyntaxError for values that are not Python literals,

@@ -97,6 +97,17 @@ CASES = [
     ("train", ["--gin_file=configs/runs/default.gin", "--gin_file=configs/data/streaming_files.gin",
                "--gin.streaming_files_task.max_validation_documents=0"], 2,
      "max_validation_documents must be an integer >= 1, got 0"),
+    # Inputs in files ({files}: the `inputs` fixture) and runs ({run}: a run at step 5).
+    ("train", ["--model_dir={run}", "--steps=3"], 2,
+     "is already at step 5 > 3 (--steps, or TrainConfig.steps): give --steps above 5 to "
+     "train it further, or a new --model_dir to start over"),
+    ("train", ["--gin_file=configs/runs/default.gin", "--gin_file=configs/data/local_files.gin",
+               "--gin.local_files_task.pattern='{files}/latin1/*.txt'"], 2,
+     "latin1/caf.txt: not UTF-8 text (invalid continuation byte, byte 0xe9 at offset 3)"),
+    ("sweep", ["--sweep={files}/lr.yaml", "--base_dir={files}/notes.txt"], 2,
+     "notes.txt' is a file, not a directory; give a new or existing directory"),
+    ("sweep", ["--sweep={files}/lr.yaml", "--base_dir={files}/notes.txt/sweep"], 2,
+     "notes.txt' is a file, not a directory"),
     ("vocab", ["--output={tmp}", "--max_documents=5"], 2, "is a directory"),
     ("vocab", ["--output=/proc/matlm_vocab/x.model", "--max_documents=5"], 2, "cannot write in '/proc'"),
     ("vocab", ["--max_documents=0"], 2, "--max_documents must be an integer >= 1, got 0"),
@@ -107,6 +118,14 @@ CASES = [
     ("eval", ["--max_len=0"], 2, "--max_len must be an integer >= 2, got 0"),
     ("eval", ["--max_examples=0"], 2, "--max_examples must be an integer >= 1, got 0"),
     ("eval", ["--step=-1"], 2, "--step must be an integer >= 0, got -1"),
+    # The model comes from the checkpoint: a binding of the run's configs would be ignored.
+    ("eval", ["--gin.ModelConfig.d_model=256"], 2,
+     "--gin.ModelConfig.d_model=256 sets ModelConfig.d_model, but matlm eval takes the model "
+     "and its training and data config from --model_dir's run_config.json"),
+    ("eval", ["--gin.ModelConfig.n_layers=8"], 2, "--gin.ModelConfig.n_layers=8 sets ModelConfig.n_layers"),
+    ("eval", ["--gin_file=configs/models/matlm_78m.gin"], 2,
+     "--gin_file=configs/models/matlm_78m.gin sets ModelConfig."),
+    ("eval", ["--gin.matlm.TrainConfig.seq_len=64"], 2, "--gin.matlm.TrainConfig.seq_len=64 sets TrainConfig.seq_len"),
 ]
 
 
@@ -117,6 +136,34 @@ def ckpt(tmp_path_factory, wiki_vocab):
     save_for_inference(model_dir, EVAL_MODEL, init_params(EVAL_MODEL, jax.random.key(0)), 5,
                        wiki_vocab.sentencepiece_model_file, {"task": "matlm_wiki"})
     return model_dir
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Bad input files: a Latin-1 text file, a file where a dir is expected, a sweep spec."""
+    files = tmp_path_factory.mktemp("inputs")
+    (files / "latin1").mkdir()
+    (files / "latin1" / "caf.txt").write_bytes("café au lait".encode("latin-1"))
+    (files / "notes.txt").write_text("notes\n")
+    (files / "lr.yaml").write_text("grid: {TrainConfig.learning_rate: [1e-3]}\n")
+    return files
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, wiki_vocab):
+    """A run of the default recipe's model whose newest checkpoint is step 5."""
+    from matlm.gin_config import model_config_from_gin
+    from matlm.model_dir import save_for_inference
+    parse_gin(["configs/runs/default.gin"])
+    config = model_config_from_gin()
+    model_dir = tmp_path_factory.mktemp("run")
+    save_for_inference(model_dir, config, init_params(config, jax.random.key(0)), 5,
+                       wiki_vocab.sentencepiece_model_file, {"task": "matlm_wiki"})
+    return model_dir
+
+
+def _listing(path: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in path.rglob("*")}
 
 
 @pytest.fixture
@@ -134,12 +181,17 @@ def no_model_work(monkeypatch):
 def test_bad_input_is_one_line_and_writes_nothing(command, argv, code, message, tmp_path,
                                                   capsys, request, no_model_work):
     out = tmp_path / "out"
-    argv = [a.format(tmp=tmp_path) for a in argv]
+    fixtures = {name: request.getfixturevalue(name) for name in ("run", "inputs")
+                if any(f"{{{'files' if name == 'inputs' else name}}}" in a for a in argv)}
+    argv = [a.format(tmp=tmp_path, run=fixtures.get("run"), files=fixtures.get("inputs"))
+            for a in argv]
+    untouched = {name: _listing(path) for name, path in fixtures.items()}
     extra = {"train": ([] if any(a.startswith("--model_dir") for a in argv)
                        else [f"--model_dir={out}"]) + ["--no_progress"],
              "vocab": [] if any(a.startswith("--output") for a in argv) else [f"--output={out}"],
              "eval": [f"--model_dir={request.getfixturevalue('ckpt')}" if command == "eval"
-                      else "", f"--output={out}", "--no_progress"]}[command]
+                      else "", f"--output={out}", "--no_progress"],
+             "sweep": []}[command]
     before = set(tmp_path.iterdir())
     assert main([command, *argv, *extra]) == code
     captured = capsys.readouterr()
@@ -148,6 +200,28 @@ def test_bad_input_is_one_line_and_writes_nothing(command, argv, code, message, 
     assert lines[0].startswith(f"matlm {command}: error: ") and message in lines[0], lines[0]
     assert not out.exists()
     assert set(tmp_path.iterdir()) == before  # No temp file, no partial dir.
+    assert {name: _listing(path) for name, path in fixtures.items()} == untouched
+
+
+def test_eval_task_bindings_still_apply_where_model_bindings_are_refused():
+    import gin
+    import matlm.evaluation.tasks  # noqa: F401 - registers eval_task.
+    parse_gin(["configs/eval/offline.gin"], ["piqa/eval_task.primary_metric = 'acc'"],
+              model_from_dir="matlm eval")
+    assert gin.get_bindings("piqa/eval_task")["primary_metric"] == "acc"
+    with pytest.raises(ConfigError, match="^--gin.ModelConfig.d_model=64 sets ModelConfig.d_model, "
+                       "but matlm search takes the model"):
+        parse_gin([], ["ModelConfig.d_model = 64"], model_from_dir="matlm search")
+    parse_gin([], ["ModelConfig.d_model = 64"])  # Commands that build the model apply it.
+
+
+@pytest.mark.parametrize("command", ["export", "extract"])
+def test_commands_without_gin_refuse_any_binding(command, capsys):
+    assert main([command, "--model_dir=/nonexistent", "--output=/nonexistent/out", "--widths=M",
+                 "--gin.ModelConfig.d_model=256"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"matlm {command}: error: matlm {command} takes no gin bindings: the model comes from "
+        "--model_dir's run_config.json (got 'ModelConfig.d_model = 256')")
 
 
 # --- The declarative checks themselves. ------------------------------------------------

@@ -107,7 +107,7 @@ def run(args, gin_bindings) -> int:
     model_dir, run_config = model_dir_lib.open_run(args.model_dir)
     config = run_config.model
     # 2. Tasks (gin) and submodels, validated against that config.
-    parse_gin([DEFAULT_GIN, *args.gin_file], gin_bindings)
+    parse_gin([DEFAULT_GIN, *args.gin_file], gin_bindings, model_from_dir="matlm eval")
     try:  # Gin builds (and so validates) every task declaration here.
         suite = tasks.eval_suite()
     except ValueError as e:  # One line: without the "In call to configurable" lines gin adds,

@@ -36,9 +36,7 @@ def add_arguments(parser) -> None:
 
 def run(args, gin_bindings) -> int:
     check_flags(args, FLAG_CHECKS)
-    if gin_bindings:
-        raise ValueError("matlm export takes no gin bindings: the model comes from "
-                         f"--model_dir's run_config.json (got {gin_bindings[0]!r})")
+    flags.refuse_gin_bindings("matlm export", gin_bindings)
     if args.format not in FORMATS:
         raise ValueError(f"--format={args.format!r} is not supported; expected one of: "
                          f"{', '.join(FORMATS)}")

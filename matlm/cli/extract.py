@@ -37,9 +37,7 @@ def _human_bytes(n: int) -> str:
 
 def run(args, gin_bindings) -> int:
     check_flags(args, FLAG_CHECKS)
-    if gin_bindings:
-        raise ValueError("matlm extract takes no gin bindings: the model comes from "
-                         f"--model_dir's run_config.json (got {gin_bindings[0]!r})")
+    flags.refuse_gin_bindings("matlm extract", gin_bindings)
     from matlm.model.counting import param_count
     from matlm.submodels import extract as lib
     import matlm.model_dir as model_dir_lib

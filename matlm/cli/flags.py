@@ -112,6 +112,16 @@ def no_progress() -> argparse.ArgumentParser:
     return parent
 
 
+def refuse_gin_bindings(command: str, gin_bindings: Sequence[str]) -> None:
+    """For a command that takes no gin flags: the model comes from the model dir, so a
+    --gin.NAME=VALUE would be silently ignored; refused (ValueError: one line, exit 2),
+    naming the first. Commands that read gin files for tasks (eval, search) refuse only
+    the run's configs instead: `parse_gin(..., model_from_dir=...)`."""
+    if gin_bindings:
+        raise ValueError(f"{command} takes no gin bindings: the model comes from "
+                         f"--model_dir's run_config.json (got {gin_bindings[0]!r})")
+
+
 def gin_epilog(parents: Sequence[argparse.ArgumentParser]) -> str:
     """The --help epilog: how gin flags work, or that the command takes none (and, for a
     command reading a model dir, where its model comes from instead)."""

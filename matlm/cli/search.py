@@ -108,7 +108,7 @@ def run(args, gin_bindings) -> int:
                       options.loss_seq_len)
     S.check_budget(space, budget)
     # 3. The metric (gin-defined tasks too).
-    parse_gin([DEFAULT_GIN, *args.gin_file], gin_bindings)
+    parse_gin([DEFAULT_GIN, *args.gin_file], gin_bindings, model_from_dir="matlm search")
     tasks.eval_suite()
     try:
         runner.check_task_names([args.metric])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
+import io
 import json
 import os
 import re
@@ -103,7 +104,7 @@ def read_local_documents(pattern: str, jsonl_field: str = "text",
     paths = list_local_files(pattern)
     documents: list[tuple[str, str]] = []
     for path in paths:
-        with open(path, encoding="utf-8") as f:
+        with open_utf8_text(path) as f:
             if path.endswith(".jsonl"):
                 documents.extend(_jsonl_documents(path, f, jsonl_field))
             elif txt_split == "file":
@@ -115,6 +116,20 @@ def read_local_documents(pattern: str, jsonl_field: str = "text",
     if not documents:
         raise EmptyGlobError(f"local files pattern {pattern!r} matches only empty files")
     return documents
+
+
+def open_utf8_text(path: str) -> io.StringIO:
+    """The file's text as `open(path, encoding="utf-8")` reads it (universal newlines),
+    decoded whole so that a file that is not UTF-8 is a one-line DataError naming the file
+    and the byte offset (a text-mode read names neither: its offsets count from the chunk)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason}, byte {data[e.start]:#04x} at "
+                        f"offset {e.start}); convert it to UTF-8, e.g. with iconv") from None
+    return io.StringIO(text, newline=None)
 
 
 def _jsonl_documents(path, lines, field):

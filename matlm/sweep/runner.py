@@ -77,7 +77,13 @@ def final_checkpoint_step(model_dir: Path) -> Optional[int]:
 
 def check_base_dir(trials: Sequence[Trial], options: SweepOptions) -> None:
     """A rerun must be the same sweep: a trial dir written with other bindings is refused
-    (resuming it with the new ones would mix two runs in one model dir)."""
+    (resuming it with the new ones would mix two runs in one model dir). A base dir that is
+    a file (or under one) is refused before any trial dir is made in it."""
+    existing = next(p for p in (options.base_dir, *options.base_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise SweepSpecError(
+            f"--base_dir={str(options.base_dir)!r}: {str(existing)!r} is a file, not a "
+            "directory; give a new or existing directory for the trials' model dirs")
     for trial in trials:
         recorded = read_trial(options.base_dir / trial.name)
         expected = _identity(trial, options)

@@ -162,6 +162,17 @@ def check_data_state_matches(data_state: dict, data_config, train_config: TrainC
             "Resume with the original settings, or start a new --model_dir.")
 
 
+def check_not_past_steps(model_dir: ModelDir, steps: int) -> None:
+    """Refuses (TrainConfigError, before anything is written) a run whose newest checkpoint
+    is already past `steps`: training cannot go back, and the schedule spans `steps`."""
+    saved = model_dir.checkpoint_steps()
+    if saved and saved[-1] > steps:
+        raise TrainConfigError(
+            f"{model_dir.path} is already at step {saved[-1]} > {steps} (--steps, or "
+            f"TrainConfig.steps): give --steps above {saved[-1]} to train it further, or a new "
+            "--model_dir to start over")
+
+
 def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
           model_dir, vocab=None, show_progress: bool = True,
           stop_at: Optional[int] = None,
@@ -207,6 +218,7 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
         from matlm.training.memory_check import check_fits_local_memory
         check_fits_local_memory(model_config, train_config, mesh)
     model_dir.check_same_model(model_config)
+    check_not_past_steps(model_dir, train_config.steps)
     family = family_of(model_config)  # What the model reads: tokens of a vocabulary or not.
     if train_config.downstream_eval_tasks and not family.tokens:
         raise TrainingError(f"TrainConfig.downstream_eval_tasks evaluates text, but the "
