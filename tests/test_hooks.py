@@ -2,6 +2,7 @@
 metrics are fetched one step behind the device, hooks fire at the right steps, a
 non-finite step stops the loop before any state hook sees it, preemption saves the
 current step, and training does not import evaluation."""
+import math
 import os
 import signal
 import subprocess
@@ -241,3 +242,84 @@ def test_a_signal_that_lands_in_a_finalizer_is_recorded_not_printed_and_raised_l
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
     assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_progress_clock_starts_after_the_first_step():
+    """The first step holds compilation and the step-0 eval: counted in the bar's rate, it
+    made the first ETA ~30x too long (issue 28)."""
+    import io
+    import time
+    from types import SimpleNamespace
+    from tqdm import tqdm
+    from matlm.training.hooks import LogMetrics
+    bar = tqdm(total=1000, initial=10, file=io.StringIO(), mininterval=0, miniters=1)
+    hook = LogMetrics(writer=None, log_every=10**6, names=NAMES, tokens_per_step=1,
+                      flops_of=lambda metrics: 0.0, peak_flops_total=1.0, progress=bar)
+    assert bar.postfix == "compiling…"
+    trainer = SimpleNamespace(loop_started=time.perf_counter(), last_step=1000,
+                              stall_seconds=0.0)
+    time.sleep(1.0)  # "Compilation".
+    for step in (11, 12, 13):
+        hook(SimpleNamespace(step=step, metrics={}, trainer=trainer, fetched_at=0.0))
+        time.sleep(0.001)
+    assert bar.n == 13 and not bar.postfix
+    rate = bar.format_dict["rate"]  # Steps/s, from the steps after the first only.
+    assert rate is not None and rate > 20, rate  # With the first step: < 6.
+
+
+def test_the_resume_message_says_why_rows_past_the_step_exist(tmp_path, capsys):
+    import json
+    from matlm.model_dir import ModelDir
+    from matlm.training.metrics import MetricsWriter
+    from matlm.training.trainer import rows_past_reason
+    model_dir = ModelDir(tmp_path)
+    rows = "".join(json.dumps({"step": s, "train/loss": 1.0}) + "\n" for s in range(0, 11))
+    model_dir.metrics_file.write_text(rows)
+    assert rows_past_reason(model_dir, 5) is None  # No checkpoint set aside: a kill.
+    MetricsWriter(model_dir).resume_at(8, why=rows_past_reason(model_dir, 8))
+    assert capsys.readouterr().out.strip() == (
+        "metrics.jsonl: dropped 2 rows past step 8 (written by a job that stopped before "
+        "saving them; they are recomputed)")
+    (model_dir.checkpoints / "8.corrupt").mkdir(parents=True)
+    assert rows_past_reason(model_dir, 8) is None  # Not past the step resumed from.
+    (model_dir.checkpoints / "8.corrupt1").mkdir()  # Set aside twice: the newest one counts.
+    MetricsWriter(model_dir).resume_at(5, why=rows_past_reason(model_dir, 5))
+    assert capsys.readouterr().out.strip() == (
+        "metrics.jsonl: dropped 3 rows past step 5 (written up to checkpoint 8, which was set "
+        "aside as corrupt, so this job resumes from step 5; they are recomputed)")
+    assert [json.loads(r)["step"] for r in model_dir.metrics_file.read_text().splitlines()] \
+        == list(range(6))
+
+
+def test_the_cpu_peak_for_mfu_is_the_best_of_a_timed_window_and_labelled_an_estimate(
+        monkeypatch):
+    from matlm.training import metrics
+    flops, reps = metrics.measured_matmul_flops(n=64, warmup_s=0.0, budget_s=0.05, min_reps=3)
+    assert math.isfinite(flops) and flops > 0 and reps >= 3
+    # As many repeats as the window holds (the old five did not see past a busy moment).
+    _, slow_reps = metrics.measured_matmul_flops(n=64, warmup_s=0.0, budget_s=0.2, min_reps=3)
+    assert slow_reps > reps
+    monkeypatch.setattr(metrics, "measured_matmul_flops", lambda: (1e11, 42))
+    peak, source = metrics.peak_flops_per_device(None)
+    assert peak == 1e11 and source.startswith("an estimate: the best of 42 fp32 matmuls on ")
+    assert "TrainConfig.peak_flops_per_device" in source
+    assert metrics.peak_flops_per_device(2e12) == (2e12, "configured")
+
+
+def test_a_resumed_run_keeps_its_earlier_evals_for_the_final_table(tmp_path):
+    """The final table's "val loss @ step" column starts at step 0 after a resume, read
+    from metrics.jsonl (not at the step the job resumed from)."""
+    import json
+    from matlm.model_dir import ModelDir
+    from matlm.training.metrics import MetricsWriter
+    model_dir = ModelDir(tmp_path)
+    rows = [{"step": 0, "eval/A/loss": 9.0, "eval/B/loss": 8.0}, {"step": 5, "train/loss": 7.0},
+            {"step": 10, "eval/A/loss": 6.0, "eval/B/loss": 5.0},
+            {"step": 12, "eval/A/loss": 1.0},  # Incomplete: not a row of the table.
+            {"step": 20, "eval/A/loss": 4.0, "eval/B/loss": 3.0}]
+    model_dir.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    writer = MetricsWriter(model_dir)
+    writer.resume_at(20)
+    assert writer.earlier_evals(NAMES, before=20) == [(0, {"A": 9.0, "B": 8.0}),
+                                                      (10, {"A": 6.0, "B": 5.0})]
+    assert MetricsWriter(model_dir).earlier_evals(NAMES, before=20) == []  # Not resumed.

@@ -27,7 +27,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     WriterLock(tmp_path / "run").acquire().release()  # Free again.
 
 
-def test_a_lock_of_a_dead_pid_is_taken_over_with_a_warning(tmp_path, capsys):
+def test_a_lock_of_a_dead_pid_is_taken_over_with_a_warning(tmp_path, capsys, caplog):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # Its pid is now free (and not reused this quickly).
     (tmp_path / LOCK_FILE_NAME).write_text(json.dumps(
@@ -35,7 +35,10 @@ def test_a_lock_of_a_dead_pid_is_taken_over_with_a_warning(tmp_path, capsys):
     lock = WriterLock(tmp_path).acquire()
     try:
         assert _holder(tmp_path)["token"] == lock.token
-        assert f"pid {dead.pid} is not running" in capsys.readouterr().out
+        captured = capsys.readouterr()
+        assert f"pid {dead.pid} is not running" in captured.out
+        # Said once: not also as a log record (which a CLI shows on stderr as well).
+        assert (captured.out + captured.err + caplog.text).count("took over the stale") == 1
         assert not list(tmp_path.glob(f"{LOCK_FILE_NAME}.stale-*"))  # Cleaned up.
     finally:
         lock.release()

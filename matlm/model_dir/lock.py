@@ -108,8 +108,7 @@ class WriterLock:
                     f"{self.directory} is being written by another job ({_describe(holder, age_s)}; "
                     f"lock {self.path}). Wait for it to finish, stop it, or use another --model_dir")
             if self._take_over(holder):
-                log.warning("took over the stale writer lock %s (%s: %s)", self.path, why,
-                            _describe(holder, age_s))
+                # One line, printed (a log record as well would show it twice on stderr).
                 print(f"WARNING: took over the stale writer lock of {self.directory} "
                       f"({why}: {_describe(holder, age_s)})")
                 break

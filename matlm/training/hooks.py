@@ -130,6 +130,9 @@ class LogMetrics(Hook):
         self.tokens_per_step, self.flops_of = tokens_per_step, flops_of
         self.peak_flops_total, self.progress = peak_flops_total, progress
         self._window = None  # (start time, stall seconds at start, steps, FLOPs)
+        self._progress_timed = False  # Whether the bar's clock runs (after the first step).
+        if progress is not None:  # Until the first step is done: no rate or ETA to show.
+            progress.set_postfix_str("compiling…")
 
     def __call__(self, info: StepInfo) -> None:
         metrics, trainer = info.metrics, info.trainer
@@ -139,7 +142,10 @@ class LogMetrics(Hook):
         steps, flops = steps + 1, flops + self.flops_of(metrics)
         self._window = (start, stall0, steps, flops)
         if self.progress is not None:
-            self.progress.update(1)
+            if not self._progress_timed:
+                self._start_progress_timer(info.step)
+            else:
+                self.progress.update(1)
         if info.step % self.log_every and info.step != trainer.last_step:
             return
         elapsed = max(info.fetched_at - start - (trainer.stall_seconds - stall0), 1e-9)
@@ -162,6 +168,15 @@ class LogMetrics(Hook):
                                       tok_s=f"{scalars['perf/tokens_per_s']:.0f}",
                                       mfu=f"{scalars['perf/mfu']:.1%}")
         self._window = (info.fetched_at, trainer.stall_seconds, 0, 0.0)
+
+    def _start_progress_timer(self, step: int) -> None:
+        """Shows `step` as done and starts the bar's clock now: the job's first step holds
+        compilation and the step-0 eval, which made the first ETA ~30x too long."""
+        self._progress_timed = True
+        self.progress.reset()  # Clears the rate estimate and restarts the clock (and n).
+        self.progress.initial = self.progress.n = self.progress.last_print_n = step
+        self.progress.set_postfix_str("", refresh=False)
+        self.progress.refresh()
 
     def close(self) -> None:
         if self.progress is not None:

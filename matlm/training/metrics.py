@@ -20,17 +20,27 @@ KNOWN_PEAK_FLOPS = {
 }
 
 
-def measured_matmul_flops(n: int = 1024, reps: int = 5) -> float:
-    """This device's fp32 matmul rate (best of `reps`): the CPU's 'peak'."""
+def measured_matmul_flops(n: int = 1024, warmup_s: float = 0.1,
+                          budget_s: float = 0.4, min_reps: int = 5) -> tuple[float, int]:
+    """(FLOP/s, repeats): this device's fp32 matmul rate, the CPU's 'peak' for MFU.
+
+    The best of as many timed repeats as fit in `budget_s` (at least `min_reps`), after
+    `warmup_s` of untimed ones (thread pool and clock ramp-up). Five repeats (50 ms) varied
+    2x between identical runs on a shared machine (134-285 GFLOP/s, issue 28): the best of
+    a longer window is more likely to see the CPU free. Still an estimate: other processes
+    can hold the cores for the whole window (TrainConfig.peak_flops_per_device pins it)."""
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    best = math.inf
-    for _ in range(reps):
-        start = time.perf_counter()
+    f(a).block_until_ready()  # Compiles.
+    start = time.perf_counter()
+    while time.perf_counter() - start < warmup_s:
         f(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
+    best, reps, start = math.inf, 0, time.perf_counter()
+    while reps < min_reps or time.perf_counter() - start < budget_s:
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best, reps = min(best, time.perf_counter() - t), reps + 1
+    return 2 * n ** 3 / best, reps
 
 
 def peak_flops_per_device(configured: float | None) -> tuple[float, str]:
@@ -41,7 +51,9 @@ def peak_flops_per_device(configured: float | None) -> tuple[float, str]:
     for name, flops in KNOWN_PEAK_FLOPS.items():
         if kind.startswith(name):
             return flops, f"{kind} bf16 data sheet"
-    return measured_matmul_flops(), f"measured fp32 matmul on {kind}"
+    flops, reps = measured_matmul_flops()
+    return flops, (f"an estimate: the best of {reps} fp32 matmuls on {kind}; "
+                   "TrainConfig.peak_flops_per_device sets it")
 
 
 def _process_0s(value: np.ndarray) -> np.ndarray:
@@ -72,9 +84,10 @@ class MetricsWriter:
         self._purge_step = None
         self._rows: dict = {}  # step -> scalars metrics.jsonl held when the job started
 
-    def resume_at(self, step: int) -> int:
+    def resume_at(self, step: int, why: Optional[str] = None) -> int:
         """Keeps metrics.jsonl's rows up to `step` (and drops unreadable lines, e.g. one
-        cut short by a kill); returns how many rows were dropped."""
+        cut short by a kill); returns how many rows were dropped. `why`: why the file holds
+        rows past `step`, for the message (default: a job stopped before saving them)."""
         if not self.enabled:
             return 0
         self._purge_step = step + 1
@@ -97,8 +110,9 @@ class MetricsWriter:
         if dropped:
             # Rewritten beside and renamed over: a reader never sees a half-written file.
             write_atomically(path, "".join(line + "\n" for line in kept))
+            why = why or "written by a job that stopped before saving them"
             print(f"metrics.jsonl: dropped {dropped} rows past step {step} "
-                  "(written by a job that stopped before saving them; they are recomputed)")
+                  f"({why}; they are recomputed)")
         return dropped
 
     def recorded(self, step: int, keys) -> Optional[list]:
@@ -109,6 +123,15 @@ class MetricsWriter:
         found = _process_0s(np.asarray([values is not None] + (values or [0.0] * len(keys)),
                                        np.float32))
         return [float(v) for v in found[1:]] if found[0] else None
+
+    def earlier_evals(self, names, before: int) -> list:
+        """[(step, {name: validation loss})] of the evals metrics.jsonl held below step
+        `before` when this job started (a resumed run's earlier jobs'), oldest first. This
+        process's view: only process 0 reads the file."""
+        keys = {name: f"eval/{name}/loss" for name in names}
+        return [(step, {name: float(row[key]) for name, key in keys.items()})
+                for step, row in sorted(self._rows.items())
+                if step < before and all(key in row for key in keys.values())]
 
     def has(self, step: int, prefix: str) -> bool:
         """Whether metrics.jsonl holds a value named `prefix...` at `step` (process 0's

@@ -44,7 +44,9 @@ class NonFiniteError(TrainingError):
 @dataclasses.dataclass
 class TrainResult:
     final_step: int
-    eval_history: list  # [(step, {granularity: mean CE})]
+    # [(step, {granularity: mean CE})]: the run's evals (after a resume, the earlier jobs'
+    # from metrics.jsonl first), so the final table compares with step 0.
+    eval_history: list
     interrupted: bool = False
     start_step: int = 0  # Where this job started (the restored step, or 0).
 
@@ -173,6 +175,18 @@ def check_not_past_steps(model_dir: ModelDir, steps: int) -> None:
             "--model_dir to start over")
 
 
+def rows_past_reason(model_dir: ModelDir, start: int) -> Optional[str]:
+    """Why metrics.jsonl may hold rows past `start` when a newer checkpoint was set aside
+    as corrupt (then the job that wrote them did save them); None otherwise."""
+    set_aside = [int(p.name.split(".", 1)[0]) for p in model_dir.set_aside_checkpoints()
+                 if p.name.split(".", 1)[0].isdigit()]
+    newer = [step for step in set_aside if step > start]
+    if not newer:
+        return None
+    return (f"written up to checkpoint {max(newer)}, which was set aside as corrupt, so "
+            f"this job resumes from step {start}")
+
+
 def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
           model_dir, vocab=None, show_progress: bool = True,
           stop_at: Optional[int] = None,
@@ -293,7 +307,8 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
                                                   num_hosts=hosts)
         print(f"resumed from {checkpointer.directory / str(step)} (step {step})")
     start = int(state.step)
-    writer.resume_at(start)  # Rows a killed job wrote past `start` are written again.
+    # Rows a killed job wrote past `start` are written again.
+    writer.resume_at(start, why=rows_past_reason(model_dir, start))
 
     # --- The loop and its hooks. --------------------------------------------------------
     train_step = make_train_step(model_config, objective, optimizer, schedule, mesh,
@@ -350,5 +365,7 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
             f"lower the learning rate or check the data, then resume.{hint}") from None
     finally:
         writer.close()
-    return TrainResult(final_step=final, eval_history=validation.history,
+    # The run's evals from step 0 on (the final table's first column), not only this job's.
+    history = writer.earlier_evals(spec.names, before=start) + validation.history
+    return TrainResult(final_step=final, eval_history=history,
                        interrupted=trainer.stop_reason is not None, start_step=start)
