@@ -173,10 +173,16 @@ class LogMetrics(Hook):
         """Shows `step` as done and starts the bar's clock now: the job's first step holds
         compilation and the step-0 eval, which made the first ETA ~30x too long."""
         self._progress_timed = True
-        self.progress.reset()  # Clears the rate estimate and restarts the clock (and n).
-        self.progress.initial = self.progress.n = self.progress.last_print_n = step
-        self.progress.set_postfix_str("", refresh=False)
-        self.progress.refresh()
+        bar = self.progress
+        if bar.disable:  # --no_progress, or not process 0: nothing is shown.
+            return
+        # What tqdm.reset() does, without its refresh that would show n=0 and a negative
+        # rate for a moment: the clock restarts now and the rate's moving averages are empty.
+        bar.initial = bar.n = bar.last_print_n = step
+        bar.start_t = bar.last_print_t = bar._time()
+        bar._ema_dn, bar._ema_dt = (type(bar._ema_dn)(bar.smoothing),
+                                    type(bar._ema_dt)(bar.smoothing))
+        bar.set_postfix_str("")  # Drops "compiling…" and redraws.
 
     def close(self) -> None:
         if self.progress is not None:
