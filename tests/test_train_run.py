@@ -66,11 +66,15 @@ def test_loss_drops_on_real_text(tmp_path, data_config, wiki_vocab):
 @pytest.mark.usefixtures("one_device")
 def test_resume_equals_a_continuous_run_bitwise(tmp_path, data_config, wiki_vocab):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run(straight, data_config, wiki_vocab)
+    continuous = run(straight, data_config, wiki_vocab)
     stopped = run(split, data_config, wiki_vocab, stop_at=4)  # "Killed" at step 4 ...
     assert stopped.interrupted and stopped.final_step == 4
     resumed = run(split, data_config, wiki_vocab)  # ... and resumed.
     assert resumed.final_step == 8
+    # The final table's evals start at step 0 (the first job's, from metrics.jsonl); the
+    # first job also evaluated where it stopped.
+    assert [step for step, _ in resumed.eval_history] == [0, 4, 8]
+    assert [resumed.eval_history[i] for i in (0, -1)] == continuous.eval_history
     assert train_losses(split) == train_losses(straight)  # Same trajectory, bit for bit.
     a = load_checkpoint_for_inference(straight).params
     b = load_checkpoint_for_inference(split).params
