@@ -2,6 +2,7 @@
 granularity (sliced and masked widths), bidirectional attention against a naive softmax,
 joint and scanned passes, exact counts, bad configs, the registry, gin and `matlm info`."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,13 +38,14 @@ def _images(config, B=2, seed=1):
     return jax.random.normal(jax.random.key(seed), (B, *config.image_shape))
 
 
+@functools.lru_cache(maxsize=None)
 def _params(config, seed=0):
     """Initialised parameters moved off their init values: the classifier and class token
-    start at zero and the norms at one, which would hide a wrong wiring of either."""
+    start at zero and the norms at one, which would hide a wrong wiring of either. The
+    noise is numpy's (eager jax.random per leaf costs seconds); cached per config."""
     params = init_params(config, jax.random.key(seed))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-    return tree.unflatten([x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: x + 0.3 * rng.standard_normal(x.shape, np.float32), params)
 
 
 def _width_vectors(config):
@@ -52,7 +54,12 @@ def _width_vectors(config):
     return [spec.uniform(n) for n in spec.names] + [mixed, (24, 8, 64)]
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+# Scanned layers are held to the unrolled ones (test_scanned_equals_unrolled), every width
+# form included; the oracle checks the unrolled variants.
+UNROLLED = sorted(name for name, config in VARIANTS.items() if not config.scan_layers)
+
+
+@pytest.mark.parametrize("name", UNROLLED)
 def test_every_width_equals_the_dense_vit_with_sliced_weights(name):
     config = VARIANTS[name]
     params, images = _params(config), _images(config)
@@ -122,7 +129,7 @@ def _joint_vectors(config):
     return [spec.uniform(n) for n in spec.names] + [(s[0],) + xl[1:], s]
 
 
-@pytest.mark.parametrize("name", ["cls_learned_gelu", "gap_learned_scanned"])
+@pytest.mark.parametrize("name", ["cls_learned_gelu", "gap_sincos_swiglu_gqa"])
 def test_joint_pass_equals_each_submodel_alone(name):
     config = VARIANTS[name]
     params, images = _params(config), _images(config)
@@ -161,7 +168,7 @@ def test_counts_match_the_real_parameter_tree_and_executed_matmuls(name):
     # The jaxpr counts a scan body once: count the unrolled twin (scanned == unrolled is
     # tested above).
     config = dataclasses.replace(config, scan_layers=False)
-    params = init_params(config, jax.random.key(0))
+    params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))  # Traced only.
     for widths in _width_vectors(config)[:4] + [_width_vectors(config)[-1]]:
         # A model *built* at these widths (an extracted one).
         built = dataclasses.replace(config, layer_d_ff=widths)
@@ -194,7 +201,7 @@ def test_bad_configs_are_one_line_errors(kwargs, message):
 
 
 def test_bad_inputs_are_named():
-    params = init_params(BASE, jax.random.key(0))
+    params = _params(BASE)
     with pytest.raises(ValueError, match=r"images of shape \(2, 16, 16, 3\) for a MatViT of "
                                          r"\[B, 12, 12, 3\] inputs"):
         MatViT(BASE).apply({"params": params}, jnp.zeros((2, 16, 16, 3)))
@@ -241,16 +248,20 @@ def test_info_refuses_gin_that_binds_two_families(capsys):
     assert "several model families (lm, vit)" in capsys.readouterr().err
 
 
-def test_the_recipes_compute_dtype_and_remat_run_and_stay_close_to_float32():
-    # The ImageNet recipes train in bfloat16 with remat; both must leave the math alone.
-    params, images = _params(BASE), _images(BASE)
-    want = MatViT(BASE).apply({"params": params}, images)
-    for changes, tolerance in ((dict(remat_policy="minimal"), 1e-6),
-                               (dict(compute_dtype="bfloat16", remat_policy="minimal"), 0.1)):
-        config = dataclasses.replace(BASE, **changes)
-        loss = lambda p: jnp.sum(MatViT(config).apply({"params": p}, images) ** 2)
-        got = MatViT(config).apply({"params": params}, images)
-        assert got.dtype == jnp.float32
-        np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance, err_msg=str(changes))
-        grads = jax.grad(loss)(params)
-        assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+def test_the_recipes_remat_and_bfloat16_leave_the_math_alone():
+    # The ImageNet recipes train in bfloat16 with remat_policy="minimal".
+    config = dataclasses.replace(BASE, n_layers=2)
+    params, images = _params(config), _images(config)
+
+    def value_and_grad(**changes):
+        model = MatViT(dataclasses.replace(config, **changes))
+        loss = lambda p: jnp.sum(model.apply({"params": p}, images) ** 2)
+        return jax.jit(jax.value_and_grad(loss))(params)
+    want = value_and_grad()
+    remat = value_and_grad(remat_policy="minimal")  # Recomputes, never changes a value.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), remat, want)
+    logits = MatViT(dataclasses.replace(config, compute_dtype="bfloat16")).apply(
+        {"params": params}, images)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, MatViT(config).apply({"params": params}, images),
+                               rtol=0.05, atol=0.1)
