@@ -8,10 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from matlm.cli.main import main as matlm_main
 from matlm.gin_config import model_config_from_gin, parse_gin
-from matlm.model import ModelConfigError, build_model, families, family_of, init_params, param_count
+from matlm.model import (ModelConfigError, build_model, families, family_of, init_params,
+                         logical_axes, param_count)
 from matlm.model.attention import attend, make_attention_mask
 from matlm.model.counting import (forward_flops_per_image, forward_flops_per_token,
                                   joint_forward_flops_per_image)
@@ -143,6 +145,30 @@ def test_joint_pass_equals_each_submodel_alone(name):
             want = model.apply({"params": params}, images, widths=widths, return_embedding=out)
             # Shared FFN hidden units are summed segment by segment: float32 reassociation.
             np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=str(widths))
+
+
+def test_sharded_over_data_fsdp_and_tensor_equals_one_device():
+    # The rule table places MatViT's own parameters (patches, class token, positions,
+    # classifier) beside the body's; 8 CPU devices as data × fsdp × tensor = 2 × 2 × 2.
+    from matlm.sharding import activation_sharding
+    from matlm.training.mesh import batch_sharding, make_mesh, param_shardings
+    config = VARIANTS["cls_4_nest_blocks"]  # Whole nesting blocks per tensor shard.
+    params, images = _params(config), _images(config, B=4)
+    mesh = make_mesh((2, 2, 2))
+    shardings = param_shardings(logical_axes(config), jax.eval_shape(lambda: params), mesh)
+    assert shardings["patch_kernel"].spec == P(None, "fsdp")
+    vectors = _joint_vectors(config)
+    model = MatViT(config)
+
+    def forward(p, x, w):
+        return model.apply({"params": p}, x, widths=w), model.apply(
+            {"params": p}, x, joint_widths=vectors)
+    widths = jnp.array(vectors[-2], jnp.int32)
+    with activation_sharding(mesh):
+        got = jax.jit(forward)(jax.device_put(params, shardings),
+                               jax.device_put(images, batch_sharding(mesh)), widths)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5),
+                 got, forward(params, images, widths))
 
 
 def test_scanned_equals_unrolled():
