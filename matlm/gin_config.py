@@ -286,9 +286,20 @@ def config_from_gin(cls, gin_cls):
     return cls(**{f.name: getattr(bound, f.name) for f in dataclasses.fields(cls)})
 
 
-def model_config_from_gin(family: str = families.DEFAULT_FAMILY):
-    """The config of `family` (default: the LM's ModelConfig) that the parsed gin bindings
-    describe (a plain dataclass)."""
+def bound_model_family() -> str:
+    """The family whose config class the parsed gin bindings name (`ViTConfig.d_model = ...`
+    → "vit"); the LM's when they name none. Bindings of two families are a ConfigError."""
+    bound = [f.name for f in families.families() if gin.get_bindings(f.config_class.__name__)]
+    if len(bound) > 1:
+        raise ConfigError(f"the gin bindings configure several model families "
+                          f"({', '.join(bound)}); a model is one family: bind one config class")
+    return bound[0] if bound else families.DEFAULT_FAMILY
+
+
+def model_config_from_gin(family: str | None = None):
+    """The config that the parsed gin bindings describe (a plain dataclass), of `family`
+    or, by default, of the family they bind (`bound_model_family`)."""
+    family = family or bound_model_family()
     return config_from_gin(families.get_family(family).config_class, _GIN_MODEL_CONFIGS[family])
 
 

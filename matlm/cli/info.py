@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import argparse
 
-import gin
 import jax
 from tabulate import tabulate
 
 from matlm.cli import flags
-from matlm.gin_config import ConfigError, model_config_from_gin, parse_gin
-from matlm.model import ModelConfig, abstract_params, families, family_of
+from matlm.gin_config import model_config_from_gin, parse_gin
+from matlm.model import ModelConfig, abstract_params, family_of
 from matlm.model.counting import (forward_flops_per_image, forward_flops_per_token,
                                   joint_forward_flops_per_image,
                                   joint_forward_flops_per_token, param_count)
@@ -62,16 +61,6 @@ def flops_unit(config, seq_len: int) -> str:
     return "image" if isinstance(config, ViTConfig) else f"token (T={seq_len})"
 
 
-def model_config_from_bound_family():
-    """The config of the family whose config class the parsed gin bindings name
-    (`ViTConfig.d_model = ...` → the ViT); the LM's when they name none."""
-    bound = [f.name for f in families.families() if gin.get_bindings(f.config_class.__name__)]
-    if len(bound) > 1:
-        raise ConfigError(f"the gin bindings configure several model families "
-                          f"({', '.join(bound)}); a model is one family: bind one config class")
-    return model_config_from_gin(bound[0] if bound else families.DEFAULT_FAMILY)
-
-
 def family_rows(config) -> list:
     """The dimensions only the config's family has (what goes in and what comes out)."""
     if isinstance(config, ViTConfig):
@@ -112,7 +101,7 @@ def run(args, gin_bindings) -> int:
         config = ModelDir(args.model_dir).model_config()
     else:
         parse_gin(args.gin_file or ["configs/models/tiny.gin"], gin_bindings)
-        config = model_config_from_bound_family()
+        config = model_config_from_gin()
     width_vectors = [config.resolve_widths(w) for w in args.widths]  # Validate first.
     if args.seq_len < 1:
         raise ValueError(f"--seq_len must be positive, got {args.seq_len}")
