@@ -90,9 +90,10 @@ def _refuse_run_config_bindings(where: str, command: str) -> None:
         except ValueError:  # Not registered in this process: nothing can bind it.
             continue
         if bound:
-            field = sorted(bound)[0]
+            fields = sorted(bound)
+            more = f" (and {len(fields) - 1} more fields)" if len(fields) > 1 else ""
             raise ConfigError(
-                f"{where} sets {selector}.{field}, but {command} takes the model and its "
+                f"{where} sets {selector}.{fields[0]}{more}, but {command} takes the model and its "
                 "training and data config from --model_dir's run_config.json (gin flags "
                 "here only define eval tasks); drop it, or train a model with it")
 

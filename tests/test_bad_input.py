@@ -124,7 +124,8 @@ CASES = [
      "and its training and data config from --model_dir's run_config.json"),
     ("eval", ["--gin.ModelConfig.n_layers=8"], 2, "--gin.ModelConfig.n_layers=8 sets ModelConfig.n_layers"),
     ("eval", ["--gin_file=configs/models/matlm_78m.gin"], 2,
-     "--gin_file=configs/models/matlm_78m.gin sets ModelConfig."),
+     "--gin_file=configs/models/matlm_78m.gin sets ModelConfig.activation (and 13 more "
+     "fields), but matlm eval takes the model"),
     ("eval", ["--gin.matlm.TrainConfig.seq_len=64"], 2, "--gin.matlm.TrainConfig.seq_len=64 sets TrainConfig.seq_len"),
 ]
 
