@@ -156,4 +156,5 @@ def test_seed_stream_tags_keep_their_values():
     an existing one never changes (and no two uses share one)."""
     from matlm.data.seed_streams import SeedStream
     assert {s.name: int(s) for s in SeedStream} == {
-        "DOC_ORDER": 1, "MIX_ORDER": 2, "FILE_ORDER": 3, "COMPONENT_STREAMS": 4}
+        "DOC_ORDER": 1, "MIX_ORDER": 2, "FILE_ORDER": 3, "COMPONENT_STREAMS": 4,
+        "IMAGE_ORDER": 5}

@@ -171,9 +171,7 @@ class _Streamer:
 
 def run(args, gin_bindings) -> int:
     check_flags(args, FLAG_CHECKS)
-    if gin_bindings:
-        raise FlagError("matlm generate takes no gin bindings: the model comes from "
-                        f"--model_dir's run_config.json (got {gin_bindings[0]!r})")
+    flags.refuse_gin_bindings("matlm generate", gin_bindings)
     from matlm.decoding.sampling import SamplingConfig
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     texts = read_prompts(args)
