@@ -112,6 +112,12 @@ def test_bad_streamed_input_is_one_clear_error(tmp_path, wiki_vocab):
                                               validation_fraction=0.0)
     with pytest.raises(data.DataError, match=r"a.jsonl:2: not valid JSON"):
         batches(task, wiki_vocab, B=2, steps=3)
+    (tmp_path / "latin1").mkdir()
+    (tmp_path / "latin1" / "a.jsonl").write_bytes('{"text": "café"}\n'.encode("latin-1"))
+    task = data.register_streaming_files_task(str(tmp_path / "latin1" / "*.jsonl"),
+                                              name="t_latin1", validation_fraction=0.0)
+    with pytest.raises(data.DataError, match=r"latin1/a.jsonl: not UTF-8 text \(invalid "):
+        batches(task, wiki_vocab, B=2, steps=1)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.jsonl").write_text("\n\n")
     task = data.register_streaming_files_task(str(tmp_path / "empty" / "*.jsonl"),

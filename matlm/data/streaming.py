@@ -74,6 +74,14 @@ class StreamingCorpus:
                 start: int = 0) -> Iterator[tuple[int, str]]:
         """(record index, text) of the split's non-empty records of one file with index ≡
         residue (mod modulus) and index ≥ start, in file order."""
+        try:
+            yield from self._records(path, split, residue, modulus, start)
+        except UnicodeDecodeError as e:  # A text-mode read: its offset counts from a chunk.
+            raise DataError(f"{path}: not UTF-8 text ({e.reason}); convert it to UTF-8, "
+                            "e.g. with iconv") from None
+
+    def _records(self, path: str, split: str, residue: int, modulus: int,
+                 start: int) -> Iterator[tuple[int, str]]:
         hashed = not (split == "validation" and self.validation_files)
         want_validation = split == "validation"
         with open(path, encoding="utf-8") as f:
