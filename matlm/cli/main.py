@@ -3,18 +3,27 @@
 Each subcommand module defines `add_arguments(parser)` and `run(args, gin_bindings)`, and
 may list shared flags (matlm.cli.flags) in `PARENTS`.
 Modules are imported lazily so that, e.g., `matlm info` never imports TensorFlow.
-Bad input (a ValueError) is printed as one line with exit code 2; set MATLM_DEBUG=1 for
-the traceback. `matlm train` handles SIGTERM/SIGINT from its first line, before any heavy
+Bad input (a ValueError) is printed as one line with exit code 2, an environment fault (an
+OSError such as a full disk) as one line with exit code 74; set MATLM_DEBUG=1 for the
+traceback. `matlm train` handles SIGTERM/SIGINT from its first line, before any heavy
 import (matlm.training.preemption): before the first step it exits 0 with one line.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
 
 from matlm.cli import flags  # Light: argparse only.
+
+# A write or read the machine refused (disk full or over quota, permission lost, read-only
+# file system, I/O error) exits with sysexits' EX_IOERR, distinct from bad input (2) and
+# from a failed run (1): a scheduler can tell "fix the machine" from "fix the command".
+EXIT_ENVIRONMENT = 74
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                                errno.EROFS, errno.EIO})
 
 SUBCOMMANDS = {
     "compile": ("matlm.cli.compile", "Compile a recipe's train/eval steps for a TPU topology: memory and FLOPs per chip."),
@@ -86,6 +95,11 @@ def _main(argv: list) -> int:
             raise  # Full traceback on request.
         print(f"matlm {argv[0] if argv else ''}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # The environment, not the input: disk full, permission, read-only.
+        if e.errno not in ENVIRONMENT_ERRNOS or os.environ.get("MATLM_DEBUG"):
+            raise
+        print(f"matlm {argv[0] if argv else ''}: error: {e}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
 
 
 def console_main() -> int:

@@ -253,6 +253,19 @@ class Checkpoint(Hook):
         self.checkpointer.wait()
 
 
+class SaveWatch(Hook):
+    """Checks after every step, without waiting, whether the asynchronous save in flight
+    has failed (disk full, permission lost): its error then stops the job at once, naming
+    its step, instead of at the next save. A metrics hook: it never makes the device wait."""
+
+    def __init__(self, checkpointer):
+        super().__init__(every=1, needs_state=False, name="save_watch")
+        self.checkpointer = checkpointer
+
+    def __call__(self, info: StepInfo) -> None:
+        self.checkpointer.poll()
+
+
 class Preemption(Hook):
     """SIGTERM/SIGINT (preemption, Ctrl-C) or `stop_at`: save the current step through
     `checkpoint` and stop the loop (the job then exits 0 and a rerun resumes). At the

@@ -25,8 +25,9 @@ from matlm.model_dir.lock import acquire_for_job
 from matlm.training import mesh as mesh_lib
 from matlm.training.config import TrainConfig, TrainConfigError
 from matlm.training.hooks import (DOWNSTREAM_EVAL_HOOK, Checkpoint, Hook, LogMetrics,
-                                  Preempted, Preemption, RunContext, StepInfo, TrainingError,
-                                  ValidationEval, nonfinite, validation_losses)
+                                  Preempted, Preemption, RunContext, SaveWatch, StepInfo,
+                                  TrainingError, ValidationEval, nonfinite,
+                                  validation_losses)
 from matlm.training.metrics import MetricsWriter, peak_flops_per_device
 from matlm.training.objective import build_objective
 from matlm.training.optimizer import learning_rate_schedule, make_optimizer
@@ -331,6 +332,8 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
     trainer = Trainer(train_step, state, batches, first_step=start,
                       last_step=train_config.steps, granularity_names=objective.names,
                       put_batch=lambda batch: mesh_lib.global_batch(batch, mesh), sync=sync)
+    # First of the metrics hooks: a failed save stops the job before anything else writes.
+    trainer.add_hook(SaveWatch(checkpointer))
     progress = tqdm(total=train_config.steps, initial=start, disable=not show_progress or host,
                     unit="step", dynamic_ncols=True)
     trainer.add_hook(LogMetrics(writer, train_config.log_every, objective.names,
