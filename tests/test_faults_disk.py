@@ -185,20 +185,23 @@ def test_a_read_only_checkpoints_dir_gives_exit_74_and_one_line(tmp_path, wiki_v
 
 # --- An OS error injected where Orbax writes (runs everywhere). ------------------------------
 
+@pytest.mark.parametrize("failing, kept", [(6, [2, 4]),      # a periodic save, mid-run
+                                           (8, [2, 4, 6])])  # the final save
 def test_an_enospc_raised_inside_orbaxs_asynchronous_write_is_one_line_with_exit_74(
-        tmp_path, wiki_vocab, monkeypatch, capfd):
-    """OSError(ENOSPC) raised in Orbax's background write of step 6 (the boundary where
-    TensorStore fails on a full disk): `matlm train` returns 74, prints one line naming
-    step 6, ENOSPC and the file, removes the partial 6.orbax-checkpoint-tmp, and keeps
-    checkpoints 2 and 4; the same command then resumes from 4 and finishes."""
+        tmp_path, wiki_vocab, monkeypatch, capfd, failing, kept):
+    """OSError(ENOSPC) raised in Orbax's background write of step `failing` (the boundary
+    where TensorStore fails on a full disk): `matlm train` returns 74, prints one line
+    naming that step, ENOSPC and the file, removes its partial <step>.orbax-checkpoint-tmp,
+    and keeps the checkpoints before it; the same command then resumes from the last of
+    them and finishes."""
     from orbax.checkpoint._src.serialization import serialization
     real_write = serialization.async_serialize_from_host
 
     async def full_at_step_6(rslices, tensorstore_spec, *args, **kwargs):
         where = str(tensorstore_spec.get("kvstore", tensorstore_spec))
-        if "/6.orbax-checkpoint-tmp" in where:
+        if f"/{failing}.orbax-checkpoint-tmp" in where:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC),
-                          f"{tmp_path}/run/checkpoints/6.orbax-checkpoint-tmp/params")
+                          f"{tmp_path}/run/checkpoints/{failing}.orbax-checkpoint-tmp/params")
         return await real_write(rslices, tensorstore_spec, *args, **kwargs)
 
     monkeypatch.setattr(serialization, "async_serialize_from_host", full_at_step_6)
@@ -207,14 +210,15 @@ def test_an_enospc_raised_inside_orbaxs_asynchronous_write_is_one_line_with_exit
     assert matlm_main(["train", *flags(model_dir, wiki_vocab)]) == EXIT_ENVIRONMENT
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err, err
-    mentions = [l for l in (out + err).splitlines() if "checkpoint 6" in l or "ENOSPC" in l]
+    mentions = [l for l in (out + err).splitlines()
+                if f"checkpoint {failing}" in l or "ENOSPC" in l]
     assert len(mentions) == 1, out + err
-    assert mentions[0].startswith("matlm train: error: could not save checkpoint 6: "
+    assert mentions[0].startswith(f"matlm train: error: could not save checkpoint {failing}: "
                                   "No space left on device [ENOSPC] writing "), mentions[0]
-    assert checkpoint_dirs(model_dir) == ["2", "4"]
+    assert checkpoint_dirs(model_dir) == [str(step) for step in kept]
     monkeypatch.setattr(serialization, "async_serialize_from_host", real_write)
     assert matlm_main(["train", *flags(model_dir, wiki_vocab)]) == 0
-    assert f"resumed from {model_dir / 'checkpoints' / '4'}" in capfd.readouterr().out
+    assert f"resumed from {model_dir / 'checkpoints' / str(kept[-1])}" in capfd.readouterr().out
     assert saved_steps(model_dir) == [4, 6, 8]
 
 
