@@ -11,7 +11,6 @@ injected test always runs, so the reporting path is always tested.
 """
 import errno
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
