@@ -5,8 +5,9 @@ may list shared flags (matlm.cli.flags) in `PARENTS`.
 Modules are imported lazily so that, e.g., `matlm info` never imports TensorFlow.
 Bad input (a ValueError) is printed as one line with exit code 2, an environment fault (an
 OSError such as a full disk) as one line with exit code 74; set MATLM_DEBUG=1 for the
-traceback. `matlm train` handles SIGTERM/SIGINT from its first line, before any heavy
-import (matlm.training.preemption): before the first step it exits 0 with one line.
+traceback. `matlm train` handles SIGTERM/SIGINT from the program's first line
+(matlm.training.preemption): blocked until the handlers are in, recorded by them, acted on
+between start-up phases; before the first step it exits 0 with one line.
 """
 from __future__ import annotations
 
@@ -43,20 +44,31 @@ SUBCOMMANDS = {
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """`matlm ARGV...` in this process (tests, notebooks): signal handlers are put back as
+    they were when it returns."""
+    return _dispatch(list(sys.argv[1:] if argv is None else argv), program=False)
+
+
+def _dispatch(argv: list, program: bool) -> int:
+    from matlm.training import preemption  # Light: no JAX, no TF.
     if not argv or argv[0] != "train":
+        if program:
+            preemption.release()  # Held by console_main: their default actions apply.
         return _main(argv)
-    from matlm.training.preemption import SIGNALS, Preempted  # Light: no JAX, no TF.
-    installed = SIGNALS.install()
+    installed = preemption.SIGNALS.install()  # Unblocks a signal held since console_main.
     try:
         return _main(argv)
-    except Preempted as e:
+    except preemption.Preempted as e:
         print(f"matlm train: {e.reason} before the first step; nothing new to save. "
               "Run the same command to start (or resume).", file=sys.stderr)
         return 0
     finally:
-        if installed:  # Called in-process (tests, notebooks): leave signals as they were.
-            SIGNALS.uninstall()
+        if program:
+            # The exit status is decided: a signal during interpreter shutdown must not
+            # change it (to 143 or a KeyboardInterrupt traceback).
+            preemption.ignore_from_now()
+        elif installed:  # In-process: leave signals as they were.
+            preemption.SIGNALS.uninstall()
 
 
 EPILOG = f"""\
@@ -103,10 +115,16 @@ def _main(argv: list) -> int:
 
 
 def console_main() -> int:
-    """The `matlm` program: process-level settings first (matlm.runtime), then `main`."""
+    """The `matlm` program: process-level settings first (matlm.runtime), then the command.
+
+    SIGTERM/SIGINT are held (blocked, kept pending) from here until `matlm train` has its
+    handlers in; the block survives the huge-page re-exec, so a signal at any moment of
+    start-up reaches the handler (matlm.training.preemption)."""
+    from matlm.training import preemption
+    preemption.hold()
     from matlm.runtime import reexec_with_hugepage_malloc
     reexec_with_hugepage_malloc()
-    return main()
+    return _dispatch(sys.argv[1:], program=True)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,9 @@ def run(args, gin_bindings) -> int:
     if args.multihost:
         initialize_multihost(args)
     from matlm import data  # Registers data configurables (imports TensorFlow).
+    from matlm.training.preemption import SIGNALS
     from matlm.training.trainer import TrainingError, train
+    SIGNALS.check()  # The imports were a start-up phase (seconds): a signal stops here.
 
     model_config = model_config_from_gin()
     train_config = train_config_from_gin()

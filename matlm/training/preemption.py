@@ -1,35 +1,49 @@
 """SIGTERM/SIGINT (preemption, Ctrl-C) from the first line of `matlm train` to its last.
 
-A training job is in one of two modes:
+The handler only ever *records* the signal; the job acts on it at points where stopping is
+safe. It never raises from inside whatever the main thread happens to run, because most
+of start-up is native code with worker threads of its own:
 
-- **start-up** (imports, validation, restore, before the first step): there is nothing new
-  to save, so the handler raises `Preempted` at once; `matlm train` catches it, prints one
-  line and exits 0. `Preempted` is a BaseException (like KeyboardInterrupt) so that no
-  `except Exception` on the way — e.g. the fallback over unreadable checkpoints — mistakes
-  it for a failure and acts on it.
-- **deferred** (from the first step on: the loop, evals, the final save): the handler only
-  records the signal. The loop's preemption hook then saves the current step and stops;
-  an eval in progress gives up between batches (`check()`); a save in progress finishes.
+- an exception raised while JAX waits for a compile (jaxlib checks for signals while it
+  waits) abandons the compile on XLA's thread pool; the interpreter then exits under that
+  thread, which crashes in `PjRtLoadedExecutable::Create` (exit 139, after the clean
+  "nothing new to save" line: issue 28, proven by the crash's native stack and the
+  signal's Python stack in `backend_compile_and_load`);
+- raised during a native extension's initialisation (jaxlib at ~0.15 s) it turns into an
+  `ImportError` traceback, during TensorFlow's an abort (134);
+- raised inside a Python callback of native code (SentencePiece's sentence iterator) it
+  fails the vocabulary training; inside a `__del__` or gc callback it cannot propagate.
 
-`SIGNALS` is the process's one instance: `install()` is idempotent, so `matlm train`
-installs it before its heavy imports and `train()` (also called from Python) installs it
-if nobody has. Handlers can only be installed from the main thread; elsewhere (a
-notebook's worker thread) nothing is installed and signals keep their default action.
+A job is in one of two modes:
 
-A signal can land while the main thread runs a garbage-collector callback or a `__del__`
-(JAX registers one, `_xla_gc_callback`): Python cannot propagate an exception from there
-and prints it as "Exception ignored in …" with a traceback. The signal is recorded before
-the raise, so nothing is lost: `install()` also filters `Preempted` out of
-`sys.unraisablehook`, and the next `check()` (at the latest when the loop opens) raises it.
+- **start-up** (imports, validation, lock, vocabulary, restore or initialisation, before
+  the first step): there is nothing new to save. `check()` at the end of each start-up
+  phase raises `Preempted`; `matlm train` catches it, prints one line and exits 0. The
+  longest wait is one phase (seconds: the imports, a compile, a vocabulary training).
+  `Preempted` is a BaseException (like KeyboardInterrupt) so that no `except Exception`
+  on the way mistakes it for a failure and acts on it.
+- **deferred** (from the first step on: the loop, evals, the final save): the loop's
+  preemption hook saves the current step and stops; an eval in progress gives up between
+  batches (`check()`); a save in progress finishes.
+
+`SIGNALS` is the process's one instance. `install()` is idempotent, so the `matlm`
+program installs it before its heavy imports and `train()` (also called from Python)
+installs it if nobody has. Handlers can only be installed from the main thread; elsewhere
+(a notebook's worker thread) nothing is installed and signals keep their default action.
+
+Before the handlers are in, the `matlm` program holds the signals blocked (`hold()`): a
+blocked signal stays pending, across the huge-page re-exec too (execve keeps the signal
+mask; matlm.runtime), and `install()` unblocks it into the handler. Only the first
+interpreter's own start-up (~20 ms, before `matlm`'s first line runs) is uncovered.
 """
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from typing import Optional
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
+_CAN_BLOCK = hasattr(signal, "pthread_sigmask")  # POSIX; not on Windows.
 
 
 class Preempted(BaseException):
@@ -40,58 +54,71 @@ class Preempted(BaseException):
         self.reason = reason
 
 
+def hold() -> None:
+    """Blocks SIGTERM/SIGINT in the calling thread: they stay pending until `install()`
+    (or `release()`). Threads started meanwhile inherit the block, so a pending signal
+    waits for the main thread."""
+    if _CAN_BLOCK:
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+
+
+def release() -> None:
+    """Unblocks SIGTERM/SIGINT in the calling thread: a pending one is delivered now."""
+    if _CAN_BLOCK:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+
+
+def ignore_from_now() -> None:
+    """Ignores SIGTERM/SIGINT for the rest of the process: the `matlm` program calls it
+    once its exit status is decided, so a signal during interpreter shutdown cannot turn
+    that status into 143 or a KeyboardInterrupt (Python resets its own handlers to the
+    default action while it finalizes; an ignored signal stays ignored)."""
+    for sig in HANDLED:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Signals:
     def __init__(self):
         self.received: Optional[str] = None  # The first signal's name, once one arrived.
         self.deferred = False
         self._previous: dict = {}
-        self._previous_unraisable_hook = None
 
     @property
     def installed(self) -> bool:
         return bool(self._previous)
 
     def install(self) -> bool:
-        """Installs the handlers in start-up mode; returns whether this call installed
-        them (False when they already were, or off the main thread)."""
+        """Installs the recording handlers in start-up mode and unblocks the signals (one
+        that arrived while `hold()` blocked them is recorded now); returns whether this
+        call installed them (False when they already were, or off the main thread)."""
         if self.installed or threading.current_thread() is not threading.main_thread():
             return False
         self.received, self.deferred = None, False
         for sig in HANDLED:
             self._previous[sig] = signal.signal(sig, self._handle)
-        self._previous_unraisable_hook = sys.unraisablehook
-        sys.unraisablehook = self._unraisable
+        release()
         return True
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
-        if self._previous_unraisable_hook is not None:
-            sys.unraisablehook = self._previous_unraisable_hook
-            self._previous_unraisable_hook = None
         self.received, self.deferred = None, False
 
     def defer(self) -> None:
-        """From now on a signal is only recorded (the loop saves and stops)."""
+        """The loop has started: a signal now saves the current step and stops it (the
+        preemption hook) instead of ending the start-up."""
         self.deferred = True
 
     def check(self) -> None:
-        """Raises Preempted if a signal arrived (long work calls it between pieces)."""
+        """Raises Preempted if a signal arrived: start-up calls it between its phases,
+        long work (evals) between its pieces."""
         if self.received is not None:
             raise Preempted(self.received)
 
     def _handle(self, signum, frame) -> None:
+        # Only records: see the module docstring for why it never raises.
         self.received = self.received or signal.Signals(signum).name
-        if not self.deferred:
-            raise Preempted(self.received)
-
-    def _unraisable(self, unraisable) -> None:
-        # A Preempted raised inside a gc callback or __del__ was swallowed; it is recorded
-        # in `received`, so only other unraisable exceptions are reported.
-        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, Preempted):
-            return
-        (self._previous_unraisable_hook or sys.__unraisablehook__)(unraisable)
 
 
 SIGNALS = Signals()

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import dataclasses
 import time
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import jax
@@ -188,6 +189,24 @@ def rows_past_reason(model_dir: ModelDir, start: int) -> Optional[str]:
             f"this job resumes from step {start}")
 
 
+def missing_directories(path: Path) -> list[Path]:
+    """`path` and those of its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_while_empty(directories: Sequence[Path]) -> None:
+    """Removes `directories` (deepest first) until one is not empty or not there."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:  # Not empty: the job wrote its run files there (or someone else).
+            return
+
+
 def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
           model_dir, vocab=None, show_progress: bool = True,
           stop_at: Optional[int] = None,
@@ -204,13 +223,16 @@ def train(model_config: ModelConfig, data_config, train_config: TrainConfig,
     `check_memory`: refuse a model whose parameters, optimizer state and activations
     cannot fit the local devices (matlm.training.memory_check) before anything is written.
 
-    The model dir is locked for this job (matlm.model_dir.lock) before the first write.
-    SIGTERM/SIGINT: before the first step, `Preempted` propagates (nothing new to save);
-    from the first step on, the current step is saved and the result says `interrupted`
-    (matlm.training.preemption).
+    The model dir is locked for this job (matlm.model_dir.lock) once the cheap checks
+    pass, before the expensive start-up (vocabulary, restore or compile, step-0 eval), so
+    a second job is refused at once. A start that fails or is stopped before the run files
+    are written leaves the model dir as it found it (a dir it created is removed again).
+    SIGTERM/SIGINT: before the first step, `Preempted` propagates at the end of the
+    current start-up phase (nothing new to save); from the first step on, the current
+    step is saved and the result says `interrupted` (matlm.training.preemption).
     """
     with contextlib.ExitStack() as cleanup:  # Runs its callbacks last-in first-out.
-        if SIGNALS.install():  # Start-up mode: a signal raises Preempted.
+        if SIGNALS.install():  # Start-up mode: `SIGNALS.check()` raises Preempted.
             cleanup.callback(SIGNALS.uninstall)
         return _train(model_config, data_config, train_config, model_dir, vocab,
                       show_progress, stop_at, hooks, sync, check_memory, cleanup)
@@ -238,6 +260,17 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
     if train_config.downstream_eval_tasks and not family.tokens:
         raise TrainingError(f"TrainConfig.downstream_eval_tasks evaluates text, but the "
                             f"{family.name!r} family reads no tokens: leave it empty")
+    SIGNALS.check()  # Before the lock: a signal until here leaves the dir untouched.
+    # --- The writer lock, before the expensive start-up: a second job is refused now. ----
+    created = missing_directories(model_dir.path)
+    lock = acquire_for_job(model_dir.path)  # Also refuses an unwritable dir.
+    if lock is not None:  # Process 0's; released when train() returns or raises.
+        # Last-in first-out: after the release, a dir this job created and left empty
+        # (a refused or stopped start) is removed again.
+        cleanup.callback(remove_while_empty, created)
+        cleanup.callback(lock.release)
+    # --- Validation that needs the vocabulary and the data (seconds, or minutes to train
+    # a vocabulary): nothing is written to the model dir until it passes. ----------------
     if vocab is None:
         # A resumed run keeps the vocabulary it started with (copied into the model dir).
         vocab = model_dir.vocabulary(fallback=data_config.vocabulary)
@@ -270,12 +303,11 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
             "TrainConfig.downstream_eval_tasks is set but no downstream-eval hook was given: "
             "pass hooks=[matlm.evaluation.in_loop.downstream_eval_hook] to train() "
             "(`matlm train` does)")
-    # --- The first write: the writer lock (refuses a second job, an unwritable dir). ----
-    lock = acquire_for_job(model_dir.path)
-    if lock is not None:  # Process 0's; released when train() returns or raises.
-        cleanup.callback(lock.release)
+    SIGNALS.check()  # Before the first file: a signal until here leaves nothing behind.
+    # --- The first files: run_config.json, vocab.model. ---------------------------------
     model_dir.write_run_files(model_config, data_config, train_config,
                               getattr(vocab, "sentencepiece_model_file", "") or "")
+    SIGNALS.check()  # Spares the restore or the initialising compile (seconds).
 
     # --- Restore or initialise. ---------------------------------------------------------
     optimizer = make_optimizer(train_config)
@@ -308,6 +340,7 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
                                                   num_hosts=hosts)
         print(f"resumed from {checkpointer.directory / str(step)} (step {step})")
     start = int(state.step)
+    SIGNALS.check()  # Restore or initialisation (a compile) was the last start-up phase.
     # Rows a killed job wrote past `start` are written again.
     writer.resume_at(start, why=rows_past_reason(model_dir, start))
 
