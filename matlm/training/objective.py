@@ -11,8 +11,10 @@ smallest and the largest every step, `sample_k − 2` of the others drawn).
 
 `model` is whatever the config's family builds (matlm.model.families; the train step
 asks the registry): the granularity choice, the weights and the joint pass are the
-body's. The per-token loss head (`hidden_loss`, `distill_token_terms`: next-token CE over
-the vocabulary) is the LM family's; another family supplies its own (docs/model_families.md).
+body's. What a granularity's output is and how it becomes a loss is the family's loss
+head (`loss_head`): the LM's (`LMLossHead`: `hidden_loss`, `distill_token_terms`,
+next-token CE over the vocabulary) is here, the ViT's (class CE, top-1) in
+matlm.training.vit_objective.
 """
 from __future__ import annotations
 
@@ -331,50 +333,98 @@ def granularity_loss(model: nn.Module, params, batch, widths, z_loss: float, chu
     return hidden_loss(model.config, params, hidden, batch, z_loss, chunk)
 
 
+class LMLossHead:
+    """The LM family's loss head: next-token CE of the vocabulary head over hidden
+    states, in sequence chunks; a granularity's "output" is its final-normed hidden
+    states [B, T, D] (the logits are formed chunk by chunk inside the loss)."""
+
+    metrics = ("ce", "kl")  # Per-granularity metrics a step reports, in this order.
+
+    @staticmethod
+    def submodel_output(model, params, batch, widths):
+        return submodel_hidden(model, params, batch, widths)
+
+    @staticmethod
+    def joint_outputs(model, objective, params, batch) -> list:
+        return _joint_hidden(model, objective, params, batch)
+
+    @staticmethod
+    def loss(model, objective, params, hidden, batch):
+        loss, ce = hidden_loss(model.config, params, hidden, batch, objective.z_loss,
+                               objective.loss_chunk)
+        return loss, {"ce": ce}
+
+    @staticmethod
+    def distilled_losses(model, objective, params, hidden_S, batch, teacher):
+        loss_S, ce_S, kl_S = distilled_losses(objective, model.config, params, hidden_S, batch,
+                                              teacher)
+        return loss_S, {"ce": ce_S, "kl": kl_S}
+
+
+def loss_head(config):
+    """The loss head of `config`'s family (matlm.model.families): how a batch and a
+    submodel's output become its loss and per-granularity metrics. The objective (which
+    granularities, their weights, the joint pass, distillation's α and T) is shared."""
+    from matlm.model.families import family_of
+    family = family_of(config)
+    if family.name == "vit":
+        from matlm.training.vit_objective import ViTLossHead
+        return ViTLossHead
+    if family.tokens:  # Next-token batches (inputs, targets, loss_mask): the LM's head.
+        return LMLossHead
+    raise TrainConfigError(f"model family {family.name!r} has no loss head "
+                           "(matlm.training.objective.loss_head)")
+
+
 def joint_loss(model: nn.Module, objective: Objective, params, batch, indices):
-    """Σ λ · loss over this step's granularities; also the CE and the distillation KL of
-    each granularity ([g] each, zero where not trained; KL zero for the teacher)."""
+    """Σ λ · loss over this step's granularities; also the family's per-granularity
+    metrics (`loss_head(...).metrics`: the CE and the distillation KL of each granularity,
+    and the ViT's top-1 accuracy; [g] each, zero where not trained; KL zero for the
+    teacher), as a tuple in that order."""
+    head = loss_head(model.config)
     g = len(objective.names)
-    ce_G = jnp.zeros((g,), jnp.float32)
-    kl_G = jnp.zeros((g,), jnp.float32)
+    per_G = {name: jnp.zeros((g,), jnp.float32) for name in head.metrics}
     static = all(isinstance(widths, (tuple, list)) for widths in objective.widths)
     if objective.distills:
         if objective.mode == "all" and static:
-            hidden_S = _joint_hidden(model, objective, params, batch)
+            out_S = head.joint_outputs(model, objective, params, batch)
         elif objective.mode == "all":  # Traced (masked) widths: one submodel after another.
-            hidden_S = [submodel_hidden(model, params, batch, w) for w in objective.widths]
+            out_S = [head.submodel_output(model, params, batch, w) for w in objective.widths]
         else:
-            branches = [(lambda p, b, w=w: submodel_hidden(model, p, b, w))
+            branches = [(lambda p, b, w=w: head.submodel_output(model, p, b, w))
                         for w in objective.widths]
-            hidden_S = [jax.lax.switch(indices[slot], branches, params, batch)
-                        for slot in range(objective.slots)]
-        loss_S, ce_S, kl_S = distilled_losses(objective, model.config, params, hidden_S, batch,
-                                              objective.teacher_slot(indices))
+            out_S = [jax.lax.switch(indices[slot], branches, params, batch)
+                     for slot in range(objective.slots)]
+        loss_S, metrics_S = head.distilled_losses(model, objective, params, out_S, batch,
+                                                  objective.teacher_slot(indices))
         total = jnp.dot(jnp.asarray(objective.weights, jnp.float32), loss_S)
-        return total, (ce_G.at[indices].set(ce_S), kl_G.at[indices].set(kl_S))
+        for name, value_S in metrics_S.items():
+            per_G[name] = per_G[name].at[indices].set(value_S)
+        return total, tuple(per_G.values())
     total = 0.0
     if objective.mode == "all":
         if static:
-            losses = [hidden_loss(model.config, params, hidden, batch, objective.z_loss,
-                                  objective.loss_chunk)
-                      for hidden in _joint_hidden(model, objective, params, batch)]
+            losses = [head.loss(model, objective, params, out, batch)
+                      for out in head.joint_outputs(model, objective, params, batch)]
         else:  # Traced (masked) widths: one submodel after another.
-            losses = [granularity_loss(model, params, batch, widths, objective.z_loss,
-                                       objective.loss_chunk)
+            losses = [head.loss(model, objective, params,
+                                head.submodel_output(model, params, batch, widths), batch)
                       for widths in objective.widths]
-        for i, (loss, ce) in enumerate(losses):
+        for i, (loss, metrics) in enumerate(losses):
             total += objective.weights[i] * loss
-            ce_G = ce_G.at[i].set(ce)
-        return total, (ce_G, kl_G)
+            for name, value in metrics.items():
+                per_G[name] = per_G[name].at[i].set(value)
+        return total, tuple(per_G.values())
     branches = [
-        (lambda p, b, w=w: granularity_loss(model, p, b, w, objective.z_loss,
-                                            objective.loss_chunk))
+        (lambda p, b, w=w: head.loss(model, objective, p, head.submodel_output(model, p, b, w),
+                                     b))
         for w in objective.widths]
     for slot in range(objective.slots):
-        loss, ce = jax.lax.switch(indices[slot], branches, params, batch)
+        loss, metrics = jax.lax.switch(indices[slot], branches, params, batch)
         total += objective.weights[slot] * loss
-        ce_G = ce_G.at[indices[slot]].set(ce)
-    return total, (ce_G, kl_G)
+        for name, value in metrics.items():
+            per_G[name] = per_G[name].at[indices[slot]].set(value)
+    return total, tuple(per_G.values())
 
 
 def _joint_hidden(model: nn.Module, objective: Objective, params, batch) -> list:

@@ -12,12 +12,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from matlm.model import ModelConfig, abstract_params, build_model, init_params, logical_axes
+from matlm.model.families import family_of
 from matlm.training import mesh as mesh_lib
 from matlm.sharding import activation_sharding
-from matlm.training.objective import Objective, hidden_loss, joint_loss
+from matlm.training.objective import Objective, hidden_loss, joint_loss, loss_head
 
 
 @flax.struct.dataclass
@@ -84,6 +85,17 @@ def _split_microbatches(batch, n: int):
     return jax.tree.map(split, batch)
 
 
+def batch_sharding_of(model_config, mesh) -> NamedSharding:
+    """The sharding of every array of the family's batches: the LM's [B, T] rows over
+    data×fsdp (`mesh.batch_sharding`); a family without token batches (the ViT's images
+    [B, H, W, C], labels and mask [B]) shards only the leading example axis, the same
+    way, whatever each array's rank."""
+    sharding = mesh_lib.batch_sharding(mesh)
+    if family_of(model_config).tokens:
+        return sharding
+    return NamedSharding(mesh, P(sharding.spec[0]))
+
+
 def make_train_step(model_config: ModelConfig, objective: Objective, optimizer, schedule,
                     mesh, microbatches: int = 1, donate: bool = True):
     """`train_step(state, batch) -> (state, metrics)`, jitted once with in/out shardings.
@@ -91,9 +103,12 @@ def make_train_step(model_config: ModelConfig, objective: Objective, optimizer, 
     metrics: `loss` (the weighted objective), `ce` [g] (CE of each granularity, 0 where
     not trained this step), `kl` [g] (each student's distillation KL, 0 for the teacher,
     the untrained and without distillation), `trained` [g] (1 where trained), `grad_norm`, `param_norm`
-    (after the update), `learning_rate`.
+    (after the update), `learning_rate`; the ViT family adds `acc` [g] (top-1 accuracy
+    on the batch, 0 where not trained). The batch is the family's
+    (`batch_sharding_of`).
     """
     model = build_model(model_config)
+    metric_names = loss_head(model_config).metrics
     shardings = state_shardings(model_config, optimizer, mesh)
 
     def loss_and_grads(params, batch, indices):
@@ -106,7 +121,7 @@ def make_train_step(model_config: ModelConfig, objective: Objective, optimizer, 
             return jax.tree.map(jnp.add, carry, (loss, per_granularity, grads)), None
 
         g = len(objective.names)
-        init = (jnp.zeros((), jnp.float32), (jnp.zeros((g,)), jnp.zeros((g,))),
+        init = (jnp.zeros((), jnp.float32), tuple(jnp.zeros((g,)) for _ in metric_names),
                 jax.tree.map(jnp.zeros_like, params))
         (loss, per_granularity, grads), _ = jax.lax.scan(
             accumulate, init, _split_microbatches(batch, microbatches))
@@ -115,26 +130,31 @@ def make_train_step(model_config: ModelConfig, objective: Objective, optimizer, 
 
     def train_step(state: TrainState, batch):
         indices = objective.indices(state.step)
-        (loss, (ce_G, kl_G)), grads = loss_and_grads(state.params, batch, indices)
+        (loss, per_granularity), grads = loss_and_grads(state.params, batch, indices)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         trained_G = jnp.zeros((len(objective.names),), jnp.float32).at[indices].set(1.0)
-        metrics = {"loss": loss, "ce": ce_G, "kl": kl_G, "trained": trained_G,
+        metrics = {"loss": loss, **dict(zip(metric_names, per_granularity)),
+                   "trained": trained_G,
                    "grad_norm": optax.tree.norm(grads),
                    # Also guards checkpoints: a non-finite update is caught before saving.
                    "param_norm": optax.tree.norm(params),
                    "learning_rate": schedule(state.step)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    return jax.jit(traced_in_mesh(train_step, mesh), in_shardings=(shardings, batch_sharding),
+    return jax.jit(traced_in_mesh(train_step, mesh),
+                   in_shardings=(shardings, batch_sharding_of(model_config, mesh)),
                    out_shardings=(shardings, mesh_lib.replicated(mesh)),
                    donate_argnums=(0,) if donate else ())
 
 
 def make_eval_step(model_config: ModelConfig, widths_by_name: dict, mesh, loss_chunk: int = 0):
-    """`eval_step(params, batch) -> {name: (sum CE, token count)}` for every submodel;
-    cross entropy in sequence chunks of `loss_chunk` positions (0: at once)."""
+    """`eval_step(params, batch) -> {name: (sum CE, count)}` for every submodel;
+    cross entropy in sequence chunks of `loss_chunk` positions (0: at once). Counts are
+    tokens for the LM; for the ViT they are (real, mask 1) examples, and every submodel
+    also has `{name}/top1: (correct predictions, count)`."""
+    if not family_of(model_config).tokens:
+        return _make_vit_eval_step(model_config, widths_by_name, mesh)
     model = build_model(model_config)
 
     names = list(widths_by_name)
@@ -153,4 +173,30 @@ def make_eval_step(model_config: ModelConfig, widths_by_name: dict, mesh, loss_c
 
     return jax.jit(traced_in_mesh(eval_step, mesh),
                    in_shardings=(None, mesh_lib.batch_sharding(mesh)),
+                   out_shardings=mesh_lib.replicated(mesh))
+
+
+def _make_vit_eval_step(model_config, widths_by_name: dict, mesh):
+    """The ViT's eval step: summed CE and top-1 hits over the real examples, per submodel,
+    from one joint pass over shared streams."""
+    from matlm.training.objective import token_losses
+    from matlm.training.vit_objective import top1_correct
+    model = build_model(model_config)
+    names = list(widths_by_name)
+
+    def eval_step(params, batch):
+        logits = model.apply({"params": params}, batch["images"],
+                             joint_widths=[widths_by_name[n] for n in names])
+        mask_B = batch["mask"]
+        count = mask_B.sum()
+        out = {}
+        for name, logits_BK in zip(names, logits):
+            ce_B, _ = token_losses(logits_BK, batch["labels"])
+            out[name] = ((ce_B * mask_B).sum(), count)
+            out[f"{name}/top1"] = ((top1_correct(logits_BK, batch["labels"]) * mask_B).sum(),
+                                   count)
+        return out
+
+    return jax.jit(traced_in_mesh(eval_step, mesh),
+                   in_shardings=(None, batch_sharding_of(model_config, mesh)),
                    out_shardings=mesh_lib.replicated(mesh))
