@@ -192,3 +192,17 @@ def test_one_device_equals_a_2x2x2_mesh():
     for a, b in zip(one, eight):
         for key in ("loss", "ce", "acc", "grad_norm"):
             np.testing.assert_allclose(a[key], b[key], rtol=2e-4, err_msg=key)
+
+
+def test_train_flops_are_the_images_counted_per_token():
+    """MFU counts FLOPs per token × tokens per step; a ViT's tokens are its images'
+    (num_tokens each), so per token × num_tokens is the per-image count."""
+    from matlm.model.counting import joint_forward_flops_per_image, train_flops_per_image
+    joint = build_objective(VIT, TRAIN)
+    assert joint.train_flops_per_token(VIT, VIT.num_tokens) * VIT.num_tokens == pytest.approx(
+        3 * joint_forward_flops_per_image(VIT, joint.widths))
+    sampled = build_objective(VIT, dataclasses.replace(TRAIN, granularity_mode="sample",
+                                                       sample_k=2))
+    got = sampled.train_flops_per_token(VIT, VIT.num_tokens, trained=[1, 0, 0, 1])
+    assert got * VIT.num_tokens == pytest.approx(
+        train_flops_per_image(VIT, sampled.widths[0]) + train_flops_per_image(VIT, sampled.widths[3]))

@@ -26,8 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from matlm.model import ModelConfig
-from matlm.model.counting import joint_train_flops_per_token, train_flops_per_token
+from matlm.model.counting import (forward_flops_per_image, joint_forward_flops_per_image,
+                                  joint_train_flops_per_token, train_flops_per_token)
 from matlm.model.head import head_logits, head_table
+from matlm.model.vit_config import ViTConfig
 from matlm.training.config import WEIGHT_PRESETS, TrainConfig, TrainConfigError
 
 # The MatFormer paper's Table 6: S/M/L/XL sampling probabilities that gave XL 2.829 vs the
@@ -82,12 +84,20 @@ class Objective:
         """Training FLOPs per token executed by a step (3 × forward, as MFU counts them):
         mode "all" runs one joint pass over shared streams; sampled granularities run one
         after another — those flagged in `trained` ([g] booleans, a step's metrics), or
-        without it the expectation over the sampling distribution."""
+        without it the expectation over the sampling distribution.
+
+        A ViT's tokens are its images' (`num_tokens` each, class token included; `seq_len`
+        is not used): its per-image counts divided by `num_tokens`, so that FLOPs per step
+        are this × images × num_tokens as for the LM's tokens."""
+        if isinstance(model_config, ViTConfig):
+            joint_fn, one_fn = _vit_joint_train_flops_per_token, _vit_train_flops_per_token
+        else:
+            joint_fn, one_fn = joint_train_flops_per_token, train_flops_per_token
         if self.mode == "all":
-            return joint_train_flops_per_token(model_config, seq_len, self.widths)
+            return joint_fn(model_config, seq_len, self.widths)
         # The KL adds elementwise work on logits the step computes anyway (no matmul), so
         # it is not counted, like the softmax of the CE.
-        per_granularity = np.array([train_flops_per_token(model_config, seq_len, w)
+        per_granularity = np.array([one_fn(model_config, seq_len, w)
                                     for w in self.widths], dtype=np.float64)
         if trained is not None:
             return float(per_granularity[np.asarray(trained) > 0].sum())
@@ -128,6 +138,16 @@ class Objective:
         """The slot of the largest granularity trained this step: static in modes "all"
         and "sandwich" (the last slot), traced in "sample" mode."""
         return self.slots - 1 if self.mode != "sample" else jnp.argmax(indices)
+
+
+def _vit_train_flops_per_token(config: ViTConfig, seq_len: int, widths) -> float:
+    del seq_len  # An image's token count is the config's.
+    return 3 * forward_flops_per_image(config, widths) / config.num_tokens
+
+
+def _vit_joint_train_flops_per_token(config: ViTConfig, seq_len: int, widths_S) -> float:
+    del seq_len
+    return 3 * joint_forward_flops_per_image(config, widths_S) / config.num_tokens
 
 
 def build_objective(model_config: ModelConfig, train_config: TrainConfig) -> Objective:
