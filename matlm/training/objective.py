@@ -31,6 +31,8 @@ from matlm.model.counting import (forward_flops_per_image, joint_forward_flops_p
 from matlm.model.head import head_logits, head_table
 from matlm.model.vit_config import ViTConfig
 from matlm.training.config import WEIGHT_PRESETS, TrainConfig, TrainConfigError
+from matlm.training.cross_entropy import token_losses
+from matlm.training.vit_objective import ViTLossHead
 
 # The MatFormer paper's Table 6: S/M/L/XL sampling probabilities that gave XL 2.829 vs the
 # baseline's 2.840 with S still ahead of its baseline; matlm also uses them as loss weights.
@@ -201,13 +203,6 @@ def build_objective(model_config: ModelConfig, train_config: TrainConfig) -> Obj
                      loss_chunk=train_config.loss_chunk_size,
                      distill_weight=train_config.distill_weight,
                      distill_temperature=train_config.distill_temperature)
-
-
-def token_losses(logits_BTV, targets_BT):
-    """Cross entropy per position and log-partition (for z-loss), in float32."""
-    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    return logz_BT - target_logit_BT, logz_BT
 
 
 def chunked_token_losses(config: ModelConfig, table, hidden_BTD, targets_BT, chunk: int):
@@ -388,7 +383,6 @@ def loss_head(config):
     from matlm.model.families import family_of
     family = family_of(config)
     if family.name == "vit":
-        from matlm.training.vit_objective import ViTLossHead
         return ViTLossHead
     if family.tokens:  # Next-token batches (inputs, targets, loss_mask): the LM's head.
         return LMLossHead

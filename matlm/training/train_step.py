@@ -179,7 +179,7 @@ def make_eval_step(model_config: ModelConfig, widths_by_name: dict, mesh, loss_c
 def _make_vit_eval_step(model_config, widths_by_name: dict, mesh):
     """The ViT's eval step: summed CE and top-1 hits over the real examples, per submodel,
     from one joint pass over shared streams."""
-    from matlm.training.objective import token_losses
+    from matlm.training.cross_entropy import token_losses
     from matlm.training.vit_objective import top1_correct
     model = build_model(model_config)
     names = list(widths_by_name)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from matlm.training.objective import token_losses
+from matlm.training.cross_entropy import token_losses
 
 
 def example_mean(x_B, mask_B):
