@@ -85,6 +85,20 @@ def run_stack(module: nn.Module, config: BodyConfig, x_BTD, rope, mask,
     return run(module, body, x_BTD, rope, mask, widths, is_traced(widths), joint_widths)
 
 
+def outputs_per_submodel(streams, final_members, n_submodels: int, head):
+    """`head` of each stream that `run_stack` returned, as one output per submodel of a
+    joint pass (`final_members[i]`: the submodels stream i carries; identical width vectors
+    share one stream, so its head runs once); a single pass (`final_members` None) gives
+    the head of its one stream."""
+    if final_members is None:
+        return head(streams[0])
+    by_submodel = {}
+    for x, members in zip(streams, final_members, strict=True):
+        stream_out = head(x)
+        by_submodel.update((m, stream_out) for m in members)
+    return tuple(by_submodel[m] for m in range(n_submodels))
+
+
 def run_cached_stack(module: nn.Module, config: BodyConfig, x_BTD, rope, mask, widths,
                      keys, values, positions_BT):
     """The unrolled blocks of `module` against per-layer KV caches (cached decoding; no

@@ -29,7 +29,8 @@ from matlm.model.config import ModelConfig
 from matlm.model.attention import decode_mask, make_attention_mask
 from matlm.model.layers import RMSNorm, _param, rope_tables
 from matlm.model.head import head_logits
-from matlm.model.nested_stack import LAYERS, run_cached_stack, run_stack  # noqa: F401
+from matlm.model.nested_stack import (LAYERS, outputs_per_submodel,  # noqa: F401
+                                       run_cached_stack, run_stack)
 from matlm.sharding import constrain
 
 
@@ -79,13 +80,7 @@ class MatLM(nn.Module):
                 return final_norm(x_BTD)
             return head_logits(cfg, table, final_norm(x_BTD))
 
-        if final_members is None:
-            return head(streams[0])
-        by_submodel = {}
-        for x, members in zip(streams, final_members, strict=True):
-            stream_out = head(x)  # Identical width vectors share one stream.
-            by_submodel.update((m, stream_out) for m in members)
-        return tuple(by_submodel[m] for m in range(len(joint_widths)))
+        return outputs_per_submodel(streams, final_members, len(joint_widths or ()), head)
 
     def _embed(self, tokens_BT, positions_BT, table_len: int):
         """(token table, token embeddings [B, T, D], RoPE tables or None): positions enter

@@ -25,7 +25,7 @@ import numpy as np
 
 from matlm.model.attention import make_attention_mask
 from matlm.model.layers import RMSNorm, _dense_init, _param
-from matlm.model.nested_stack import run_stack
+from matlm.model.nested_stack import outputs_per_submodel, run_stack
 from matlm.model.vit_config import ViTConfig
 from matlm.sharding import constrain
 
@@ -89,13 +89,7 @@ class MatViT(nn.Module):
                 return embedding_BD
             return embedding_BD @ head_DK + bias_K  # Small: float32, whatever the compute dtype.
 
-        if final_members is None:
-            return head(streams[0])
-        by_submodel = {}
-        for x, members in zip(streams, final_members, strict=True):
-            stream_out = head(x)  # Identical width vectors share one stream.
-            by_submodel.update((m, stream_out) for m in members)
-        return tuple(by_submodel[m] for m in range(len(joint_widths)))
+        return outputs_per_submodel(streams, final_members, len(joint_widths or ()), head)
 
     def _embed(self, images_BHWC):
         """Tokens [B, T, D]: projected patches, the class token in front (cls pooling),
