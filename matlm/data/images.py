@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from matlm.data import image_augment, image_sets
+from matlm.data import image_augment, image_sets, iterator_state
 from matlm.data.errors import BatchSizeError, DataError, StateError
 from matlm.data.seed_streams import SeedStream
 
@@ -170,20 +170,8 @@ class ImageBatchIterator:
         self.step = int(state["step"])
 
 
-# Config fields that do not change which examples make up a global batch.
-HOST_LAYOUT_FIELDS = frozenset({"num_hosts"})
-
-
 def check_state(state: dict[str, Any], config: ImagePipelineConfig) -> None:
-    if state.get("version") != STATE_VERSION:
-        raise StateError(f"image pipeline state version {state.get('version')!r} is not "
-                         f"{STATE_VERSION!r}")
-    current = dataclasses.asdict(config)
-    differ = {k: (state.get(k), v) for k, v in current.items()
-              if k not in HOST_LAYOUT_FIELDS and state.get(k) != v}
-    if differ:
-        raise StateError("saved image pipeline state does not match this pipeline "
-                         f"(field: (saved, now)): {differ}")
+    iterator_state.check_state(state, config, STATE_VERSION, "image pipeline")
 
 
 def make_image_batch_iterator(dataset: str, split: str, global_batch_size: int, seed: int,

@@ -48,7 +48,8 @@ from typing import Any, Iterator
 import numpy as np
 import seqio
 
-from matlm.data import corpora, packing, stream_mixture, streaming, tasks, vocabulary
+from matlm.data import (corpora, iterator_state, packing, stream_mixture, streaming, tasks,
+                        vocabulary)
 from matlm.data.errors import BatchSizeError, DataError, SequenceLengthError, StateError
 from matlm.data.mixture_schedule import MixtureSchedule
 from matlm.data.task_rows import TaskRows, token_store
@@ -174,21 +175,8 @@ class BatchIterator:
         self.step = int(state["step"])
 
 
-# PipelineConfig fields that do not change which rows make up a global batch.
-HOST_LAYOUT_FIELDS = frozenset({"num_hosts"})
-
-
 def check_state(state: dict[str, Any], config: PipelineConfig) -> None:
-    if state.get("version") != STATE_VERSION:
-        raise StateError(f"pipeline state version {state.get('version')!r} is not "
-                         f"{STATE_VERSION}")
-    saved = {f.name: state.get(f.name) for f in dataclasses.fields(PipelineConfig)}
-    current = dataclasses.asdict(config)
-    differ = {k: (saved[k], current[k]) for k in current
-              if k not in HOST_LAYOUT_FIELDS and saved[k] != current[k]}
-    if differ:
-        raise StateError("saved pipeline state does not match this pipeline "
-                         f"(field: (saved, now)): {differ}")
+    iterator_state.check_state(state, config, STATE_VERSION, "pipeline")
 
 
 def make_batch_iterator(task_or_mixture: str, split: str, seq_len: int,
