@@ -24,6 +24,8 @@ from matlm.cli import flags
 from matlm.config_checks import Check, check_flags
 
 DEFAULT_GIN = "configs/eval/offline.gin"
+TEXT_BATCH_SIZE = 8  # Rows (prompts) per batch.
+IMAGE_BATCH_SIZE = 250  # Images per batch: mnist_5k's 500 validation images in 2.
 
 PARENTS = [
     flags.model_dir(), flags.step(),
@@ -63,13 +65,17 @@ def add_arguments(parser) -> None:
                              "prompt, choices, log-likelihoods (or generated text), "
                              "prediction and gold")
     parser.add_argument("--seed", type=int, default=0, help="exemplar seed")
-    parser.add_argument("--batch_size", type=int, default=8,
-                        help="rows per batch (rounded up to a multiple of the device count)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help=f"rows per batch (rounded up to a multiple of the device count; "
+                             f"default {TEXT_BATCH_SIZE} prompts, or {IMAGE_BATCH_SIZE} images)")
     parser.add_argument("--max_len", type=int, default=None,
                         help="tokens per row; longer prompts lose their start (default: the "
                              "context the checkpoint trained at, its train.seq_len, as "
                              "lm-evaluation-harness reads an export's "
                              "max_position_embeddings; 1024 when the dir records none)")
+    parser.add_argument("--split", default=None,
+                        help="MatViT checkpoints: the image split to classify (default: the "
+                             "run's eval split, e.g. validation; 'test' where the set has one)")
     parser.add_argument("--sliced", action="store_true",
                         help="slice kernels per submodel (fewer FLOPs, one compile per "
                              "submodel) instead of the masked path (one compile for all)")
@@ -106,6 +112,12 @@ def run(args, gin_bindings) -> int:
     # 1. The checkpoint's own config (missing or empty dir: CheckpointError naming it).
     model_dir, run_config = model_dir_lib.open_run(args.model_dir)
     config = run_config.model
+    from matlm.model import family_of
+    if not family_of(config).tokens:  # A MatViT: its images, not text tasks.
+        return _run_images(args, gin_bindings, model_dir, run_config, start)
+    if args.split is not None:
+        raise SystemExit("matlm eval: error: --split selects an image split; for text tasks "
+                         "the split is part of each task's definition")
     # 2. Tasks (gin) and submodels, validated against that config.
     parse_gin([DEFAULT_GIN, *args.gin_file], gin_bindings, model_from_dir="matlm eval")
     try:  # Gin builds (and so validates) every task declaration here.
@@ -125,7 +137,8 @@ def run(args, gin_bindings) -> int:
     vocab = model_dir.vocabulary(fallback=lambda: run_config.data.vocabulary())
     options = runner.eval_options_for_run(
         run_config, num_shots=args.num_shots, seed=args.seed, max_examples=args.max_examples,
-        batch_size=runner.device_batch_size(args.batch_size), max_len=args.max_len,
+        batch_size=runner.device_batch_size(args.batch_size or TEXT_BATCH_SIZE),
+        max_len=args.max_len,
         masked=not args.sliced, progress=not args.no_progress, acc_uncond=args.acc_uncond)
     with warnings.catch_warnings():  # One line per task on stderr, not a code location.
         warnings.simplefilter("always", runner.VocabularyRoundTripWarning)
@@ -145,4 +158,40 @@ def run(args, gin_bindings) -> int:
           f"{', '.join(p.name for p in written if p.parent == output_dir)}"
           + (f" and {len(written) - sum(p.parent == output_dir for p in written)} sample "
              "files under samples/" if args.log_samples else "") + f" to {output_dir}")
+    return 0
+
+
+def _run_images(args, gin_bindings, model_dir, run_config, start: float) -> int:
+    """Top-1 / top-5 / consistency of a MatViT's submodels on one image split."""
+    from matlm.evaluation import image_classification, report
+    from matlm.evaluation.submodels import resolve_submodels
+    from matlm.gin_config import parse_gin
+    import matlm.model_dir as model_dir_lib
+
+    if args.tasks is not None or args.num_shots or args.log_samples or args.acc_uncond:
+        raise SystemExit("matlm eval: error: --tasks, --num_shots, --log_samples and "
+                         "--acc_uncond are for text models; a MatViT checkpoint is evaluated "
+                         "on its image split (--split)")
+    parse_gin([*args.gin_file], gin_bindings, model_from_dir="matlm eval")
+    config, data_config = run_config.model, run_config.data
+    submodels, reference = resolve_submodels(config, _split(args.granularities), args.widths,
+                                             args.reference)
+    split = args.split or data_config.eval_split
+    batches = data_config.eval_iterator(config.image_shape,
+                                        args.batch_size or IMAGE_BATCH_SIZE, split=split)
+    task = image_classification.task_name(data_config.dataset, split)
+    loaded = model_dir_lib.load_checkpoint_for_inference(model_dir, args.step)
+    results = image_classification.evaluate(
+        config, loaded.params, batches, submodels, reference, task=task,
+        masked=not args.sliced, progress=not args.no_progress,
+        max_examples=args.max_examples, total=getattr(batches, "num_examples", None))
+    results.update(checkpoint=str(Path(args.model_dir)), step=loaded.step)
+    output_dir = Path(args.output or model_dir.eval_dir(loaded.step))
+    written = report.write_results(results, output_dir, plots=not args.no_plots)
+    print(report.format_table(results))
+    examples = results["tasks"][task]["metrics"][reference]["examples"]
+    print(f"\n{len(submodels)} submodels x {examples} images of {task} in "
+          f"{time.time() - start:.0f}s ({results['compiled_functions']} compiled functions, "
+          f"{'sliced' if args.sliced else 'masked'} path); wrote "
+          f"{', '.join(p.name for p in written)} to {output_dir}")
     return 0

@@ -1,4 +1,4 @@
-"""`matlm train`: pretrain (or resume) a MatLM from gin configs."""
+"""`matlm train`: pretrain (or resume) a MatLM or MatViT from gin configs."""
 from __future__ import annotations
 
 import argparse
@@ -42,11 +42,14 @@ def loss_table(model_config, result) -> str:
     from matlm.model.counting import param_count
     (first_step, first), (last_step, last) = result.eval_history[0], result.eval_history[-1]
     spec = model_config.granularities
+    classifier = f"{spec.names[0]}/top1" in last  # The ViT: top-1, not perplexity.
     rows = [[name, f"{param_count(model_config, spec.uniform(name)):,}", f"{first[name]:.3f}",
              f"{last[name]:.3f}", f"{last[name] - first[name]:+.3f}",
-             f"{math.exp(min(last[name], 50)):.1f}"] for name in spec.names]
+             f"{100 * last[f'{name}/top1']:.2f}" if classifier
+             else f"{math.exp(min(last[name], 50)):.1f}"] for name in spec.names]
     return tabulate(rows, headers=["granularity", "params", f"val loss @ step {first_step}",
-                                   f"val loss @ step {last_step}", "change", "val perplexity"],
+                                   f"val loss @ step {last_step}", "change",
+                                   "val top-1 %" if classifier else "val perplexity"],
                     tablefmt="simple_outline", disable_numparse=True)
 
 
@@ -72,7 +75,10 @@ def run(args, gin_bindings) -> int:
     train_config = train_config_from_gin()
     if args.steps is not None:
         train_config = dataclasses.replace(train_config, steps=args.steps)
-    data_config = data.data_config_from_gin()
+    from matlm.model import family_of
+    # The family decides the data: text (DataConfig) or images (ImageDataConfig).
+    data_config = (data.data_config_from_gin() if family_of(model_config).tokens
+                   else data.image_data_config_from_gin())
     hooks = []
     if train_config.downstream_eval_tasks:
         # Training never imports evaluation: the downstream-eval hook is wired in here.

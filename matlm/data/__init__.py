@@ -22,20 +22,39 @@ TensorFlow first (`tf_setup`). Public API:
 - `DataConfig` (gin): task, splits, seed, vocabulary of a run; `data_config_from_gin()`.
 - Errors: `DataError` (a ValueError) and its subclasses in `matlm.data.errors`.
 """
-from matlm.data import tf_setup  # noqa: F401  (first: hide accelerators from TensorFlow)
-from matlm.data import tfds_tasks  # noqa: F401  (registers the built-in TFDS tasks)
-from matlm.data.config import DataConfig, data_config_from_gin
+import importlib.util
+
+# The image side (offline sets, ImageDataConfig) is numpy only; the text side needs
+# TensorFlow and seqio. A machine without them (the GPU image) still gets the image side.
+from matlm.data.image_config import ImageDataConfig, image_data_config_from_gin
 from matlm.data.errors import (BatchSizeError, DataError, EmptyGlobError, MissingFieldError,
                                SequenceLengthError, StateError, UnknownSplitError,
                                UnknownTaskError, VocabularyError)
-from matlm.data.pipeline import BatchIterator, make_batch_iterator, restore_batch_iterator
-from matlm.data.tasks import (DEFAULT_TASK, local_files_task, mixture, register_local_files_task,
-                              held_out_task, register_mixture, register_streaming_files_task,
-                              register_tfds_task, registered_names, streaming_files_task,
-                              tfds_task)
-from matlm.data.task_vocabulary import train_task_vocabulary
-from matlm.data.vocabulary import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, default_vocabulary,
-                                   load_vocabulary, start_id, train_vocabulary)
+
+# Found, not imported: tf_setup must import TensorFlow (accelerators hidden, quietly).
+_MISSING = [m for m in ("tensorflow", "seqio") if importlib.util.find_spec(m) is None]
+TEXT_UNAVAILABLE = (f"matlm's text pipeline needs {' and '.join(_MISSING)}, not installed "
+                    "here: install them with `pip install -e .`" if _MISSING else "")
+if not TEXT_UNAVAILABLE:
+    from matlm.data import tf_setup  # noqa: F401  (first: hide accelerators from TensorFlow)
+    from matlm.data import tfds_tasks  # noqa: F401  (registers the built-in TFDS tasks)
+    from matlm.data.config import DataConfig, data_config_from_gin
+    from matlm.data.pipeline import BatchIterator, make_batch_iterator, restore_batch_iterator
+    from matlm.data.tasks import (DEFAULT_TASK, local_files_task, mixture, register_local_files_task,
+                                  held_out_task, register_mixture, register_streaming_files_task,
+                                  register_tfds_task, registered_names, streaming_files_task,
+                                  tfds_task)
+    from matlm.data.task_vocabulary import train_task_vocabulary
+    from matlm.data.vocabulary import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, default_vocabulary,
+                                       load_vocabulary, start_id, train_vocabulary)
+
+
+def __getattr__(name):
+    # Only reached for a name the text side would have defined.
+    if TEXT_UNAVAILABLE:
+        raise ImportError(f"matlm.data.{name}: {TEXT_UNAVAILABLE}")
+    raise AttributeError(f"module 'matlm.data' has no attribute {name!r}")
+
 
 __all__ = [
     "BatchIterator", "make_batch_iterator", "restore_batch_iterator", "DataConfig", "data_config_from_gin",
@@ -46,5 +65,5 @@ __all__ = [
     "register_tfds_task", "register_mixture", "registered_names", "held_out_task",
     "DataError", "UnknownTaskError", "UnknownSplitError", "EmptyGlobError",
     "MissingFieldError", "SequenceLengthError", "BatchSizeError", "VocabularyError",
-    "StateError",
+    "StateError", "ImageDataConfig", "image_data_config_from_gin",
 ]

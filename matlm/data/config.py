@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from matlm.data import tf_setup  # noqa: F401  (before seqio: hides accelerators from TF)
 import gin
 import seqio
 

@@ -45,6 +45,7 @@ import logging
 
 from typing import Any, Iterator
 
+from matlm.data import tf_setup  # noqa: F401  (before seqio: hides accelerators from TF)
 import numpy as np
 import seqio
 
@@ -53,6 +54,7 @@ from matlm.data import (corpora, iterator_state, packing, stream_mixture, stream
 from matlm.data.errors import BatchSizeError, DataError, SequenceLengthError, StateError
 from matlm.data.mixture_schedule import MixtureSchedule
 from matlm.data.task_rows import TaskRows, token_store
+from matlm.data import tfds_tasks  # noqa: F401  (registers the built-in TFDS tasks)
 
 STATE_VERSION = 1
 _LOG = logging.getLogger(__name__)

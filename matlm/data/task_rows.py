@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 
+from matlm.data import tf_setup  # noqa: F401  (before seqio: hides accelerators from TF)
 import numpy as np
 import seqio
 

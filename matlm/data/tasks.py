@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 from typing import Callable, Mapping, Sequence
 
+from matlm.data import tf_setup  # noqa: F401  (before seqio: hides accelerators from TF)
 import gin
 import seqio
 

@@ -32,6 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from matlm.data import tf_setup  # noqa: F401  (before seqio: hides accelerators from TF)
 import seqio
 import sentencepiece as spm
 

@@ -20,11 +20,13 @@ from matlm.evaluation.mappings import GENERATIVE_QA, LAST_WORD, MULTIPLE_CHOICE
 
 # Held-out loss (`loss`, `loss:<seqio task>`): a kind beside the mappings' three.
 LOSS = "loss"
+# A MatViT's split of labelled images (matlm.evaluation.image_classification).
+IMAGE_CLASSIFICATION = "image_classification"
 
 # Every metric a task reports, and whether a higher value is better.
 HIGHER_IS_BETTER: Mapping[str, bool] = {
     "acc": True, "acc_norm": True, "acc_uncond": True,
-    "exact_match": True, "f1": True,
+    "exact_match": True, "f1": True, "top1": True, "top5": True,
     "answer_agreement": True, "greedy_agreement": True,
     "loss": False, "perplexity": False, "bits_per_byte": False,
 }
@@ -45,10 +47,11 @@ KINDS: Mapping[str, KindMetrics] = {
     LAST_WORD: KindMetrics(("acc",), "acc"),
     GENERATIVE_QA: KindMetrics(("exact_match", "f1"), "exact_match"),
     LOSS: KindMetrics(("loss",), "loss"),
+    IMAGE_CLASSIFICATION: KindMetrics(("top1", "top5"), "top1"),
 }
 # Kinds scored by their answers: fractions in [0, 1], shown in %, and averaged into
 # results.md's "average accuracy" (held-out loss is not).
-ANSWER_KINDS = (MULTIPLE_CHOICE, LAST_WORD, GENERATIVE_QA)
+ANSWER_KINDS = (MULTIPLE_CHOICE, LAST_WORD, GENERATIVE_QA, IMAGE_CLASSIFICATION)
 
 
 def kind_metrics(kind: str) -> KindMetrics:

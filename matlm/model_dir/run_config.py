@@ -76,12 +76,16 @@ def train_config_from_dict(d: dict) -> tuple[TrainConfig, list[str]]:
     return TrainConfig(**fields), unknown
 
 
-def data_config_from_dict(d: dict) -> tuple["DataConfig", list[str]]:
-    """A saved run's DataConfig and the saved fields it does not know (left out).
-    Imports TensorFlow (through matlm.data)."""
-    from matlm.data.config import DataConfig
-    fields, unknown = _known_fields(DataConfig, d)
-    return DataConfig(**fields), unknown
+def data_config_from_dict(d: dict, tokens: bool = True) -> tuple["DataConfig", list[str]]:
+    """A saved run's data config and the saved fields it does not know (left out): a
+    DataConfig (text; imports TensorFlow through matlm.data) for a family that reads
+    tokens, else an ImageDataConfig (numpy only)."""
+    if tokens:
+        from matlm.data.config import DataConfig as config_class
+    else:
+        from matlm.data.image_config import ImageDataConfig as config_class
+    fields, unknown = _known_fields(config_class, d)
+    return config_class(**fields), unknown
 
 
 class RunConfig:
@@ -109,7 +113,9 @@ class RunConfig:
     @property
     def data(self) -> "DataConfig":
         if isinstance(self._data, Mapping):
-            self._data, dropped = self._typed("data", data_config_from_dict, self._data)
+            tokens = families.family_of(self._model).tokens  # Text or images.
+            self._data, dropped = self._typed(
+                "data", lambda d: data_config_from_dict(d, tokens), self._data)
             self._unknown += tuple(f"data.{name}" for name in dropped)
         return self._data
 

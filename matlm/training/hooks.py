@@ -162,6 +162,9 @@ class LogMetrics(Hook):
         # The distillation KL of each student (zero for the teacher and without it).
         scalars |= {f"train/{n}/kl": float(kl) for n, t, kl in
                     zip(self.names, trained, metrics.get("kl", ())) if t and kl}
+        # The ViT's top-1 accuracy on the batch (a family whose loss head reports it).
+        scalars |= {f"train/{n}/top1": float(acc) for n, t, acc in
+                    zip(self.names, trained, metrics.get("acc", ())) if t}
         self.writer.write(info.step, scalars)
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{scalars['train/loss']:.3f}",
@@ -189,15 +192,18 @@ class LogMetrics(Hook):
             self.progress.close()
 
 
-def validation_losses(eval_step, params, make_eval_iterator, max_batches: int, mesh) -> dict:
-    """Mean validation CE per submodel over the eval split (or its first batches).
-    Gives up between batches (raises `Preempted`) when a signal arrived."""
+def validation_losses(eval_step, params, make_eval_iterator, max_batches: int, mesh,
+                      sharding=None) -> dict:
+    """Mean validation CE per submodel over the eval split (or its first batches), and
+    any further mean the eval step sums (the ViT's "{name}/top1"). Gives up between
+    batches (raises `Preempted`) when a signal arrived. `sharding`: the family's batch
+    sharding (default the LM's)."""
     sums: dict = {}
     for i, batch in enumerate(make_eval_iterator()):
         SIGNALS.check()
         if max_batches and i >= max_batches:
             break
-        out = jax.device_get(eval_step(params, mesh_lib.global_batch(batch, mesh)))
+        out = jax.device_get(eval_step(params, mesh_lib.global_batch(batch, mesh, sharding)))
         for name, (ce_sum, count) in out.items():
             s, c = sums.get(name, (0.0, 0.0))
             sums[name] = (s + float(ce_sum), c + float(count))
@@ -208,28 +214,35 @@ def validation_losses(eval_step, params, make_eval_iterator, max_batches: int, m
 
 class ValidationEval(Hook):
     """Validation loss and perplexity per granularity: at the start, every `every` steps
-    and at the end. `history` holds [(step, {granularity: loss})].
+    and at the end. `extras`: further means the eval step returns, written as
+    `eval/{extra}` (the ViT's "S/top1", ...); `perplexity=False` (a classifier) writes no
+    perplexity. `history` holds [(step, {granularity: loss, extra: value})].
 
-    A step whose losses metrics.jsonl already holds (the restored step of a resumed job,
+    A step whose values metrics.jsonl already holds (the restored step of a resumed job,
     a finished run started again) is not evaluated again: the recorded values are the
     ones these parameters give, and writing them twice would duplicate the row."""
 
-    def __init__(self, losses_fn: Callable[[Any], dict], writer, every: int, names):
+    def __init__(self, losses_fn: Callable[[Any], dict], writer, every: int, names,
+                 extras=(), perplexity: bool = True):
         super().__init__(every=every, at_start=True, at_end=True, name="validation_eval")
         self.losses_fn, self.writer, self.names = losses_fn, writer, list(names)
+        self.extras, self.perplexity = list(extras), perplexity
         self.history: list = []
 
     def __call__(self, info: StepInfo) -> None:
-        keys = [f"eval/{n}/loss" for n in self.names]
+        names = self.names + self.extras
+        keys = [f"eval/{n}/loss" for n in self.names] + [f"eval/{e}" for e in self.extras]
         recorded = self.writer.recorded(info.step, keys)
         if recorded is not None:
-            self.history.append((info.step, dict(zip(self.names, recorded))))
+            self.history.append((info.step, dict(zip(names, recorded))))
             return
-        losses = self.losses_fn(info.state.params)
-        self.writer.write(info.step, {f"eval/{n}/loss": v for n, v in losses.items()}
-                          | {f"eval/{n}/perplexity": math.exp(min(v, 50))
-                             for n, v in losses.items()})
-        self.history.append((info.step, losses))
+        means = self.losses_fn(info.state.params)
+        scalars = {f"eval/{n}/loss": means[n] for n in self.names}
+        if self.perplexity:
+            scalars |= {f"eval/{n}/perplexity": math.exp(min(means[n], 50)) for n in self.names}
+        scalars |= {f"eval/{e}": means[e] for e in self.extras}
+        self.writer.write(info.step, scalars)
+        self.history.append((info.step, {n: means[n] for n in names}))
 
 
 class Checkpoint(Hook):

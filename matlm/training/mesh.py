@@ -79,8 +79,10 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def global_batch(local_batch: dict, mesh) -> dict:
-    """Assembles this process's rows into global arrays sharded over data×fsdp."""
-    sharding = batch_sharding(mesh)
+def global_batch(local_batch: dict, mesh, sharding: NamedSharding | None = None) -> dict:
+    """Assembles this process's rows into global arrays sharded over data×fsdp
+    (`sharding`: the family's batch sharding, `train_step.batch_sharding_of`; default the
+    LM's [B, T] one)."""
+    sharding = sharding or batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local_batch.items()}

@@ -124,11 +124,12 @@ class MetricsWriter:
                                        np.float32))
         return [float(v) for v in found[1:]] if found[0] else None
 
-    def earlier_evals(self, names, before: int) -> list:
-        """[(step, {name: validation loss})] of the evals metrics.jsonl held below step
-        `before` when this job started (a resumed run's earlier jobs'), oldest first. This
-        process's view: only process 0 reads the file."""
-        keys = {name: f"eval/{name}/loss" for name in names}
+    def earlier_evals(self, names, before: int, extras=()) -> list:
+        """[(step, {name: validation loss, extra: its value})] of the evals metrics.jsonl
+        held below step `before` when this job started (a resumed run's earlier jobs'),
+        oldest first; `extras` are further eval means (the ViT's "S/top1" at
+        `eval/S/top1`). This process's view: only process 0 reads the file."""
+        keys = {name: f"eval/{name}/loss" for name in names} | {e: f"eval/{e}" for e in extras}
         return [(step, {name: float(row[key]) for name, key in keys.items()})
                 for step, row in sorted(self._rows.items())
                 if step < before and all(key in row for key in keys.values())]

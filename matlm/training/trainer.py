@@ -33,8 +33,8 @@ from matlm.training.metrics import MetricsWriter, peak_flops_per_device
 from matlm.training.objective import build_objective
 from matlm.training.optimizer import learning_rate_schedule, make_optimizer
 from matlm.training.preemption import SIGNALS
-from matlm.training.train_step import (abstract_state, init_state, make_eval_step,
-                                       make_train_step)
+from matlm.training.train_step import (abstract_state, batch_sharding_of, init_state,
+                                       make_eval_step, make_train_step)
 
 __all__ = ["Trainer", "TrainResult", "TrainingError", "NonFiniteError", "train"]
 
@@ -153,11 +153,17 @@ class Trainer:
                 hook.close()
 
 
-def check_data_state_matches(data_state: dict, data_config, train_config: TrainConfig) -> None:
-    """Resuming replays the saved pipeline: its shape and task must be this run's. The
-    number of hosts may differ: the global batches do not depend on it."""
-    expected = {"task": data_config.task, "seq_len": train_config.seq_len,
-                "global_batch_size": train_config.global_batch_size}
+def check_data_state_matches(data_state: dict, data_config, train_config: TrainConfig,
+                             tokens: bool = True) -> None:
+    """Resuming replays the saved pipeline: its shape and task (image set, for a family
+    that reads images) must be this run's. The number of hosts may differ: the global
+    batches do not depend on it."""
+    if tokens:
+        expected = {"task": data_config.task, "seq_len": train_config.seq_len,
+                    "global_batch_size": train_config.global_batch_size}
+    else:
+        expected = {"dataset": data_config.dataset,
+                    "global_batch_size": train_config.global_batch_size}
     diffs = [f"{k}: checkpoint {data_state.get(k)!r}, now {v!r}"
              for k, v in expected.items() if data_state.get(k) != v]
     if diffs:
@@ -271,7 +277,10 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
         cleanup.callback(lock.release)
     # --- Validation that needs the vocabulary and the data (seconds, or minutes to train
     # a vocabulary): nothing is written to the model dir until it passes. ----------------
-    if vocab is None:
+    if not family.tokens:
+        # Images: no vocabulary; the data must be the shape the model reads.
+        data_config.check(model_config.image_shape, model_config.patch_size)
+    elif vocab is None:
         # A resumed run keeps the vocabulary it started with (copied into the model dir).
         vocab = model_dir.vocabulary(fallback=data_config.vocabulary)
     if family.tokens and vocab.vocab_size > model_config.vocab_size:
@@ -283,8 +292,28 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
     def make_eval_iterator():
         # Each host takes its rows of the same global batches, so every host runs the same
         # number of (collective) eval steps.
+        if not family.tokens:
+            return data_config.eval_iterator(model_config.image_shape,
+                                             train_config.global_batch_size,
+                                             host_index=host, num_hosts=hosts)
         return data_config.eval_iterator(train_config.seq_len, train_config.global_batch_size,
                                          vocab, host_index=host, num_hosts=hosts)
+
+    def make_train_iterator():
+        if not family.tokens:
+            return data_config.train_iterator(model_config.image_shape,
+                                              train_config.global_batch_size,
+                                              host_index=host, num_hosts=hosts)
+        return data_config.train_iterator(train_config.seq_len,
+                                          train_config.global_batch_size, vocab,
+                                          host_index=host, num_hosts=hosts)
+
+    def restore_train_iterator(data_state):
+        if not family.tokens:
+            from matlm.data.image_config import restore_image_iterator
+            return restore_image_iterator(data_state, host_index=host, num_hosts=hosts)
+        return data_lib.restore_batch_iterator(data_state, vocab, host_index=host,
+                                               num_hosts=hosts)
     if not make_eval_iterator().num_batches:  # Fails now on a bad split.
         raise TrainingError(f"the eval split {data_config.eval_split!r} of "
                             f"{data_config.eval_task!r} is empty; give a task with "
@@ -317,27 +346,22 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
     restored = checkpointer.restore_latest(target)
     if restored is None:
         state = init_state(model_config, optimizer, mesh, train_config.seed)
-        batches = data_config.train_iterator(train_config.seq_len,
-                                             train_config.global_batch_size, vocab,
-                                             host_index=host, num_hosts=hosts)
+        batches = make_train_iterator()
     elif restored[1] is None:  # Params only (e.g. `matlm extract`): fine-tune from them.
         params, _, _, _, step = restored
         shardings = jax.tree.map(lambda x: x.sharding, target)
         state = jax.jit(lambda p: type(target)(step=np.int32(step), params=p,
                                                opt_state=optimizer.init(p)),
                         out_shardings=shardings)(params)
-        batches = data_config.train_iterator(train_config.seq_len,
-                                             train_config.global_batch_size, vocab,
-                                             host_index=host, num_hosts=hosts)
+        batches = make_train_iterator()
         print(f"fine-tuning the parameters of {checkpointer.directory / str(step)} "
               f"(step {step}; a fresh optimizer state and data pipeline)")
     else:
         params, opt_state, data_state, meta, step = restored
-        check_data_state_matches(data_state, data_config, train_config)
+        check_data_state_matches(data_state, data_config, train_config, family.tokens)
         state = type(target)(step=jax.device_put(np.int32(step), target.step.sharding),
                              params=params, opt_state=opt_state)
-        batches = data_lib.restore_batch_iterator(data_state, vocab, host_index=host,
-                                                  num_hosts=hosts)
+        batches = restore_train_iterator(data_state)
         print(f"resumed from {checkpointer.directory / str(step)} (step {step})")
     start = int(state.step)
     SIGNALS.check()  # Restore or initialisation (a compile) was the last start-up phase.
@@ -350,7 +374,12 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
     eval_step = make_eval_step(model_config, context.widths_by_name, mesh,
                                train_config.loss_chunk_size)
     peak, peak_source = peak_flops_per_device(train_config.peak_flops_per_device)
-    tokens_per_step = train_config.global_batch_size * train_config.seq_len
+    # The ViT's tokens are its images' patches (and class token): `num_tokens` each.
+    tokens_per_step = train_config.global_batch_size * (
+        train_config.seq_len if family.tokens else model_config.num_tokens)
+    batch_sharding = batch_sharding_of(model_config, mesh)
+    # A classifier's eval also counts top-1 hits (train_step.make_eval_step).
+    eval_extras = [] if family.tokens else [f"{name}/top1" for name in spec.names]
 
     flops_by_trained: dict = {}  # Counted once per set of trained granularities, not per step.
 
@@ -364,7 +393,8 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
 
     trainer = Trainer(train_step, state, batches, first_step=start,
                       last_step=train_config.steps, granularity_names=objective.names,
-                      put_batch=lambda batch: mesh_lib.global_batch(batch, mesh), sync=sync)
+                      put_batch=lambda batch: mesh_lib.global_batch(batch, mesh, batch_sharding),
+                      sync=sync)
     # First of the metrics hooks: a failed save stops the job before anything else writes.
     trainer.add_hook(SaveWatch(checkpointer))
     progress = tqdm(total=train_config.steps, initial=start, disable=not show_progress or host,
@@ -373,8 +403,9 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
                                 tokens_per_step, flops_of, peak * jax.device_count(), progress))
     validation = trainer.add_hook(ValidationEval(
         lambda params: validation_losses(eval_step, params, make_eval_iterator,
-                                         train_config.eval_batches, mesh),
-        writer, every=train_config.eval_every, names=spec.names))
+                                         train_config.eval_batches, mesh, batch_sharding),
+        writer, every=train_config.eval_every, names=spec.names, extras=eval_extras,
+        perplexity=family.tokens))
     for hook in extra_hooks:
         trainer.add_hook(hook)
     checkpoint = trainer.add_hook(Checkpoint(
@@ -402,6 +433,7 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
     finally:
         writer.close()
     # The run's evals from step 0 on (the final table's first column), not only this job's.
-    history = writer.earlier_evals(spec.names, before=start) + validation.history
+    history = writer.earlier_evals(spec.names, before=start, extras=eval_extras) + \
+        validation.history
     return TrainResult(final_step=final, eval_history=history,
                        interrupted=trainer.stop_reason is not None, start_step=start)

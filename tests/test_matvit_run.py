@@ -1,0 +1,137 @@
+"""MatViT end to end through `train()` and `matlm eval`, on the offline digits (sklearn's
+8×8 `digits`: the smallest real set, so a run takes seconds): learning, exact resume
+(bit for bit against a continuous run), the run config typed as an image run, eval
+metrics against a per-submodel numpy reference, and bad input refused before any write."""
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from matlm.data.errors import DataError
+from matlm.data.image_config import ImageDataConfig
+from matlm.data.images import make_image_batch_iterator
+from matlm.evaluation import image_classification
+from matlm.evaluation.submodels import resolve_submodels
+from matlm.model import build_model
+from matlm.model.vit_config import ViTConfig
+from matlm.model_dir import ModelDir, load_checkpoint_for_inference
+from matlm.training.config import TrainConfig
+from matlm.training.trainer import train
+
+# digits: 8×8×1, 10 classes, 1,439 / 179 / 179 images (train / validation / test).
+VIT = ViTConfig(image_size=8, patch_size=4, num_channels=1, num_classes=10, d_model=32,
+                n_layers=2, n_heads=4, d_ff=64, ffn_nest_blocks=2, width_alignment=4,
+                activation="gelu")
+DATA = ImageDataConfig(dataset="digits", crop_padding=1)
+TRAIN = TrainConfig(steps=8, global_batch_size=16, learning_rate=3e-3, warmup_steps=2,
+                    log_every=1, eval_every=4, eval_batches=2, checkpoint_every=4,
+                    mesh_shape=(1, 1, 1))
+
+
+def run(tmp, data=DATA, model=VIT, stop_at=None, **train_kw):
+    return train(model, data, dataclasses.replace(TRAIN, **train_kw), tmp,
+                 show_progress=False, stop_at=stop_at)
+
+
+def metrics_rows(model_dir) -> list[dict]:
+    return [json.loads(l) for l in (Path(model_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.usefixtures("one_device")
+def test_matvit_learns_and_logs_accuracy(tmp_path):
+    result = run(tmp_path, steps=40, eval_every=40, eval_batches=0, learning_rate=1e-2)
+    (_, first), (last_step, last) = result.eval_history[0], result.eval_history[-1]
+    assert last_step == 40
+    for name in ("S", "XL"):  # 40 steps of 16 images: a clear start, from chance.
+        assert last[name] < first[name] - 0.25, (name, first[name], last[name])
+        assert last[f"{name}/top1"] > 0.2, (name, last)  # Chance is 0.1 (and step 0's).
+    rows = metrics_rows(tmp_path)
+    logged = [r for r in rows if "train/loss" in r][-1]
+    assert {"train/S/top1", "train/XL/top1", "perf/mfu", "perf/tokens_per_s"} <= set(logged)
+    evals = [r for r in rows if "eval/XL/loss" in r][-1]
+    assert "eval/XL/top1" in evals and "eval/XL/perplexity" not in evals
+    # The run config is an image run's, typed back as such.
+    saved = ModelDir(tmp_path).run_config()
+    assert saved.model == VIT and saved.data == DATA and saved.unknown_fields == ()
+    assert not (tmp_path / "vocab.model").exists()
+
+
+@pytest.mark.usefixtures("one_device")
+def test_matvit_resume_equals_a_continuous_run_bitwise(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    continuous = run(straight)
+    stopped = run(split, stop_at=4)
+    assert stopped.interrupted and stopped.final_step == 4
+    resumed = run(split)
+    assert resumed.final_step == 8
+    assert [resumed.eval_history[i] for i in (0, -1)] == continuous.eval_history[::2]
+    losses = lambda d: {r["step"]: r["train/loss"] for r in metrics_rows(d) if "train/loss" in r}
+    assert losses(split) == losses(straight)
+    a = load_checkpoint_for_inference(straight).params
+    b = load_checkpoint_for_inference(split).params
+    assert all(jax.tree.leaves(jax.tree.map(lambda x, y: np.array_equal(x, y), a, b)))
+
+
+def test_resume_with_another_image_set_or_batch_is_refused():
+    from matlm.model_dir import CheckpointError
+    from matlm.training.trainer import check_data_state_matches
+    state = DATA.train_iterator(VIT.image_shape, 16).state
+    check_data_state_matches(state, DATA, TRAIN, tokens=False)  # The same: fine.
+    with pytest.raises(CheckpointError, match="dataset: checkpoint 'digits', now 'mnist_5k'"):
+        check_data_state_matches(state, dataclasses.replace(DATA, dataset="mnist_5k"), TRAIN,
+                                 tokens=False)
+    with pytest.raises(CheckpointError, match="global_batch_size: checkpoint 16, now 32"):
+        check_data_state_matches(state, DATA, dataclasses.replace(TRAIN, global_batch_size=32),
+                                 tokens=False)
+
+
+@pytest.mark.parametrize("data, message", [
+    (ImageDataConfig(dataset="mnist_5k"), r"shape \(28, 28, 1\) but the model reads \(8, 8, 1\)"),
+    (ImageDataConfig(dataset="no_such_set"), "no_such_set"),
+])
+@pytest.mark.usefixtures("one_device")
+def test_bad_image_data_is_refused_before_any_write(tmp_path, data, message):
+    with pytest.raises(DataError, match=message):
+        run(tmp_path / "run", data=data)
+    assert not (tmp_path / "run").exists()
+
+
+def test_image_eval_matches_a_per_submodel_numpy_reference():
+    """Masked (one compile) and sliced evaluation against each submodel run alone, with
+    top-1/top-5/CE/agreement computed here in numpy; max_examples cuts the split."""
+    params = jax.tree.map(
+        lambda x: x + 0.2 * np.random.default_rng(0).standard_normal(x.shape, np.float32),
+        build_model(VIT).init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32))["params"])
+    submodels, reference = resolve_submodels(VIT, ["S", "XL"], ["S,XL"])
+    batches = lambda: make_image_batch_iterator("digits", "validation", 64, 0, shuffle=False,
+                                                repeat=False)
+    masked = image_classification.evaluate(VIT, params, batches(), submodels, reference,
+                                           task="digits:validation", progress=False,
+                                           max_examples=150)
+    sliced = image_classification.evaluate(VIT, params, batches(), submodels, reference,
+                                           task="digits:validation", progress=False,
+                                           max_examples=150, masked=False)
+    images = np.concatenate([b["images"] for b in batches()])[:150]
+    labels = np.concatenate([b["labels"] for b in batches()])[:150]
+    model = build_model(VIT)
+    logits = {s.name: np.asarray(model.apply({"params": params}, images, widths=list(s.widths)),
+                                 np.float64) for s in submodels}
+    for s in submodels:
+        got = masked["tasks"]["digits:validation"]["metrics"][s.name]
+        z = logits[s.name]
+        logp = z - z.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        ranked = np.argsort(-z, axis=-1)
+        assert got["examples"] == 150
+        np.testing.assert_allclose(got["loss"], -logp[np.arange(150), labels].mean(), rtol=1e-5)
+        assert got["top1"] == pytest.approx((ranked[:, 0] == labels).mean())
+        assert got["top5"] == pytest.approx((ranked[:, :5] == labels[:, None]).any(-1).mean())
+        agree = (ranked[:, 0] == logits[reference].argmax(-1)).mean()
+        assert got["answer_agreement"] == pytest.approx(agree)
+        other = sliced["tasks"]["digits:validation"]["metrics"][s.name]
+        assert other["top1"] == got["top1"] and other["top5"] == got["top5"]
+        np.testing.assert_allclose(other["loss"], got["loss"], rtol=1e-5)
+    assert masked["compiled_functions"] == 1 and sliced["compiled_functions"] == 3
