@@ -15,7 +15,7 @@ from matlm.data.image_config import ImageDataConfig
 from matlm.data.images import make_image_batch_iterator
 from matlm.evaluation import image_classification
 from matlm.evaluation.submodels import resolve_submodels
-from matlm.model import build_model
+from matlm.model import build_model, init_params
 from matlm.model.vit_config import ViTConfig
 from matlm.model_dir import ModelDir, load_checkpoint_for_inference
 from matlm.training.config import TrainConfig
@@ -102,9 +102,7 @@ def test_bad_image_data_is_refused_before_any_write(tmp_path, data, message):
 def test_image_eval_matches_a_per_submodel_numpy_reference():
     """Masked (one compile) and sliced evaluation against each submodel run alone, with
     top-1/top-5/CE/agreement computed here in numpy; max_examples cuts the split."""
-    params = jax.tree.map(
-        lambda x: x + 0.2 * np.random.default_rng(0).standard_normal(x.shape, np.float32),
-        build_model(VIT).init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32))["params"])
+    params = _random_params(0)
     submodels, reference = resolve_submodels(VIT, ["S", "XL"], ["S,XL"])
     batches = lambda: make_image_batch_iterator("digits", "validation", 64, 0, shuffle=False,
                                                 repeat=False)
@@ -135,3 +133,44 @@ def test_image_eval_matches_a_per_submodel_numpy_reference():
         assert other["top1"] == got["top1"] and other["top5"] == got["top5"]
         np.testing.assert_allclose(other["loss"], got["loss"], rtol=1e-5)
     assert masked["compiled_functions"] == 1 and sliced["compiled_functions"] == 3
+
+
+def _random_params(seed=0):
+    """Parameters moved off their init (the classifier starts at zero)."""
+    params = init_params(VIT, jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: x + 0.2 * rng.standard_normal(x.shape, np.float32), params)
+
+
+def test_extracted_matvit_is_the_parent_submodel():
+    from matlm.submodels.extract import extract_submodel, model_gin
+    params = _random_params()
+    images = next(make_image_batch_iterator("digits", "validation", 32, 0))["images"]
+    widths = (16, 64)  # A Mix'n'Match vector: M in layer 0, XL in layer 1.
+    sub_params, sub_config = extract_submodel(params, VIT, widths)
+    assert isinstance(sub_config, ViTConfig) and sub_config.ffn_dims == widths
+    parent = build_model(VIT).apply({"params": params}, images, widths=list(widths))
+    child = build_model(sub_config).apply({"params": sub_params}, images)
+    np.testing.assert_allclose(child, parent, rtol=1e-5, atol=1e-5)
+    assert "ViTConfig.image_size = 8" in model_gin(sub_config)
+
+
+def test_image_search_scores_candidates_as_eval_does_with_one_compile():
+    from matlm.model.counting import forward_flops_per_image
+    from matlm.submodels import search as S
+    params = _random_params(1)
+    batches = list(DATA.eval_iterator(VIT.image_shape, 64, shuffle=True))[:2]
+    evaluator = S.ImageEvaluator(batches, VIT, params, "top1", task="t")
+    vectors = [(8, 8), (64, 64), (8, 64), (16, 32)]  # S, XL and two Mix'n'Match.
+    scores = evaluator(vectors)
+    submodels, _ = resolve_submodels(VIT, [], [",".join(map(str, v)) for v in vectors])
+    expected = image_classification.evaluate(VIT, params, batches, submodels, submodels[0].name,
+                                             task="t", progress=False, masked=False)
+    assert len(submodels) == len(vectors)
+    assert scores == [expected["tasks"]["t"]["metrics"][s.name]["top1"] for s in submodels]
+    assert evaluator.compiled_count() == 1
+    # FLOP budgets of a ViT count per image.
+    budget = S.Budget("flops", 1e9, 0)
+    assert budget.cost(VIT, (8, 32)) == forward_flops_per_image(VIT, (8, 32))
+    # The shuffled sample mixes the classes (the split itself is sorted by class).
+    assert len(np.unique(batches[0]["labels"])) == VIT.num_classes

@@ -40,10 +40,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--budget_flops", type=float, default=None,
                         help="most forward matmul FLOPs per token (at the run's seq_len), "
                              "e.g. 3e6")
-    parser.add_argument("--metric", default="loss",
-                        help="'loss' (held-out loss on the checkpoint's data task), "
-                             "'loss:TASK', or an eval task (multiple choice and last word: "
-                             "accuracy; generative: F1)")
+    parser.add_argument("--metric", default=None,
+                        help="'loss' (held-out loss on the checkpoint's data task; the "
+                             "default), 'loss:TASK', or an eval task (multiple choice and "
+                             "last word: accuracy; generative: F1). MatViT: top1 (default), "
+                             "top5 or loss on its validation images")
     parser.add_argument("--method", default="evolution",
                         help="heuristic (the paper's slowly-growing Mix'n'Match) or "
                              "evolution (regularised evolution, seeded)")
@@ -57,8 +58,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval_batches", type=int, default=8,
                         help="held-out batches each candidate is scored on")
-    parser.add_argument("--batch_size", type=int, default=8,
-                        help="rows per batch (rounded up to a multiple of the device count)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="rows per batch (rounded up to a multiple of the device count; "
+                             "default 8 prompts, or 64 images)")
     parser.add_argument("--max_len", type=int, default=None,
                         help="tokens per row for eval tasks (default: the context the "
                              "checkpoint trained at, as for matlm eval)")
@@ -94,8 +96,12 @@ def run(args, gin_bindings) -> int:
     model_dir, run_config = model_dir_lib.open_run(args.model_dir)
     config = run_config.model
     step = model_dir.resolve_step(args.step)
+    from matlm.model import family_of
+    if not family_of(config).tokens:  # A MatViT: ranked by accuracy on its images.
+        return _run_images(args, gin_bindings, model_dir, run_config, step, start)
+    args.metric = args.metric or runner.LOSS
     # Loss batches are sharded over every device: whole rows per device (as the scorer).
-    batch_size = runner.device_batch_size(args.batch_size)
+    batch_size = runner.device_batch_size(args.batch_size or 8)
     rows = args.eval_batches * batch_size
     is_loss = args.metric == runner.LOSS or args.metric.startswith(runner.LOSS + ":")
     options = runner.eval_options_for_run(
@@ -170,6 +176,72 @@ def run(args, gin_bindings) -> int:
     best = result.best
     print(f"\nbest under {kind} <= {budget.limit:.6g}: --widths={','.join(map(str, best.widths))}"
           f" ({best.params:,} params, {best.flops / 1e6:.3f} MFLOPs/token, "
+          f"{metric_name} {best.metric:.4f})")
+    print(f"{len(result.candidates)} candidates ({len(result.uniform)} uniform) in "
+          f"{time.time() - start:.0f}s, {evaluator.compiled_count()} compiled function(s); "
+          f"wrote {', '.join(p.name for p in written)} to {output}")
+    return 0
+
+
+def _run_images(args, gin_bindings, model_dir, run_config, step: int, start: float) -> int:
+    """The search on a MatViT: candidates ranked by top-1 (or --metric) on the first
+    `--eval_batches` batches of its validation images in a fixed shuffled order (the
+    split may be sorted by class); the front re-scored on the next as many
+    (`metric_confirm`), as for held-out loss."""
+    import itertools
+
+    from matlm.evaluation import image_classification
+    from matlm.gin_config import parse_gin
+    import matlm.model_dir as model_dir_lib
+    from matlm.submodels import search as S
+
+    config, data_config = run_config.model, run_config.data
+    metric = args.metric or "top1"
+    if metric not in S.ImageEvaluator.METRICS:
+        raise S.SearchError(f"--metric={metric!r} is not a MatViT metric; give one of "
+                            f"{', '.join(S.ImageEvaluator.METRICS)}")
+    parse_gin([*args.gin_file], gin_bindings, model_from_dir="matlm search")
+    space = S.SearchSpace.build(config, args.space)
+    kind = "params" if args.budget_params is not None else "flops"
+    budget = S.Budget(kind, float(args.budget_params or args.budget_flops), 0)
+    S.check_budget(space, budget)
+    slug = (f"step{step}_{args.method}_{kind}{budget.limit:.4g}_{metric}_{args.space}_"
+            f"seed{args.seed}")
+    output = Path(args.output) if args.output else model_dir.path / "search" / slug
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise S.SearchError(f"--output={str(output)!r} exists and is not empty; give a new "
+                            "dir (nothing is overwritten)")
+    batch_size = args.batch_size or 64
+    batches = list(itertools.islice(
+        data_config.eval_iterator(config.image_shape, batch_size, shuffle=True),
+        2 * args.eval_batches))
+    sample, confirm_sample = batches[:args.eval_batches], batches[args.eval_batches:]
+    loaded = model_dir_lib.load_checkpoint_for_inference(model_dir, step)
+    task = image_classification.task_name(data_config.dataset, data_config.eval_split)
+    evaluator = S.ImageEvaluator(sample, config, loaded.params, metric, task)
+    metric_name = f"{task} {metric}"
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=args.max_evals, desc=f"search ({args.method})", unit="candidate")
+    result = S.search(space, budget, evaluator, args.method, args.max_evals, args.seed,
+                      evaluator.minimize, (lambda c: bar.update(1)) if bar else None)
+    if bar is not None:
+        bar.close()
+    confirm = None
+    if confirm_sample:
+        again = list({c.widths: c for c in [*result.front, *result.uniform,
+                                            *result.over_budget]})
+        confirm = dict(zip(again, evaluator.with_batches(confirm_sample)(again)))
+    info = {"checkpoint": str(Path(args.model_dir)), "step": step, "seed": args.seed,
+            "max_evals": args.max_evals,
+            "eval_rows": int(sum(b["mask"].sum() for b in sample)),
+            "compiled_functions": evaluator.compiled_count()}
+    written = S.write_outputs(result, output, metric_name, info, confirm, plot=not args.no_plots)
+    print(S.front_table(result, metric_name, confirm))
+    best = result.best
+    print(f"\nbest under {kind} <= {budget.limit:.6g}: --widths={','.join(map(str, best.widths))}"
+          f" ({best.params:,} params, {best.flops / 1e6:.3f} MFLOPs/image, "
           f"{metric_name} {best.metric:.4f})")
     print(f"{len(result.candidates)} candidates ({len(result.uniform)} uniform) in "
           f"{time.time() - start:.0f}s, {evaluator.compiled_count()} compiled function(s); "

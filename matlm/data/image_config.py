@@ -68,6 +68,7 @@ class ImageDataConfig:
     def check(self, image_shape: tuple[int, int, int], patch_size: int) -> None:
         """Fails (DataError, one line) on an unknown set or images the model cannot read,
         before any compile."""
+        image_sets.check_patch_size(image_shape[0], patch_size)
         if self.is_tfds:
             return  # Resized to the model's image_size by the TFDS pipeline.
         image_sets.check_image_set(self.dataset)
@@ -77,17 +78,17 @@ class ImageDataConfig:
                 f"image set {self.dataset!r} has images of shape {tuple(split.image_shape)} "
                 f"but the model reads {tuple(image_shape)} (ViTConfig.image_size, "
                 "num_channels): bind the ViTConfig to the data")
-        image_sets.check_patch_size(image_shape[0], patch_size)
 
     def _iterator(self, split: str, image_shape, global_batch_size: int, host_index: int,
                   num_hosts: int, train: bool, start_step: int = 0,
-                  pad_to_num_batches: int | None = None):
+                  pad_to_num_batches: int | None = None, shuffle: bool | None = None):
+        shuffle = train if shuffle is None else shuffle
         if self.is_tfds:
             from matlm.data import tfds_images  # TensorFlow enters here.
             return tfds_images.make_tfds_image_batch_iterator(
                 self.dataset, split, global_batch_size, self.seed, image_shape=image_shape,
                 data_dir=self.data_dir, host_index=host_index, num_hosts=num_hosts,
-                start_step=start_step, shuffle=train, repeat=train,
+                start_step=start_step, shuffle=shuffle, repeat=train,
                 pad_to_num_batches=pad_to_num_batches, train_augmentation=train,
                 random_resized_crop=self.random_resized_crop, horizontal_flip=True,
                 mixup_alpha=self.mixup_alpha, randaugment_layers=self.randaugment_layers,
@@ -95,7 +96,7 @@ class ImageDataConfig:
         from matlm.data.images import make_image_batch_iterator
         return make_image_batch_iterator(
             self.dataset, split, global_batch_size, self.seed, host_index=host_index,
-            num_hosts=num_hosts, start_step=start_step, shuffle=train, repeat=train,
+            num_hosts=num_hosts, start_step=start_step, shuffle=shuffle, repeat=train,
             pad_to_num_batches=pad_to_num_batches,
             crop_padding=self.crop_padding if train else 0,
             horizontal_flip=self.horizontal_flip and train)
@@ -107,12 +108,14 @@ class ImageDataConfig:
 
     def eval_iterator(self, image_shape, global_batch_size: int, host_index: int = 0,
                       num_hosts: int = 1, split: str | None = None,
-                      pad_to_num_batches: int | None = None):
-        """One pass over the eval split (or `split`), in order, without augmentation;
-        the last batch is padded (mask 0)."""
+                      pad_to_num_batches: int | None = None, shuffle: bool = False):
+        """One pass over the eval split (or `split`) without augmentation, the last batch
+        padded (mask 0): in the split's order, or with `shuffle` in a fixed (seeded)
+        order, so that its first batches are a fair sample (a split may be sorted by
+        class, as mnist_5k's are)."""
         return self._iterator(split or self.eval_split, image_shape, global_batch_size,
                               host_index, num_hosts, train=False,
-                              pad_to_num_batches=pad_to_num_batches)
+                              pad_to_num_batches=pad_to_num_batches, shuffle=shuffle)
 
 
 def restore_image_iterator(state: dict, host_index: int = 0, num_hosts: int = 1):

@@ -33,15 +33,27 @@ def task_name(dataset: str, split: str) -> str:
     return f"{dataset}:{split}"
 
 
-def _logits_fn(config, masked: bool):
-    """(params, images, widths) -> logits [B, K]: traced widths (masked, one compile) or
-    static ones (sliced, a compile per width vector)."""
-    model = build_model(config)
-    if masked:
-        return jax.jit(lambda params, images, widths_L: model.apply(
-            {"params": params}, images, widths=widths_L))
-    return jax.jit(lambda params, images, widths: model.apply(
-        {"params": params}, images, widths=list(widths)), static_argnums=2)
+class ImageClassifier:
+    """`logits(params, images, widths)` -> [B, K] of any submodel: widths traced (masked,
+    one compile for every vector) or static (sliced, a compile per vector). Keep one
+    instance to reuse its compiled functions (`matlm search` scores many candidates)."""
+
+    def __init__(self, config, masked: bool = True):
+        model = build_model(config)
+        self.masked = masked
+        if masked:
+            self._fn = jax.jit(lambda params, images, widths_L: model.apply(
+                {"params": params}, images, widths=widths_L))
+        else:
+            self._fn = jax.jit(lambda params, images, widths: model.apply(
+                {"params": params}, images, widths=list(widths)), static_argnums=2)
+
+    def logits(self, params, images, widths) -> np.ndarray:
+        widths = jnp.asarray(widths, jnp.int32) if self.masked else tuple(int(w) for w in widths)
+        return np.asarray(jax.device_get(self._fn(params, images, widths)))
+
+    def compiled_count(self) -> int:
+        return self._fn._cache_size()
 
 
 def classification_counts(logits_BK: np.ndarray, labels_B: np.ndarray, mask_B: np.ndarray,
@@ -64,11 +76,13 @@ def classification_counts(logits_BK: np.ndarray, labels_B: np.ndarray, mask_B: n
 
 def evaluate(config, params, batches: Iterable[dict], submodels: Sequence[Submodel],
              reference: str, *, task: str, masked: bool = True, progress: bool = True,
-             max_examples: int | None = None, total: int | None = None) -> dict:
+             max_examples: int | None = None, total: int | None = None,
+             classifier: ImageClassifier | None = None) -> dict:
     """Evaluates `submodels` on `batches` (dicts of images, labels, mask); the result as
     `runner.run`'s (see the module docstring). `max_examples`: stop after that many real
-    images (the first ones of the split's fixed eval order)."""
-    logits_fn = _logits_fn(config, masked)
+    images (the first ones of the split's fixed eval order). `classifier`: reuse one
+    (and its compiled functions); else one is built for `masked`."""
+    classifier = classifier or ImageClassifier(config, masked)
     by_name = {s.name: s for s in submodels}
     order = [reference, *[s.name for s in submodels if s.name != reference]]
     sums = {name: {} for name in order}
@@ -86,9 +100,7 @@ def evaluate(config, params, batches: Iterable[dict], submodels: Sequence[Submod
         labels_B = np.asarray(batch["labels"])
         reference_pred_B = None
         for name in order:  # The reference first: the others are compared with it.
-            widths = by_name[name].widths
-            widths_arg = jnp.asarray(widths, jnp.int32) if masked else tuple(widths)
-            logits_BK = np.asarray(jax.device_get(logits_fn(params, images, widths_arg)))
+            logits_BK = classifier.logits(params, images, by_name[name].widths)
             if reference_pred_B is None:
                 reference_pred_B = logits_BK.argmax(-1)
             for key, value in classification_counts(logits_BK, labels_B, mask_B,
@@ -113,6 +125,7 @@ def evaluate(config, params, batches: Iterable[dict], submodels: Sequence[Submod
                                "non_embedding_params": s.non_embedding_params}
                       for s in submodels},
         "reference": reference,
-        "options": {"num_shots": 0, "masked": masked, "max_examples": max_examples},
-        "compiled_functions": 1 if masked else len(submodels),
+        "options": {"num_shots": 0, "masked": classifier.masked,
+                    "max_examples": max_examples},
+        "compiled_functions": classifier.compiled_count(),
     }

@@ -132,12 +132,14 @@ def check_output_dir(output) -> Path:
 def model_gin(config: ModelConfig) -> str:
     """gin bindings of `config` (execution-only fields left to the run's gin), plus a dense
     fine-tuning objective: only the extracted model's own (largest) granularity."""
-    lines = ["# Written by `matlm extract`: this model's ModelConfig. Give it after the run's gin",
+    cls = type(config)  # The family's config class (ModelConfig, ViTConfig, ...).
+    lines = [f"# Written by `matlm extract`: this model's {cls.__name__}. Give it after the "
+             "run's gin",
              "# files (later bindings win): matlm train --gin_file=RUN.gin "
              "--gin_file=THIS --model_dir=THIS_DIR"]
-    for field in dataclasses.fields(ModelConfig):
+    for field in dataclasses.fields(cls):
         if field.name not in _UNPINNED:
-            lines.append(f"ModelConfig.{field.name} = {getattr(config, field.name)!r}")
+            lines.append(f"{cls.__name__}.{field.name} = {getattr(config, field.name)!r}")
     top = config.granularity_names[-1]
     lines += ["# Fine-tune as a dense model: train the whole extracted model only (set",
               "# TrainConfig.granularities to all names to keep training its nested ones).",

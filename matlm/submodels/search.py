@@ -42,7 +42,8 @@ import numpy as np
 from matlm.evaluation import task_metrics
 from matlm.evaluation.errors import EvalError
 from matlm.model.config import ModelConfig
-from matlm.model.counting import forward_flops_per_token, param_count
+from matlm.model.counting import forward_flops_per_image, forward_flops_per_token, param_count
+from matlm.model.vit_config import ViTConfig
 
 METHODS = ("heuristic", "evolution")
 SPACES = ("granularities", "aligned")
@@ -88,6 +89,14 @@ class SearchSpace:
         return self.config.granularities.name_of(widths)
 
 
+def forward_flops(config, seq_len: int, widths: Sequence[int]) -> float:
+    """A candidate's cost in FLOPs: forward matmul FLOPs per token (at `seq_len`) for the
+    LM, per image for the ViT (its tokens are the image's patches; `seq_len` unused)."""
+    if isinstance(config, ViTConfig):
+        return forward_flops_per_image(config, widths)
+    return forward_flops_per_token(config, seq_len, widths)
+
+
 @dataclasses.dataclass(frozen=True)
 class Budget:
     kind: str  # "params" or "flops" (forward matmul FLOPs per token)
@@ -100,7 +109,7 @@ class Budget:
 
     def cost(self, config: ModelConfig, widths: Sequence[int]) -> float:
         return float(param_count(config, widths) if self.kind == "params"
-                     else forward_flops_per_token(config, self.seq_len, widths))
+                     else forward_flops(config, self.seq_len, widths))
 
     def fits(self, config: ModelConfig, widths: Sequence[int]) -> bool:
         return self.cost(config, widths) <= self.limit
@@ -209,7 +218,7 @@ class _Scorer:
             for v, m in zip(fresh, metrics):
                 widths = self.space.widths(v)
                 c = Candidate(widths, param_count(config, widths),
-                              forward_flops_per_token(config, self.budget.seq_len, widths),
+                              forward_flops(config, self.budget.seq_len, widths),
                               float(m), source, len(self.candidates))
                 self.seen[v] = c
                 self.candidates.append(c)
@@ -286,7 +295,7 @@ def search(space: SearchSpace, budget: Budget,
     if over:
         vectors = [(w,) * space.n_layers for w in over]
         over_budget = [Candidate(v, param_count(space.config, v),
-                                 forward_flops_per_token(space.config, budget.seq_len, v),
+                                 forward_flops(space.config, budget.seq_len, v),
                                  float(m), "uniform (over budget)", -1)
                        for v, m in zip(vectors, evaluate(vectors))]
     base = len(scorer.candidates)
@@ -378,6 +387,44 @@ class TaskEvaluator:
         return self.scorer.compiled_count()
 
 
+class ImageEvaluator:
+    """Scores width vectors by a MatViT's `metric` (top1, top5 or loss) on a fixed sample
+    of labelled image batches, all through one masked-path compiled function
+    (`matlm.evaluation.image_classification.ImageClassifier`)."""
+
+    METRICS = ("top1", "top5", "loss")
+
+    def __init__(self, batches: Sequence[dict], config, params, metric: str = "top1",
+                 task: str = "images", classifier=None):
+        from matlm.evaluation import image_classification
+        if metric not in self.METRICS:
+            raise SearchError(f"--metric={metric!r} is not a MatViT metric; give one of "
+                              f"{', '.join(self.METRICS)}")
+        self.batches, self.config, self.params, self.key = list(batches), config, params, metric
+        self.task = task
+        self.minimize = task_metrics.lower_is_better(metric)
+        self.classifier = classifier or image_classification.ImageClassifier(config,
+                                                                             masked=True)
+
+    def with_batches(self, batches: Sequence[dict]) -> "ImageEvaluator":
+        """The same compiled function on another sample."""
+        return ImageEvaluator(batches, self.config, self.params, self.key, self.task,
+                              self.classifier)
+
+    def __call__(self, widths_list: Sequence[Sequence[int]]) -> list[float]:
+        from matlm.evaluation import image_classification
+        from matlm.evaluation.submodels import Submodel
+        subs = [Submodel(f"candidate{i}", tuple(w), 0, 0) for i, w in enumerate(widths_list)]
+        out = image_classification.evaluate(self.config, self.params, self.batches, subs,
+                                            subs[0].name, task=self.task, progress=False,
+                                            classifier=self.classifier)
+        metrics = out["tasks"][self.task]["metrics"]
+        return [float(metrics[s.name][self.key]) for s in subs]
+
+    def compiled_count(self) -> int:
+        return self.classifier.compiled_count()
+
+
 # --- reporting -----------------------------------------------------------------------------
 
 CSV_FIELDS = ("widths", "label", "params", "flops_per_token", "metric", "source")
@@ -401,7 +448,8 @@ def front_table(result: SearchResult, metric_name: str, confirm: Optional[dict] 
         rows.append([r["widths"], f"{c.params:,}", f"{c.flops / 1e6:.3f}", f"{c.metric:.4f}"]
                     + ([f"{r['metric_confirm']:.4f}"] if confirm is not None else [])
                     + [c.source, marks.strip()])
-    headers = (["widths", "params", "MFLOPs/token", metric_name]
+    per = "image" if isinstance(result.space.config, ViTConfig) else "token"
+    headers = (["widths", "params", f"MFLOPs/{per}", metric_name]
                + ([f"{metric_name} (confirm)"] if confirm is not None else []) + ["found by", ""])
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
