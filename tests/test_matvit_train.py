@@ -206,3 +206,30 @@ def test_train_flops_are_the_images_counted_per_token():
     got = sampled.train_flops_per_token(VIT, VIT.num_tokens, trained=[1, 0, 0, 1])
     assert got * VIT.num_tokens == pytest.approx(
         train_flops_per_image(VIT, sampled.widths[0]) + train_flops_per_image(VIT, sampled.widths[3]))
+
+
+@pytest.mark.parametrize("distill", [0.0, 0.4])
+def test_mixup_batches_train_on_the_soft_target_cross_entropy(distill):
+    """With mixup keys the loss is the CE against the mixed one-hot targets, w·e_y +
+    (1 − w)·e_y', written here as a soft-target CE (and weight 1 is the plain batch)."""
+    train = dataclasses.replace(TRAIN, distill_weight=distill)
+    objective = build_objective(VIT, train)
+    params, batch = _params(), _batch()
+    rng = np.random.default_rng(3)
+    weight_B = rng.uniform(0.5, 1.0, 8).astype(np.float32)
+    partner_B = rng.integers(0, VIT.num_classes, 8).astype(np.int32)
+    mixed = dict(batch, mixup_labels=jnp.asarray(partner_B), mixup_weight=jnp.asarray(weight_B))
+    indices = objective.indices(0)
+    _, (ce_G, *_) = joint_loss(build_model(VIT), objective, params, mixed, indices)
+    mask = np.asarray(batch["mask"])
+    for g, name in enumerate(objective.names):
+        logits, _, _ = _alone(params, batch, name)
+        logp = np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)
+        target_BK = (weight_B[:, None] * np.eye(VIT.num_classes)[np.asarray(batch["labels"])]
+                     + (1 - weight_B)[:, None] * np.eye(VIT.num_classes)[partner_B])
+        ce = (-(target_BK * logp).sum(-1) * mask).sum() / mask.sum()
+        np.testing.assert_allclose(np.asarray(ce_G)[g], ce, rtol=1e-5)
+    ones = dict(batch, mixup_labels=jnp.asarray(partner_B), mixup_weight=jnp.ones(8))
+    plain = joint_loss(build_model(VIT), objective, params, batch, indices)[0]
+    np.testing.assert_allclose(joint_loss(build_model(VIT), objective, params, ones,
+                                          indices)[0], plain, rtol=1e-6)

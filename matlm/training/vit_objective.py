@@ -9,7 +9,11 @@ granularity trained) under stop_gradient with loss CE and KL reported as 0; z-lo
 added to every slot unscaled by α.
 
 Batches are `matlm.data.images`': images [B, H, W, C] float32, labels [B] int32, mask [B]
-float32 (0 for the padding that ends an evaluation pass).
+float32 (0 for the padding that ends an evaluation pass). With mixup
+(`matlm.data.tfds_images`) a batch also has `mixup_labels` [B] int32 and `mixup_weight`
+[B] float32: an image is w·x + (1 − w)·x', and its CE is w·CE(label) + (1 − w)·CE(label'),
+the soft-target CE of the mixed one-hot labels (CE is linear in the target). Accuracy is
+counted against `labels`, the label of the larger share when w ≥ 1/2.
 """
 from __future__ import annotations
 
@@ -22,6 +26,18 @@ from matlm.training.cross_entropy import token_losses
 def example_mean(x_B, mask_B):
     """Mean of a per-example value over the batch's real (mask 1) examples."""
     return (x_B * mask_B).sum(-1) / jnp.maximum(mask_B.sum(), 1.0)
+
+
+def mixed_ce(logits_BK, batch):
+    """(CE [..., B] against the batch's labels, mixed with the mixup partner's when the
+    batch has one; log Z [..., B])."""
+    shape = logits_BK.shape[:-1]  # [B], or [S, B] for stacked slots.
+    ce_B, logz_B = token_losses(logits_BK, jnp.broadcast_to(batch["labels"], shape))
+    if "mixup_labels" in batch:
+        partner_ce_B, _ = token_losses(logits_BK, jnp.broadcast_to(batch["mixup_labels"], shape))
+        weight_B = batch["mixup_weight"]
+        ce_B = weight_B * ce_B + (1.0 - weight_B) * partner_ce_B
+    return ce_B, logz_B
 
 
 def top1_correct(logits_BK, labels_B):
@@ -49,7 +65,7 @@ class ViTLossHead:
         """(CE + z-loss, {ce, acc}) over the batch's real examples."""
         del model, params
         mask_B = batch["mask"]
-        ce_B, logz_B = token_losses(logits_BK, batch["labels"])
+        ce_B, logz_B = mixed_ce(logits_BK, batch)
         ce = example_mean(ce_B, mask_B)
         loss = ce + objective.z_loss * example_mean(jnp.square(logz_B), mask_B)
         return loss, {"ce": ce, "acc": example_mean(top1_correct(logits_BK, batch["labels"]),
@@ -63,7 +79,7 @@ class ViTLossHead:
         alpha, temperature = objective.distill_weight, objective.distill_temperature
         logits_SBK = jnp.stack(logits_S)
         mask_B, labels_B = batch["mask"], batch["labels"]
-        ce_SB, logz_SB = token_losses(logits_SBK, labels_B[None])
+        ce_SB, logz_SB = mixed_ce(logits_SBK, batch)
         teacher_logp_BK = jax.nn.log_softmax(
             jax.lax.stop_gradient(logits_SBK[teacher]) / temperature, axis=-1)
         student_logp_SBK = jax.nn.log_softmax(logits_SBK / temperature, axis=-1)
