@@ -2,7 +2,9 @@
 eval steps ahead of time for a TPU topology (no hardware: libtpu describes the chips) or
 this machine's devices, and prints memory per device against HBM, FLOPs per step and the
 step time at 50 % MFU. The last line of stdout is one JSON object. Exit 0 when it fits,
-1 when it does not, 2 on bad input. See docs/compile.md.
+1 when it does not, 2 on bad input. Any model family: an LM recipe's step reads token
+rows, a MatViT recipe's images (work counted in patches). See docs/compile.md and
+docs/compile_vit.md.
 """
 from __future__ import annotations
 
@@ -49,8 +51,14 @@ def _report_lines(report, recipe: str) -> list[str]:
         resident = m.peak if name == "train step" else report.eval_resident_peak
         rows.append([name, _gib(m.argument), _gib(m.output), _gib(m.alias), _gib(m.temp),
                      _gib(m.generated_code), _gib(resident)])
+    if report.token_unit == "tokens":
+        work = f"{report.tokens_per_step:,} tokens per step"
+    else:  # Images, each cut into the same number of patches.
+        work = (f"{report.examples_per_step:,} images × "
+                f"{report.tokens_per_step // report.examples_per_step} patches = "
+                f"{report.tokens_per_step:,} {report.token_unit} per step")
     lines = [f"{recipe} on {t.name}: {len(t.devices)} × {t.devices[0].device_kind}, "
-             f"mesh {report.mesh_shape}, {report.tokens_per_step:,} tokens per step"
+             f"mesh {report.mesh_shape}, {work}"
              f"{f' in {report.microbatches} microbatches' if report.microbatches > 1 else ''}",
              "memory per device (peak = arguments + outputs − aliased + temporaries + code"
              "; the eval step's adds the resident optimizer state):",
@@ -99,7 +107,8 @@ def report_json(report, recipe: str) -> dict:
            "flops_per_step": report.flops_per_step,
            "flops_per_step_per_device": report.flops_per_step / report.devices,
            "xla_flops_per_step": report.xla_flops_per_step,
-           "tokens_per_step": report.tokens_per_step, "microbatches": report.microbatches,
+           "tokens_per_step": report.tokens_per_step, "token_unit": report.token_unit,
+           "examples_per_step": report.examples_per_step, "microbatches": report.microbatches,
            "peak_flops_per_device": t.peak_flops,
            "step_time_at_50pct_mfu_s": report.step_time_at_50pct_mfu,
            "compile_s": report.train.compile_s + (report.eval.compile_s if report.eval else 0.0),

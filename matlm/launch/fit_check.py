@@ -13,6 +13,11 @@ While the eval step runs in the trainer the train state is still resident: the e
 step's own peak plus the optimizer state (its parameters are the state's, already
 counted in its arguments) is what the device holds then. The verdict takes the larger of
 the two.
+
+Any registered family compiles: the batch is the family's (the LM's packed [B, T] token
+rows; the ViT's images [B, H, W, C], labels [B] and mask [B]), sharded as the trainer
+shards it (`train_step.batch_sharding_of`). Work per step is counted in the family's unit
+(`step_work`): tokens for the LM, patches for the ViT; its FLOPs are the objective's.
 """
 from __future__ import annotations
 
@@ -28,11 +33,13 @@ import jax.numpy as jnp
 
 from matlm.launch.topology import Target
 from matlm.model import ModelConfig
+from matlm.model.families import family_of
 from matlm.training import mesh as mesh_lib
 from matlm.training.config import TrainConfig
 from matlm.training.objective import build_objective
 from matlm.training.optimizer import learning_rate_schedule, make_optimizer
-from matlm.training.train_step import abstract_state, make_eval_step, make_train_step
+from matlm.training.train_step import (abstract_state, batch_sharding_of, make_eval_step,
+                                       make_train_step)
 
 # libtpu stops compiling a program that needs more HBM than the chip has, early (before
 # its backend passes), with one line naming both figures in GiB. That total is all there
@@ -45,6 +52,19 @@ _TPU_OOM_RE = re.compile(r"total memory required for HLO temporaries \(([\d.]+)G
 # The packed batch the train and eval steps take (matlm.data.packing): [B, T] each.
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
                 "positions": jnp.int32, "loss_mask": jnp.float32}
+# The image batch of a family without tokens (matlm.data.images; what ViTLossHead and the
+# ViT eval step read): images [B, H, W, C], labels [B], mask [B] (0: padding).
+IMAGE_BATCH_DTYPES = {"images": jnp.float32, "labels": jnp.int32, "mask": jnp.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepWork:
+    """What one train step processes, in the family's unit, and its FLOPs by matlm's
+    exact count (the objective's, as the trainer's MFU counts them)."""
+    examples: int  # Sequences (LM) or images (ViT) per step.
+    tokens: int  # LM: examples × seq_len tokens; ViT: examples × num_patches patches.
+    unit: str  # "tokens" or "patches".
+    flops: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +112,7 @@ class StepReport:
 class FitReport:
     target: Target
     mesh_shape: dict
-    tokens_per_step: int
+    tokens_per_step: int  # In `token_unit`: the LM's tokens, the ViT's patches.
     microbatches: int
     train: StepReport
     eval: Optional[StepReport]
@@ -103,6 +123,8 @@ class FitReport:
     # scanned loop's body once and does not see inside Pallas kernels, so it is no step
     # total for scanned layers or fused attention; it is reported beside.
     model_flops_per_step: float = 0.0
+    examples_per_step: int = 0  # Sequences (LM) or images (ViT).
+    token_unit: str = "tokens"
 
     @property
     def devices(self) -> int:
@@ -145,12 +167,34 @@ class FitReport:
         return None if not peak or flops is None else flops / (0.5 * peak * self.devices)
 
 
-def abstract_batch(train_config: TrainConfig, mesh) -> dict:
-    """The global [B, T] batch the steps take, as sharded ShapeDtypeStructs."""
-    shape = (train_config.global_batch_size, train_config.seq_len)
-    sharding = mesh_lib.batch_sharding(mesh)
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-            for k, dtype in BATCH_DTYPES.items()}
+def abstract_batch(model_config: ModelConfig, train_config: TrainConfig, mesh) -> dict:
+    """The global batch the steps take, as sharded ShapeDtypeStructs: the LM's [B, T] token
+    rows, or a ViT's images [B, H, W, C], labels [B] and mask [B]."""
+    B = train_config.global_batch_size
+    sharding = batch_sharding_of(model_config, mesh)
+    if family_of(model_config).tokens:
+        return {k: jax.ShapeDtypeStruct((B, train_config.seq_len), dtype, sharding=sharding)
+                for k, dtype in BATCH_DTYPES.items()}
+    shapes = {"images": (B, *model_config.image_shape), "labels": (B,), "mask": (B,)}
+    return {k: jax.ShapeDtypeStruct(shapes[k], dtype, sharding=sharding)
+            for k, dtype in IMAGE_BATCH_DTYPES.items()}
+
+
+def step_work(model_config: ModelConfig, train_config: TrainConfig) -> StepWork:
+    """Examples, tokens (or patches) and training FLOPs of one step.
+
+    The objective counts a ViT per image, spread over its `num_tokens` (patches and the
+    class token), so FLOPs per step = images × num_tokens × its per-token figure = images ×
+    3 × the joint forward FLOPs of one image; the patches reported are the image's
+    `num_patches` (the class token is no input patch)."""
+    B = train_config.global_batch_size
+    per_token = build_objective(model_config, train_config).train_flops_per_token(
+        model_config, train_config.seq_len)
+    if family_of(model_config).tokens:
+        tokens = B * train_config.seq_len
+        return StepWork(examples=B, tokens=tokens, unit="tokens", flops=tokens * per_token)
+    return StepWork(examples=B, tokens=B * model_config.num_patches, unit="patches",
+                    flops=B * model_config.num_tokens * per_token)
 
 
 def bytes_per_device(tree) -> int:
@@ -209,7 +253,7 @@ def lower_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh)
     step = make_train_step(model_config, objective, optimizer, schedule, mesh,
                            train_config.microbatches)
     state = abstract_state(model_config, optimizer, mesh)
-    return step, (state, abstract_batch(train_config, mesh)), state
+    return step, (state, abstract_batch(model_config, train_config, mesh)), state
 
 
 def check_fit(model_config: ModelConfig, train_config: TrainConfig, target: Target,
@@ -217,11 +261,13 @@ def check_fit(model_config: ModelConfig, train_config: TrainConfig, target: Targ
               progress: Callable[[str], None] = _stderr) -> FitReport:
     """Compiles the train (and eval) step for `target` and reports memory and FLOPs.
 
-    Mesh and batch are checked first (MeshError, a ValueError), before any compile.
+    Mesh, batch and objective are checked first (MeshError, TrainConfigError: ValueErrors),
+    before any compile. Any family: its batch (`abstract_batch`) and unit (`step_work`).
     """
     mesh = mesh_lib.make_mesh(train_config.mesh_shape, devices=list(target.devices))
     mesh_lib.check_batch_fits(mesh, train_config.global_batch_size, train_config.microbatches)
     mesh_lib.check_shard_local_nesting(mesh, model_config.ffn_nest_blocks)
+    work = step_work(model_config, train_config)  # The objective's checks, before compiling.
     step, args, state = lower_train_step(model_config, train_config, mesh)
     _, train_report = _compile(step, args, target, "train step", progress)
     eval_report = None
@@ -232,12 +278,9 @@ def check_fit(model_config: ModelConfig, train_config: TrainConfig, target: Targ
                                    train_config.loss_chunk_size)
         _, eval_report = _compile(eval_step, (state.params, args[1]), target, "eval step",
                                   progress)
-    tokens_per_step = train_config.global_batch_size * train_config.seq_len
-    model_flops = tokens_per_step * build_objective(model_config, train_config) \
-        .train_flops_per_token(model_config, train_config.seq_len)
     return FitReport(target=target, mesh_shape=dict(mesh.shape),
-                     model_flops_per_step=model_flops,
-                     tokens_per_step=train_config.global_batch_size * train_config.seq_len,
+                     model_flops_per_step=work.flops, tokens_per_step=work.tokens,
+                     examples_per_step=work.examples, token_unit=work.unit,
                      microbatches=train_config.microbatches, train=train_report,
                      eval=eval_report, opt_state_bytes_per_device=bytes_per_device(
                          state.opt_state), min_headroom=min_headroom)

@@ -32,6 +32,14 @@
   Layers whose input several granularities share run once (matlm.model.streams): the
   estimate counts them per granularity, an upper bound.
 
+  A family without tokens (the ViT, `Family.tokens` False) reads images: its sequence is
+  the config's `num_tokens` (patches + class token), not TrainConfig.seq_len, so `N` =
+  images per device per microbatch × num_tokens; attention is bidirectional, so `K` =
+  num_tokens (every query attends to every key); and instead of vocabulary logits its
+  ends are the patches (num_patches · patch_dim · s per image, kept for the patch
+  projection's gradient) and k float32 class logits with their gradient (2 · 4 ·
+  num_classes · k per image).
+
 It is compared with the smallest local device's memory: `memory_stats()["bytes_limit"]`
 on accelerators; on CPU, the host's MemAvailable (/proc/meminfo) split between the
 mesh's local CPU devices, which share it. A run is refused only when the estimate
@@ -49,6 +57,7 @@ import numpy as np
 
 from matlm.model.config import ModelConfig
 from matlm.model.counting import attended_keys_per_token
+from matlm.model.families import family_of
 from matlm.training.config import TrainConfig
 
 GIB = 1 << 30
@@ -116,23 +125,39 @@ def activation_bytes(model_config: ModelConfig, train_config: TrainConfig,
     c, t = model_config, max(tensor, 1)
     s = {"float32": 4, "bfloat16": 2}[c.compute_dtype]
     per_device_rows = max(train_config.global_batch_size // max(batch_shards, 1), 1)
-    tokens = max(per_device_rows // train_config.microbatches, 1) * train_config.seq_len
+    rows = max(per_device_rows // train_config.microbatches, 1)
+    token_family = family_of(c).tokens
+    # An image's tokens are the config's (patches + class token), not TrainConfig.seq_len;
+    # its attention is bidirectional: every query attends to all of them.
+    length = train_config.seq_len if token_family else c.num_tokens
+    keys = attended_keys_per_token(c, length) if token_family else length
+    tokens = rows * length
     widths = _trained_widths(c, train_config)
     k = len(widths)
     stream = (6 * c.d_model + (c.n_heads + 2 * c.num_kv_heads) * c.head_size / t) * s
     ffn = ((2 if c.gated else 1) + 1) * sum(widths) / t * s
     # Only the XLA path materialises scores; the fused kernels (splash, cuDNN) keep them
     # in on-chip memory per block.
-    xla = resolve_impl(c, platform, seq_len=train_config.seq_len) == "xla"
-    scores = 2 * c.n_heads / t * attended_keys_per_token(c, train_config.seq_len) * 4 * xla
+    xla = resolve_impl(c, platform, seq_len=length) == "xla"
+    scores = 2 * c.n_heads / t * keys * 4 * xla
     full_layer = k * (stream + scores) + ffn
     per_layer = {"none": full_layer, "dots_saveable": full_layer,
                  "minimal": k * stream + ffn, "full": k * c.d_model * s}[c.remat_policy]
+    body = c.n_layers * tokens * per_layer + tokens * full_layer
+    if not token_family:
+        return int(body + _image_end_bytes(c, rows, k, s))
     chunk = train_config.loss_chunk_size
     logit_tokens = k * tokens if not chunk else tokens * min(chunk, train_config.seq_len) / \
         train_config.seq_len
     logits = 2 * 4 * c.vocab_size * logit_tokens / t
-    return int(c.n_layers * tokens * per_layer + tokens * full_layer + logits)
+    return int(body + logits)
+
+
+def _image_end_bytes(config, rows: int, k: int, s: int) -> float:
+    """An image family's ends, per device: the patches in compute dtype (kept for the
+    projection's gradient) and each trained granularity's float32 class logits and their
+    gradient; no vocabulary logits. Small next to the body."""
+    return rows * (config.num_patches * config.patch_dim * s + 2 * 4 * config.num_classes * k)
 
 
 def _mem_available() -> Optional[int]:
