@@ -174,3 +174,63 @@ def test_image_search_scores_candidates_as_eval_does_with_one_compile():
     assert budget.cost(VIT, (8, 32)) == forward_flops_per_image(VIT, (8, 32))
     # The shuffled sample mixes the classes (the split itself is sorted by class).
     assert len(np.unique(batches[0]["labels"])) == VIT.num_classes
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory):
+    """A MatViT trained 6 steps on digits over every device (the commands below read it)."""
+    path = tmp_path_factory.mktemp("matvit") / "run"
+    train(VIT, DATA, dataclasses.replace(TRAIN, steps=6, eval_every=0, checkpoint_every=6,
+                                         mesh_shape=(-1, 1, 1)),
+          path, show_progress=False, check_memory=False)
+    return path
+
+
+def test_eval_embed_and_retrieve_commands_agree_with_numpy(trained_dir, tmp_path, capsys):
+    from matlm.cli.main import main as matlm_main
+    from matlm.retrieval.embed import load_embeddings
+    flags = [f"--model_dir={trained_dir}", "--no_progress"]
+    # matlm eval: every granularity and a Mix'n'Match vector, top-1/top-5 and a plot.
+    assert matlm_main(["eval", *flags, "--widths=S,XL", f"--output={tmp_path / 'eval'}"]) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    metrics = results["tasks"]["digits:validation"]["metrics"]
+    assert set(metrics) == {"S", "M", "L", "XL", "S,XL"}
+    assert all(0 <= m["top1"] <= m["top5"] <= 1 for m in metrics.values())
+    assert metrics["XL"]["answer_agreement"] == 1.0
+    assert (tmp_path / "eval" / "average_accuracy_vs_params.png").is_file()
+    # matlm embed: .npz and .parquet hold the same embeddings; nothing is overwritten.
+    npz, parquet = tmp_path / "db.npz", tmp_path / "db.parquet"
+    for path in (npz, parquet):
+        assert matlm_main(["embed", *flags, "--granularities=S,XL", f"--output={path}"]) == 0
+    assert "images/s" in capsys.readouterr().out
+    saved = load_embeddings(npz)
+    import pyarrow.parquet as pq
+    table = pq.read_table(parquet)
+    np.testing.assert_array_equal(table["label"].to_numpy(), saved.labels)
+    np.testing.assert_array_equal(np.stack(table["XL"].to_numpy(zero_copy_only=False)),
+                                  saved.vectors["XL"])
+    assert len(saved.labels) == 1439  # digits' train split, padding dropped.
+    assert matlm_main(["embed", *flags, f"--output={npz}"]) == 2
+    # matlm retrieve: 1-NN (same encoder, adaptive) against numpy brute force on them.
+    assert matlm_main(["embed", *flags, "--granularities=S,XL", "--split=validation",
+                       f"--output={tmp_path / 'q.npz'}"]) == 0
+    queries = load_embeddings(tmp_path / "q.npz")
+    out = tmp_path / "retrieval"
+    assert matlm_main(["retrieve", *flags, "--granularities=S,XL", "--shortlist_k=1,10",
+                       f"--output={out}", "--no_plots"]) == 0
+    result = json.loads((out / "retrieval.json").read_text())
+
+    def one_nn(db, q):
+        db = db / np.linalg.norm(db, axis=1, keepdims=True)
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+        return float(np.mean(saved.labels[np.argmax(q @ db.T, axis=1)] == queries.labels))
+    rows = {r["query_encoder"]: r for r in result["retrieval"]}
+    for name in ("S", "XL"):
+        assert rows[name]["same_encoder_1nn"] == pytest.approx(
+            one_nn(saved.vectors[name], queries.vectors[name]))
+        assert rows[name]["adaptive_1nn"] == pytest.approx(
+            one_nn(saved.vectors["XL"], queries.vectors[name]))
+    # A shortlist of 1 is S's own 1-NN; the cascade's cost counts both encoders.
+    assert result["cascade"][0]["accuracy"] == pytest.approx(rows["S"]["same_encoder_1nn"])
+    assert result["cascade"][0]["query_gflops"] > rows["XL"]["query_gflops"]
+    assert matlm_main(["retrieve", *flags, f"--output={out}"]) == 2  # Not empty: refused.

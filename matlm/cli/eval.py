@@ -116,7 +116,7 @@ def run(args, gin_bindings) -> int:
     if not family_of(config).tokens:  # A MatViT: its images, not text tasks.
         return _run_images(args, gin_bindings, model_dir, run_config, start)
     if args.split is not None:
-        raise SystemExit("matlm eval: error: --split selects an image split; for text tasks "
+        raise ValueError("--split selects an image split; for text tasks "
                          "the split is part of each task's definition")
     # 2. Tasks (gin) and submodels, validated against that config.
     parse_gin([DEFAULT_GIN, *args.gin_file], gin_bindings, model_from_dir="matlm eval")
@@ -169,7 +169,7 @@ def _run_images(args, gin_bindings, model_dir, run_config, start: float) -> int:
     import matlm.model_dir as model_dir_lib
 
     if args.tasks is not None or args.num_shots or args.log_samples or args.acc_uncond:
-        raise SystemExit("matlm eval: error: --tasks, --num_shots, --log_samples and "
+        raise ValueError("--tasks, --num_shots, --log_samples and "
                          "--acc_uncond are for text models; a MatViT checkpoint is evaluated "
                          "on its image split (--split)")
     parse_gin([*args.gin_file], gin_bindings, model_from_dir="matlm eval")

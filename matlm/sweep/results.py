@@ -65,7 +65,9 @@ def trial_row(trial: Trial, model_dir: Path, labels: dict,
         train = run_config.train
         steps = [r["step"] for r in metrics if "train/loss" in r]
         row["step"] = max(steps) if steps else 0
-        row["tokens"] = (row["step"] * train.global_batch_size * train.seq_len
+        # A ViT's tokens are its images' patches (and class token).
+        per_example = getattr(config, "num_tokens", None) or (train.seq_len if train else 0)
+        row["tokens"] = (row["step"] * train.global_batch_size * per_example
                          if train is not None else 0)
     val_step, losses = final_val_losses(metrics)
     order = list(spec.names) if has_run_config else []
@@ -74,6 +76,12 @@ def trial_row(trial: Trial, model_dir: Path, labels: dict,
         row[f"val_loss_{name}"] = losses[name]
     if losses:
         row["val_step"] = val_step
+        # A classifier's top-1 from the same eval row (MatViT).
+        same_row = next((r for r in reversed(metrics) if r.get("step") == val_step
+                         and any(k.endswith("/loss") for k in r if k.startswith("eval/"))), {})
+        for name in losses:
+            if f"eval/{name}/top1" in same_row:
+                row[f"val_top1_{name}"] = same_row[f"eval/{name}/top1"]
     row.update(_eval_columns(model_dir) if record.get("eval_status") == "done" else {})
     row["wall_s"] = round(record.get("wall_s", 0.0), 1)
     error = (record.get("error") or "").strip().splitlines()

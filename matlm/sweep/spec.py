@@ -349,8 +349,12 @@ def validate(trials: Sequence[Trial], gin_files: Sequence[str], bindings: Sequen
             try:
                 parse_gin(gin_files, [*bindings, *trial.bindings])
                 model_config, train_config = model_config_from_gin(), train_config_from_gin()
-                if check_data:
-                    data.data_config_from_gin()
+                if check_data:  # The family's data: text (DataConfig) or images.
+                    from matlm.model import family_of
+                    if family_of(model_config).tokens:
+                        data.data_config_from_gin()
+                    else:
+                        data.image_data_config_from_gin()
             except ValueError as e:
                 raise SweepSpecError(f"trial {trial.name!r}: {e}") from None
             configs[trial.name] = (model_config, train_config)
