@@ -37,8 +37,10 @@ TPU = ["jax[tpu]==0.10.2"]
 # `matlm export --format=hf`: a Hugging Face model dir (safetensors) that transformers loads.
 # torch 2.13.0 resolves to its CPU wheel where one is offered (no CUDA libraries).
 EXPORT = ["torch==2.13.0", "transformers==5.24.0", "safetensors==0.8.0"]
-# CI runs the export tests too (CPU torch).
-TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0"] + TPU + EXPORT
+# Approximate nearest neighbours for `matlm retrieve --index=faiss-*` (docs/retrieval.md).
+RETRIEVAL = ["faiss-cpu==1.15.1"]
+# CI runs the export and FAISS tests too (CPU torch).
+TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0"] + TPU + EXPORT + RETRIEVAL
 
 setup(
     name="matlm",
@@ -47,6 +49,6 @@ setup(
     packages=find_packages(include=["matlm", "matlm.*"]),
     python_requires=">=3.11",
     install_requires=CORE + DATA,
-    extras_require={"test": TEST, "tpu": TPU, "export": EXPORT},
+    extras_require={"test": TEST, "tpu": TPU, "export": EXPORT, "retrieval": RETRIEVAL},
     entry_points={"console_scripts": ["matlm=matlm.cli.main:console_main"]},
 )

@@ -555,16 +555,17 @@ def parse_families(parser, text: str) -> list[str]:
     return [f for f in FAMILIES if f in families]
 
 
-def run_sweeps(specs: dict, out: Path, parallel: int) -> tuple[int, dict]:
-    """Each sweep in turn (baselines first) through `matlm sweep`: (exit code, {sweep
-    name: its trials}); the first failing sweep's code stops the rest."""
+def run_sweeps(specs: dict, out: Path, parallel: int,
+               gin_file: str = "configs/runs/default.gin") -> tuple[int, dict]:
+    """Each sweep in turn (baselines first) through `matlm sweep` on the run `gin_file`:
+    (exit code, {sweep name: its trials}); the first failing sweep's code stops the rest."""
     from matlm.cli.main import main as matlm_main
     from matlm.sweep import spec as spec_lib
     trials = {}
     for name, text in specs.items():
         spec_file = out / f"{name}.yaml"
         spec_file.write_text(text)
-        code = matlm_main(["sweep", "--gin_file=configs/runs/default.gin",
+        code = matlm_main(["sweep", f"--gin_file={gin_file}",
                            f"--sweep={spec_file}", f"--base_dir={out / name}",
                            f"--parallel={parallel}"])
         if code != 0:
