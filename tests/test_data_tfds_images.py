@@ -266,3 +266,33 @@ def test_bad_input_is_one_clear_error(data_dir, tmp_path):
     info_path.write_text(json.dumps(info))
     tfds_images._builder.cache_clear()  # The process caches each set's metadata.
     _assert_equal(_it(tfrecord, **TRAIN).batch(3), _it(data_dir, **TRAIN).batch(3))
+
+
+@pytest.mark.usefixtures("one_device")
+def test_a_matvit_trains_and_resumes_bitwise_on_a_tfds_set_with_mixup(data_dir, tmp_path):
+    """The TFDS pipeline end to end through ImageDataConfig and train(): RandAugment and
+    mixup batches (the loss head's soft-target CE), an eval pass on the test split, and a
+    job stopped at step 2 and resumed equals an uninterrupted one, bit for bit."""
+    import jax
+    from matlm.data.image_config import ImageDataConfig
+    from matlm.model.vit_config import ViTConfig
+    from matlm.model_dir import load_checkpoint_for_inference
+    from matlm.training.config import TrainConfig
+    from matlm.training.trainer import train
+
+    vit = ViTConfig(image_size=SIDE, patch_size=4, num_channels=3, num_classes=3, d_model=16,
+                    n_layers=1, n_heads=2, d_ff=32, ffn_nest_blocks=2, width_alignment=4,
+                    granularity_names=("S", "XL"))
+    data = ImageDataConfig(dataset="cifar10", data_dir=data_dir, eval_split="test",
+                           mixup_alpha=0.4, randaugment_layers=1)
+    config = TrainConfig(steps=4, global_batch_size=8, learning_rate=3e-3, warmup_steps=1,
+                         log_every=1, eval_every=2, checkpoint_every=2, mesh_shape=(1, 1, 1))
+    run = lambda path, **kw: train(vit, data, config, path, show_progress=False, **kw)
+    straight = run(tmp_path / "straight")
+    assert run(tmp_path / "split", stop_at=2).interrupted
+    resumed = run(tmp_path / "split")
+    assert resumed.eval_history[-1] == straight.eval_history[-1]
+    assert "XL/top1" in straight.eval_history[-1][1]
+    a = load_checkpoint_for_inference(tmp_path / "straight").params
+    b = load_checkpoint_for_inference(tmp_path / "split").params
+    assert all(jax.tree.leaves(jax.tree.map(lambda x, y: np.array_equal(x, y), a, b)))
