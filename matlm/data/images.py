@@ -31,12 +31,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from matlm.data import image_augment, image_sets, iterator_state
-from matlm.data.errors import BatchSizeError, DataError, StateError
+from matlm.data.errors import BatchSizeError, DataError
 from matlm.data.seed_streams import SeedStream
 
 STATE_VERSION = "image-1"
@@ -71,9 +71,12 @@ class ImagePipelineConfig:
         self.augmentation  # Validates crop_padding.
 
 
-class ImageBatchIterator:
+class ImageBatchIterator(iterator_state.StepIterator):
     """Iterator of per-host image batches; `state` saves it,
     `restore_image_batch_iterator` rebuilds it. `batch(step)` is random access (pure)."""
+
+    STATE_VERSION = STATE_VERSION
+    PIPELINE = "image pipeline"
 
     def __init__(self, config: ImagePipelineConfig, host_index: int = 0, start_step: int = 0,
                  pad_to_num_batches: int | None = None):
@@ -86,13 +89,8 @@ class ImageBatchIterator:
                 f"image set {config.dataset!r} split {config.split!r} has no images")
         self._orders: "collections.OrderedDict[int, np.ndarray]" = collections.OrderedDict()
         # One epoch in global batches: the same count on every host.
-        self.num_batches = (None if config.repeat else
-                            -(-len(self.split) // config.global_batch_size))
-        if pad_to_num_batches is not None and not config.repeat:
-            if pad_to_num_batches < self.num_batches:
-                raise DataError(f"pad_to_num_batches={pad_to_num_batches} is below this "
-                                f"split's {self.num_batches} batches")
-            self.num_batches = pad_to_num_batches
+        self.num_batches = iterator_state.one_epoch_batches(
+            len(self.split), config.global_batch_size, config.repeat, pad_to_num_batches)
         self.step = start_step
 
     @property
@@ -148,30 +146,6 @@ class ImageBatchIterator:
         images[~valid] = 0.0  # Padding is all zeros, label 0, mask 0.
         return {"images": images, "labels": labels, "mask": valid.astype(np.float32)}
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.num_batches is not None and self.step >= self.num_batches:
-            raise StopIteration
-        batch = self.batch(self.step)
-        self.step += 1
-        return batch
-
-    @property
-    def state(self) -> dict[str, Any]:
-        """JSON-serialisable; the same on every host (`num_hosts` is informational)."""
-        return {"version": STATE_VERSION, "step": int(self.step),
-                **dataclasses.asdict(self.config)}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Moves to `state["step"]` after checking the state was saved by the same pipeline."""
-        check_state(state, self.config)
-        self.step = int(state["step"])
-
-
-def check_state(state: dict[str, Any], config: ImagePipelineConfig) -> None:
-    iterator_state.check_state(state, config, STATE_VERSION, "image pipeline")
 
 
 def make_image_batch_iterator(dataset: str, split: str, global_batch_size: int, seed: int,
@@ -194,13 +168,6 @@ def restore_image_batch_iterator(state: dict[str, Any], host_index: int = 0,
                                  num_hosts: int = 1) -> ImageBatchIterator:
     """Rebuilds the iterator a saved `state` came from, positioned at its step, for this
     job's hosts (more or fewer than the saving job's: the same global batches)."""
-    if state.get("version") != STATE_VERSION:
-        raise StateError(f"image pipeline state version {state.get('version')!r} is not "
-                         f"{STATE_VERSION!r}")
-    fields = {f.name for f in dataclasses.fields(ImagePipelineConfig)}
-    missing = sorted(fields - set(state) - {"num_hosts"})
-    if missing:
-        raise StateError(f"image pipeline state lacks {missing}")
-    config = ImagePipelineConfig(**{**{k: state[k] for k in fields if k in state},
-                                    "num_hosts": num_hosts})
+    config = iterator_state.config_from_state(state, ImagePipelineConfig, STATE_VERSION,
+                                              ImageBatchIterator.PIPELINE, num_hosts)
     return ImageBatchIterator(config, host_index=host_index, start_step=int(state["step"]))

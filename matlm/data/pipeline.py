@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from typing import Any, Iterator
+from typing import Any
 
 from matlm.data import tf_setup  # noqa: F401  (before seqio: hides accelerators from TF)
 import numpy as np
@@ -51,7 +51,7 @@ import seqio
 
 from matlm.data import (corpora, iterator_state, packing, stream_mixture, streaming, tasks,
                         vocabulary)
-from matlm.data.errors import BatchSizeError, DataError, SequenceLengthError, StateError
+from matlm.data.errors import BatchSizeError, DataError, SequenceLengthError
 from matlm.data.mixture_schedule import MixtureSchedule
 from matlm.data.task_rows import TaskRows, token_store
 from matlm.data import tfds_tasks  # noqa: F401  (registers the built-in TFDS tasks)
@@ -85,11 +85,13 @@ class PipelineConfig:
             raise DataError(f"seed must be >= 0, got {self.seed}")
 
 
-class BatchIterator:
+class BatchIterator(iterator_state.StepIterator):
     """Iterator of per-host batches; `state` saves it, `restore_batch_iterator` rebuilds it.
 
     `batch(step)` is random access (pure: it does not move the iterator).
     """
+
+    STATE_VERSION = STATE_VERSION
 
     def __init__(self, config: PipelineConfig, vocab: seqio.SentencePieceVocabulary,
                  host_index: int = 0, start_step: int = 0, pad_to_num_batches: int | None = None):
@@ -113,13 +115,9 @@ class BatchIterator:
         self._schedule = (MixtureSchedule([r for _, r in components], (config.seed, 0, 1))
                           if len(components) > 1 else None)
         # One epoch in global batches: the same count on every host.
-        self.num_batches = (None if config.repeat else
-                            -(-self._streams[0].rows_per_epoch // config.global_batch_size))
-        if pad_to_num_batches is not None and not config.repeat:
-            if pad_to_num_batches < self.num_batches:
-                raise DataError(f"pad_to_num_batches={pad_to_num_batches} is below this "
-                                f"host's {self.num_batches} batches")
-            self.num_batches = pad_to_num_batches
+        self.num_batches = iterator_state.one_epoch_batches(
+            self._streams[0].rows_per_epoch, config.global_batch_size, config.repeat,
+            pad_to_num_batches)
         self.step = start_step
 
     @property
@@ -154,31 +152,6 @@ class BatchIterator:
                         rows[name][where] = got[name]
         return packing.model_features(rows, self._start_id)
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.num_batches is not None and self.step >= self.num_batches:
-            raise StopIteration
-        batch = self.batch(self.step)
-        self.step += 1
-        return batch
-
-    @property
-    def state(self) -> dict[str, Any]:
-        """JSON-serialisable; the same on every host (the host index is not part of it, and
-        `num_hosts` is informational: the order does not depend on it)."""
-        return {"version": STATE_VERSION, "step": int(self.step),
-                **dataclasses.asdict(self.config)}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Moves to `state["step"]` after checking the state was saved by the same pipeline."""
-        check_state(state, self.config)
-        self.step = int(state["step"])
-
-
-def check_state(state: dict[str, Any], config: PipelineConfig) -> None:
-    iterator_state.check_state(state, config, STATE_VERSION, "pipeline")
 
 
 def make_batch_iterator(task_or_mixture: str, split: str, seq_len: int,
@@ -225,10 +198,6 @@ def restore_batch_iterator(state: dict[str, Any], vocab: seqio.SentencePieceVoca
         return streaming.restore(state, vocab, host_index, num_hosts)
     if state.get("version") == stream_mixture.STATE_VERSION:
         return stream_mixture.restore(state, vocab, host_index, num_hosts)
-    if state.get("version") != STATE_VERSION:
-        raise StateError(f"pipeline state version {state.get('version')!r} is not "
-                         f"{STATE_VERSION}")
-    config = PipelineConfig(**{**{f.name: state[f.name]
-                                  for f in dataclasses.fields(PipelineConfig)},
-                               "num_hosts": num_hosts})
+    config = iterator_state.config_from_state(state, PipelineConfig, STATE_VERSION,
+                                              BatchIterator.PIPELINE, num_hosts)
     return BatchIterator(config, vocab, host_index=host_index, start_step=int(state["step"]))

@@ -43,12 +43,12 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from matlm.data import image_transforms, iterator_state, tf_setup  # noqa: F401 (tf first)
-from matlm.data.errors import BatchSizeError, DataError, StateError, UnknownSplitError
+from matlm.data.errors import BatchSizeError, DataError, UnknownSplitError
 from matlm.data.image_sets import EmptySplitError, UnknownImageSetError
 from matlm.data.seed_streams import SeedStream
 from matlm.messages import first_line
@@ -211,9 +211,12 @@ def _decode_crop(encoded: bytes, channels: int, box_of) -> np.ndarray:
     return image[top:top + ch, left:left + cw]
 
 
-class TfdsImageBatchIterator:
+class TfdsImageBatchIterator(iterator_state.StepIterator):
     """Iterator of per-host batches (see the module docstring); `state` saves it,
     `restore_tfds_image_batch_iterator` rebuilds it; `batch(step)` is random access."""
+
+    STATE_VERSION = STATE_VERSION
+    PIPELINE = "TFDS image pipeline"
 
     def __init__(self, config: TfdsImageConfig, host_index: int = 0, start_step: int = 0,
                  pad_to_num_batches: int | None = None):
@@ -224,13 +227,8 @@ class TfdsImageBatchIterator:
                                       config.image_shape)
         self.stats = TFDS_IMAGE_STATS[config.dataset]
         self._orders: "collections.OrderedDict[int, np.ndarray]" = collections.OrderedDict()
-        self.num_batches = (None if config.repeat else
-                            -(-self.num_examples // config.global_batch_size))
-        if pad_to_num_batches is not None and not config.repeat:
-            if pad_to_num_batches < self.num_batches:
-                raise DataError(f"pad_to_num_batches={pad_to_num_batches} is below this "
-                                f"split's {self.num_batches} batches")
-            self.num_batches = pad_to_num_batches
+        self.num_batches = iterator_state.one_epoch_batches(
+            self.num_examples, config.global_batch_size, config.repeat, pad_to_num_batches)
         self.step = start_step
         self._pool = concurrent.futures.ThreadPoolExecutor(_THREADS)
 
@@ -338,34 +336,6 @@ class TfdsImageBatchIterator:
             out["mixup_weight"] = weight
         return out
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.num_batches is not None and self.step >= self.num_batches:
-            raise StopIteration
-        batch = self.batch(self.step)
-        self.step += 1
-        return batch
-
-    @property
-    def state(self) -> dict[str, Any]:
-        """JSON-serialisable; the same on every host (`num_hosts` is informational)."""
-        fields = dataclasses.asdict(self.config)
-        fields["image_shape"] = list(fields["image_shape"])
-        return {"version": STATE_VERSION, "step": int(self.step), **fields}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Moves to `state["step"]` after checking it was saved by the same pipeline."""
-        check_state(state, self.config)
-        self.step = int(state["step"])
-
-
-def check_state(state: dict[str, Any], config: TfdsImageConfig) -> None:
-    normalised = dict(state)
-    if isinstance(normalised.get("image_shape"), list):  # JSON has no tuples.
-        normalised["image_shape"] = tuple(normalised["image_shape"])
-    iterator_state.check_state(normalised, config, STATE_VERSION, "TFDS image pipeline")
 
 
 def make_tfds_image_batch_iterator(
@@ -394,14 +364,6 @@ def restore_tfds_image_batch_iterator(state: dict[str, Any], host_index: int = 0
                                       num_hosts: int = 1) -> TfdsImageBatchIterator:
     """Rebuilds the iterator a saved `state` came from, at its step, for this job's hosts
     (any number: the same global batches)."""
-    if state.get("version") != STATE_VERSION:
-        raise StateError(f"TFDS image pipeline state version {state.get('version')!r} is not "
-                         f"{STATE_VERSION!r}")
-    fields = {f.name for f in dataclasses.fields(TfdsImageConfig)}
-    missing = sorted(fields - set(state) - {"num_hosts"})
-    if missing:
-        raise StateError(f"TFDS image pipeline state lacks {missing}")
-    values = {k: state[k] for k in fields if k in state}
-    values["image_shape"] = tuple(values["image_shape"])
-    config = TfdsImageConfig(**{**values, "num_hosts": num_hosts})
+    config = iterator_state.config_from_state(state, TfdsImageConfig, STATE_VERSION,
+                                              TfdsImageBatchIterator.PIPELINE, num_hosts)
     return TfdsImageBatchIterator(config, host_index=host_index, start_step=int(state["step"]))
