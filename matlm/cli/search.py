@@ -171,16 +171,8 @@ def run(args, gin_bindings) -> int:
             "max_evals": args.max_evals, "eval_rows": sum(
                 int(b["loss_mask"].any(axis=1).sum()) for b in task.batches) if is_loss
             else len(task.rows), "compiled_functions": evaluator.compiled_count()}
-    written = S.write_outputs(result, output, metric_name, info, confirm, plot=not args.no_plots)
-    print(S.front_table(result, metric_name, confirm))
-    best = result.best
-    print(f"\nbest under {kind} <= {budget.limit:.6g}: --widths={','.join(map(str, best.widths))}"
-          f" ({best.params:,} params, {best.flops / 1e6:.3f} MFLOPs/token, "
-          f"{metric_name} {best.metric:.4f})")
-    print(f"{len(result.candidates)} candidates ({len(result.uniform)} uniform) in "
-          f"{time.time() - start:.0f}s, {evaluator.compiled_count()} compiled function(s); "
-          f"wrote {', '.join(p.name for p in written)} to {output}")
-    return 0
+    return _write_and_print(args, result, output, metric_name, info, confirm, budget,
+                            evaluator, start, per="token")
 
 
 def _run_images(args, gin_bindings, model_dir, run_config, step: int, start: float) -> int:
@@ -237,12 +229,20 @@ def _run_images(args, gin_bindings, model_dir, run_config, step: int, start: flo
             "max_evals": args.max_evals,
             "eval_rows": int(sum(b["mask"].sum() for b in sample)),
             "compiled_functions": evaluator.compiled_count()}
+    return _write_and_print(args, result, output, metric_name, info, confirm, budget,
+                            evaluator, start, per="image")
+
+
+def _write_and_print(args, result, output, metric_name: str, info: dict, confirm, budget,
+                     evaluator, start: float, per: str) -> int:
+    """front.csv, candidates.csv, best.json, search.png; the front and the best candidate."""
+    from matlm.submodels import search as S
     written = S.write_outputs(result, output, metric_name, info, confirm, plot=not args.no_plots)
     print(S.front_table(result, metric_name, confirm))
     best = result.best
-    print(f"\nbest under {kind} <= {budget.limit:.6g}: --widths={','.join(map(str, best.widths))}"
-          f" ({best.params:,} params, {best.flops / 1e6:.3f} MFLOPs/image, "
-          f"{metric_name} {best.metric:.4f})")
+    print(f"\nbest under {budget.kind} <= {budget.limit:.6g}: "
+          f"--widths={','.join(map(str, best.widths))} ({best.params:,} params, "
+          f"{best.flops / 1e6:.3f} MFLOPs/{per}, {metric_name} {best.metric:.4f})")
     print(f"{len(result.candidates)} candidates ({len(result.uniform)} uniform) in "
           f"{time.time() - start:.0f}s, {evaluator.compiled_count()} compiled function(s); "
           f"wrote {', '.join(p.name for p in written)} to {output}")
