@@ -61,6 +61,19 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n ** 3 / time_interleaved({"mm": f}, (a,), reps)["mm"] / 1e9
 
 
+def synthetic_token_batch(batch: int, seq_len: int, vocab: int, mesh, seed: int = 0) -> dict:
+    """A global batch of random tokens in the trainer's format (one segment per row),
+    sharded as `matlm train` shards it: the LM benchmarks' input."""
+    import numpy as np
+    from matlm.training import mesh as mesh_lib
+    tokens = np.random.default_rng(seed).integers(0, vocab, (batch, seq_len + 1)).astype(np.int32)
+    return mesh_lib.global_batch({
+        "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+        "segment_ids": np.ones((batch, seq_len), np.int32),
+        "positions": np.tile(np.arange(seq_len), (batch, 1)).astype(np.int32),
+        "loss_mask": np.ones((batch, seq_len), np.float32)}, mesh)
+
+
 def next_token_loss(logits_BTV, tokens_BT):
     logp = jax.nn.log_softmax(logits_BTV[:, :-1])
     return -jnp.mean(jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1))

@@ -2,7 +2,8 @@
 """Benchmark the MatViT train step: joint (all granularities, sliced FFNs over shared
 streams) vs XL only vs the masked joint step (traced widths: every granularity at full
 FFN FLOPs), as patches/s and as a fraction of this machine's matmul peak, measured in the
-same run.
+same run, beside a MatLM joint step with the same body over as many tokens (the goal:
+the MatViT's fraction of peak within 10 % of the LM's).
 
 Each variant is a full optimizer step (forward, backward, AdamW update) on one device,
 built as `matlm train` builds it (`make_train_step`, the family's batch sharding). The
@@ -35,8 +36,10 @@ import numpy as np
 from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(__file__))
-from benchmark_model import matmul_peak_gflops, time_interleaved  # noqa: E402
+from benchmark_model import (matmul_peak_gflops, synthetic_token_batch,  # noqa: E402
+                             time_interleaved)
 
+from matlm.model import ModelConfig  # noqa: E402
 from matlm.model.attention import resolve_impl  # noqa: E402
 from matlm.model.counting import joint_forward_flops_per_image, train_flops_per_image  # noqa: E402
 from matlm.model.vit_config import ViTConfig  # noqa: E402
@@ -83,10 +86,23 @@ def benchmark(args) -> dict:
     state = init_state(config, optimizer, mesh, seed=0)
     # Each variant gets its own state, donated and replaced every step as in the trainer.
     states = {name: jax.tree.map(jnp.copy, state) for name in steps}
+    batches = {name: batch for name in steps}
+    # The reference: a MatLM joint step with the same body (d_model, layers, heads, d_ff)
+    # over as many tokens per example (num_tokens) and a vocabulary of --lm_vocab.
+    lm = ModelConfig(vocab_size=args.lm_vocab, d_model=args.d_model, n_layers=args.n_layers,
+                     n_heads=args.n_heads, d_ff=args.d_ff, activation="gelu",
+                     compute_dtype=args.compute_dtype, width_alignment=8,
+                     scan_layers=args.scan_layers)
+    lm_train = dataclasses.replace(train, seq_len=config.num_tokens)
+    lm_joint = build_objective(lm, lm_train)
+    steps["lm_joint"] = make_train_step(lm, lm_joint, optimizer, schedule, mesh)
+    states["lm_joint"] = init_state(lm, optimizer, mesh, seed=0)
+    T = config.num_tokens
+    batches["lm_joint"] = synthetic_token_batch(args.batch, T, args.lm_vocab, mesh)
 
     def runner(name):
         def run(_):
-            states[name], metrics = steps[name](states[name], batch)
+            states[name], metrics = steps[name](states[name], batches[name])
             return metrics["loss"]
         return run
 
@@ -99,6 +115,8 @@ def benchmark(args) -> dict:
     peak = max(standalone_peak, 2 * 2048 ** 3 / times.pop("matmul") / 1e9)
 
     flops = step_flops(config, joint)
+    # Per example (a sequence of num_tokens), as the ViT's are per image.
+    lm_flops = T * lm_joint.train_flops_per_token(lm, T)
     patches = args.batch * config.num_patches
     rows = []
     for name in VARIANTS:
@@ -125,6 +143,10 @@ def benchmark(args) -> dict:
     print(f"joint / XL only: time {times['joint'] / times['xl_only']:.3f}, FLOPs "
           f"{flops['joint'] / flops['xl_only']:.3f}")
     mfu = lambda name: flops[name] * args.batch / times[name] / 1e9 / peak
+    lm_mfu = lm_flops * args.batch / times["lm_joint"] / 1e9 / peak
+    print(f"MatLM joint step, same body over {T} tokens, vocab {args.lm_vocab}: "
+          f"{times['lm_joint'] * 1e3:.1f} ms, {lm_mfu:.0%} of peak; MatViT joint / MatLM "
+          f"joint fraction of peak: {mfu('joint') / lm_mfu:.3f} (target: at least 0.9)")
     return {"joint_patches_per_s": round(patches / times["joint"], 1),
             "xl_only_patches_per_s": round(patches / times["xl_only"], 1),
             "masked_joint_patches_per_s": round(patches / times["masked_joint"], 1),
@@ -133,14 +155,17 @@ def benchmark(args) -> dict:
             "sliced_over_masked_time": round(time_ratio, 4),
             "sliced_over_masked_flops": round(flop_ratio, 4),
             "joint_over_xl_time": round(times["joint"] / times["xl_only"], 4),
-            "joint_over_xl_flops": round(flops["joint"] / flops["xl_only"], 4)}
+            "joint_over_xl_flops": round(flops["joint"] / flops["xl_only"], 4),
+            "mfu_lm_joint": round(lm_mfu, 4),
+            "vit_over_lm_joint_mfu": round(mfu("joint") / lm_mfu, 4)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag, default in [("image_size", 64), ("patch_size", 8), ("d_model", 256),
                           ("n_layers", 6), ("n_heads", 4), ("d_ff", 1024),
-                          ("num_classes", 1000), ("batch", 16), ("steps", 4), ("block", 2)]:
+                          ("num_classes", 1000), ("batch", 16), ("steps", 4), ("block", 2),
+                          ("lm_vocab", 8192)]:
         parser.add_argument(f"--{flag}", type=int, default=default)
     parser.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--scan_layers", action="store_true",
