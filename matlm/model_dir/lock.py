@@ -19,10 +19,20 @@ lock is put back and this one is refused. The heartbeat thread notices when its 
 file is gone or owned by someone else, and `ensure_held()` (called before every
 checkpoint save) then stops the job instead of writing beside the new owner.
 
-On GCS: `gs://` model dirs are not accepted (matlm's model dirs are filesystem paths).
-Through a gcsfuse mount the lock is an ordinary object; exclusive creation and mtime
-updates depend on gcsfuse's semantics, which matlm does not test — on such mounts, run
-one job per model dir by construction (e.g. a unique dir per launch).
+On a bucket (`gs://` model dir, `BucketWriterLock`): the lock is the object
+`writer.lock`, written through the GCS JSON API with generation preconditions, which GCS
+applies atomically (unlike a file on a gcsfuse mount, whose exclusivity matlm does not
+test):
+
+- taking it: create only if absent (`ifGenerationMatch=0`); exactly one creator wins;
+- heartbeat: the same bytes rewritten with `ifGenerationMatch=<the generation last
+  written>`; the object's `updated` time is the heartbeat. A precondition failure means
+  someone else replaced it: the lock is lost;
+- takeover of a stale lock: rewritten with `ifGenerationMatch=<the stale generation
+  read>`, so of two takers exactly one wins and the other is refused or retries;
+- release: deleted with a precondition on our generation (never someone else's lock).
+
+The messages and exit codes are those of the file lock.
 
 Readers (`matlm eval`, `matlm verify`, `matlm info`) take no lock: they only read files
 that are written atomically (run_config.json, vocab.model by rename; checkpoints by
@@ -248,6 +258,114 @@ class WriterLock:
                 return
 
 
+class BucketWriterLock(WriterLock):
+    """The writer lock of a model dir on GCS (see the module docstring): same interface,
+    messages and staleness rules as `WriterLock`, generation preconditions instead of
+    O_EXCL and rename."""
+
+    def __init__(self, directory, heartbeat_s: float = HEARTBEAT_S, lease_s: float = LEASE_S):
+        from matlm.model_dir import storage
+        super().__init__(directory, heartbeat_s, lease_s)
+        self.directory = storage.model_dir_path(directory)
+        self.path = self.directory / LOCK_FILE_NAME
+        bucket_name, prefix = storage.bucket_and_prefix(self.directory)
+        self._bucket = storage.gcs_client().bucket(bucket_name)
+        self._name = f"{prefix}/{LOCK_FILE_NAME}".lstrip("/")
+        self._generation: Optional[int] = None  # Of the lock object we last wrote.
+        self._seen_generation: Optional[int] = None  # Of the lock object `_read` read.
+        self._bytes = b""  # Written once at creation; heartbeats rewrite the same bytes.
+
+    def release(self) -> None:
+        from google.api_core import exceptions as api
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._generation is not None and self.lost is None:
+            try:  # Only the object we wrote: a lock taken over meanwhile stays.
+                self._bucket.blob(self._name).delete(if_generation_match=self._generation)
+            except (api.NotFound, api.PreconditionFailed):
+                pass
+            self._generation = None
+
+    def _make_directory(self) -> None:
+        from matlm.model_dir import storage
+        # The first write of a job: a missing bucket or permission fails here.
+        storage.check_access(self.directory, write=True)
+
+    def _write(self, generation: int) -> bool:
+        """Writes the lock's bytes if the object's generation is `generation` (0: absent);
+        False when it is not (someone else wrote or deleted it)."""
+        from google.api_core import exceptions as api
+        blob = self._bucket.blob(self._name)
+        try:
+            blob.upload_from_string(self._bytes, content_type="application/json",
+                                    if_generation_match=generation)
+        except api.PreconditionFailed:
+            return False
+        except api.Forbidden:
+            raise LockError(f"cannot write in --model_dir {self.directory} (no permission "
+                            "to write); grant storage.objects.create") from None
+        self._generation = blob.generation
+        return True
+
+    def _create(self) -> bool:
+        self._bytes = self._contents()
+        return self._write(0)
+
+    def _read(self, path=None) -> tuple[dict, Optional[float]]:
+        """(holder, seconds since its heartbeat: the object's update time); sets
+        `_seen_generation`. An absent object reads as ({}, None)."""
+        from google.api_core import exceptions as api
+        blob = self._bucket.get_blob(self._name)
+        if blob is None:
+            self._seen_generation = None
+            return {}, None
+        self._seen_generation = blob.generation
+        age_s = time.time() - blob.updated.timestamp()
+        try:  # The bytes of the generation whose metadata we read, not a newer one.
+            data = self._bucket.blob(self._name, generation=blob.generation).download_as_bytes()
+            return json.loads(data or b"{}"), age_s
+        except api.NotFound:  # Replaced or deleted in between: judged again by the caller.
+            return {}, age_s
+        except ValueError:  # Not JSON: judged by its age only.
+            return {}, age_s
+
+    def _take_over(self, stale: dict) -> bool:
+        if self._seen_generation is None:
+            return self._create()  # Gone meanwhile: an ordinary create-if-absent.
+        # Wins only if the object is still the stale one we judged: of two takers (or a
+        # taker and a late heartbeat of the owner), exactly one write succeeds.
+        self._bytes = self._contents()
+        return self._write(self._seen_generation)
+
+    def _owned(self) -> bool:
+        holder, _ = self._read()
+        # The token alone: a takeover writes another token (comparing generations would
+        # race with this lock's own heartbeat thread).
+        return holder.get("token") == self.token
+
+    def _heartbeat(self) -> None:
+        from google.api_core import exceptions as api
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                if not self._write(self._generation):
+                    self.lost = "the lock object was replaced or deleted by another job"
+                    log.error("lost the writer lock %s", self.path)
+                    return
+            except (api.GoogleAPICallError, LockError) as e:
+                self.lost = f"cannot refresh its heartbeat: {e}"
+                return
+
+
+def writer_lock(directory, **options) -> WriterLock:
+    """The writer lock of a model dir: `BucketWriterLock` for gs://, else `WriterLock`."""
+    from matlm.model_dir import storage
+    if storage.is_url(directory):
+        return BucketWriterLock(directory, **options)
+    return WriterLock(directory, **options)
+
+
 def acquire_for_job(directory) -> Optional[WriterLock]:
     """Process 0 takes the lock; every process learns whether it did (multi-host jobs
     write one model dir together). Returns the lock on process 0, None elsewhere."""
@@ -256,7 +374,7 @@ def acquire_for_job(directory) -> Optional[WriterLock]:
     lock, error = None, None
     if jax.process_index() == 0:
         try:
-            lock = WriterLock(directory).acquire()
+            lock = writer_lock(directory).acquire()
         except LockError as e:
             error = e
     if jax.process_count() > 1:

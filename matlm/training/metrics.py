@@ -145,10 +145,14 @@ class MetricsWriter:
             return
         if self._jsonl is None:
             from tensorboardX import SummaryWriter  # Light: no TensorFlow needed.
-            self._model_dir.path.mkdir(parents=True, exist_ok=True)
+            if self._model_dir.is_url:  # gs:// (tensorboardX writes its events there too).
+                _gcs_event_files_close_once()
+                self._jsonl = _WholeObjectLog(self._model_dir.metrics_file)
+            else:
+                self._model_dir.path.mkdir(parents=True, exist_ok=True)
+                self._jsonl = open(self._model_dir.metrics_file, "a")
             self._tb = SummaryWriter(str(self._model_dir.tensorboard),
                                      purge_step=self._purge_step)
-            self._jsonl = open(self._model_dir.metrics_file, "a")
         for name, value in scalars.items():
             self._tb.add_scalar(name, value, step)
         self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
@@ -159,3 +163,49 @@ class MetricsWriter:
             self._tb.close()
             self._jsonl.close()
             self._tb = self._jsonl = None
+
+
+class _WholeObjectLog:
+    """metrics.jsonl on a bucket, where an object cannot be appended to: the file's lines
+    are held here and each `flush` rewrites the whole object (one object write is atomic,
+    so a reader sees the rows up to some flush, never a partial line). A few hundred bytes
+    per logged step: rewriting is cheap next to a step; not meant for per-step logging of
+    very long runs at high frequency."""
+
+    def __init__(self, path):
+        self._path = path
+        self._text = path.read_text() if path.is_file() else ""
+
+    def write(self, text: str) -> None:
+        self._text += text
+
+    def flush(self) -> None:
+        write_atomically(self._path, self._text)
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _gcs_event_files_close_once() -> None:
+    """tensorboardX's gs:// event file uploads its whole buffer on `close` and again when
+    it is garbage-collected (`__del__` calls `close`): at interpreter exit, after the
+    network or the bucket may be gone, that second upload retries for minutes. Registers
+    (once) a writer factory whose files upload on the first `close` only."""
+    from tensorboardX import record_writer
+    if getattr(record_writer, "matlm_close_once", False):
+        return
+
+    class ClosingOnce(record_writer.GCSRecordWriter):
+        closed = False
+
+        def close(self):
+            if not self.closed:
+                self.closed = True
+                self.flush()
+
+    class Factory(record_writer.GCSRecordWriterFactory):
+        def open(self, path):
+            return ClosingOnce(path)
+
+    record_writer.register_writer_factory("gs", Factory())
+    record_writer.matlm_close_once = True

