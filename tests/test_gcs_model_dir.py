@@ -274,3 +274,53 @@ def test_a_flipped_byte_in_an_array_object_is_set_aside(bucket, capsys):
     assert "run/checkpoints/2.corrupt/commit_success.txt" in names
     assert [p.name for p in ModelDir(url).set_aside_checkpoints()] == ["2.corrupt"]
     assert ModelDir(url).checkpoint_steps() == [1]
+
+
+# --- Training on a bucket. ---------------------------------------------------------------------
+def _train_rows(text: str) -> dict:
+    rows = [json.loads(line) for line in text.splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+@pytest.mark.usefixtures("one_device")
+def test_train_on_a_bucket_stopped_and_resumed_equals_a_local_run(bucket, tmp_path, wiki_vocab,
+                                                                  capsys):
+    import jax
+    from matlm import data
+    from matlm.model import ModelConfig
+    from matlm.model_dir import load_checkpoint_for_inference
+    from matlm.training.config import TrainConfig
+    from matlm.training.trainer import train
+    model = ModelConfig(vocab_size=2048, d_model=32, n_layers=1, n_heads=2, d_ff=64)
+    config = TrainConfig(steps=4, seq_len=32, global_batch_size=4, warmup_steps=2,
+                         log_every=1, eval_every=0, eval_batches=1, checkpoint_every=2,
+                         mesh_shape=(1, 1, 1))
+    data_config = data.DataConfig(task="matlm_wiki")
+    url, local = f"{bucket}/run", tmp_path / "continuous"
+    # The reference: one job on a local dir.
+    train(model, data_config, config, local, vocab=wiki_vocab, show_progress=False)
+    # On the bucket: stopped at step 2 (as if preempted), then resumed.
+    stopped = train(model, data_config, config, url, vocab=wiki_vocab, show_progress=False,
+                    stop_at=2)
+    assert stopped.interrupted and stopped.final_step == 2
+    resumed = train(model, data_config, config, url, vocab=wiki_vocab, show_progress=False)
+    assert resumed.final_step == 4
+    assert f"resumed from {url}/checkpoints/2" in capsys.readouterr().out
+    on_bucket = ModelDir(url)
+    assert _train_rows(on_bucket.metrics_file.read_text()) == \
+        _train_rows((local / "metrics.jsonl").read_text())  # Bit for bit.
+    assert on_bucket.checkpoint_steps() == [2, 4]
+    assert not _blob(f"{url}/writer.lock").exists()  # Released.
+    a, b = (load_checkpoint_for_inference(d).params for d in (local, url))
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+    # Readers from the bucket: verify, and eval (its results written locally, --output).
+    assert matlm_main(["verify", f"--model_dir={url}"]) == 0
+    verdict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert verdict["status"] == "ok" and verdict["ok"] == [2, 4]
+    for where, out in ((url, tmp_path / "eval_bucket"), (local, tmp_path / "eval_local")):
+        assert matlm_main(["eval", f"--model_dir={where}", "--tasks=loss", "--no_progress",
+                           "--no_plots", f"--output={out}"]) == 0
+    capsys.readouterr()
+    results = [json.loads((d / "results.json").read_text())["tasks"]
+               for d in (tmp_path / "eval_bucket", tmp_path / "eval_local")]
+    assert results[0] == results[1]

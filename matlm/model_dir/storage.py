@@ -108,12 +108,22 @@ def check_access(path, write: bool) -> None:
     if not is_url(path):
         return
     from google.api_core import exceptions as api
+    from google.auth import exceptions as auth
     bucket_name, prefix = bucket_and_prefix(path)
-    bucket = gcs_client().bucket(bucket_name)
     where = f"gs://{bucket_name}/{prefix}".rstrip("/")
     try:
+        bucket = gcs_client().bucket(bucket_name)
         next(iter(bucket.list_blobs(prefix=prefix + "/" if prefix else None, max_results=1)),
              None)
+    except auth.DefaultCredentialsError:
+        # matlm never reads or prints credentials: it names where they are looked for.
+        raise StorageError(f"model dir {where}: no Google Cloud credentials found "
+                           "(application-default credentials: on a TPU/GCE VM its service "
+                           "account; elsewhere `gcloud auth application-default login`)"
+                           ) from None
+    except (api.RetryError, api.ServiceUnavailable, ConnectionError) as e:
+        raise StorageError(f"model dir {where}: cannot reach Cloud Storage "
+                           f"({type(e).__name__}); check the network") from None
     except api.NotFound:
         raise StorageError(f"model dir {where}: bucket gs://{bucket_name} does not exist "
                            "(create it, or fix the name)") from None

@@ -209,7 +209,8 @@ def remove_while_empty(directories: Sequence[Path]) -> None:
     for directory in directories:
         try:
             directory.rmdir()
-        except OSError:  # Not empty: the job wrote its run files there (or someone else).
+        except (OSError, ValueError):  # Not empty: the job wrote its run files there (or
+            # someone else). A gs:// dir (etils.epath) says so with a ValueError.
             return
 
 
