@@ -274,6 +274,10 @@ def test_a_flipped_byte_in_an_array_object_is_set_aside(bucket, capsys):
     assert "run/checkpoints/2.corrupt/commit_success.txt" in names
     assert [p.name for p in ModelDir(url).set_aside_checkpoints()] == ["2.corrupt"]
     assert ModelDir(url).checkpoint_steps() == [1]
+    # A save cut short (killed before Orbax wrote its commit marker) is not a checkpoint:
+    # on a bucket "complete" is the marker, not a rename.
+    client.bucket(bucket[5:]).blob("run/checkpoints/1/commit_success.txt").delete()
+    assert ModelDir(url).checkpoint_steps() == []
 
 
 # --- Training on a bucket. ---------------------------------------------------------------------

@@ -17,7 +17,10 @@ One module per job:
 - `checkpoints`: `RunCheckpointer`, a training run's state;
 - `inference`: `load_checkpoint_for_inference` / `save_for_inference` (parameters only);
 - `verify`: `verify_checkpoint` (`matlm verify`);
-- `integrity`: the content checksums; `lock`: the writer lock.
+- `integrity`: the content checksums; `lock`: the writer lock (a file, or on a bucket an
+  object with generation preconditions);
+- `storage`: where the dir lives, a local path or a `gs://bucket/path` URL (one path
+  type, `etils.epath`, for URLs), and the one-line checks of a bucket.
 
 Saves are asynchronous (training continues while files are written); a step dir only
 appears once complete (Orbax writes to a temporary dir and renames it). Every checkpoint
@@ -28,6 +31,11 @@ a warning naming it (and the arrays that differ), and the previous one is restor
 (`load_checkpoint_for_inference`, `matlm verify`) verify too but never move or write
 anything. run_config.json and vocab.model are written to a temporary file and renamed, so a
 reader never sees them half-written.
+
+On a bucket (`gs://`) nothing is renamed: small files are written as whole objects (an
+object write is atomic), a checkpoint is complete once Orbax has written its
+`commit_success.txt` object, and a corrupt one is set aside by copy + delete (markers
+first). See docs/checkpoints.md, "Model dirs on GCS".
 
 TensorFlow-free: the vocabulary loader and `DataConfig` (`matlm.data`) are imported only
 when a vocabulary is loaded or `RunConfig.data` is read.

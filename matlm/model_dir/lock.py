@@ -36,7 +36,8 @@ The messages and exit codes are those of the file lock.
 
 Readers (`matlm eval`, `matlm verify`, `matlm info`) take no lock: they only read files
 that are written atomically (run_config.json, vocab.model by rename; checkpoints by
-Orbax's temporary-dir-then-rename).
+Orbax's temporary-dir-then-rename; on a bucket by whole-object writes and Orbax's commit
+marker).
 """
 from __future__ import annotations
 

@@ -15,6 +15,10 @@ client installed (the `gcs` extra). `check_access(path, write=...)` then asks th
 (one list, and for a writer one probe object written and deleted) so that a missing
 bucket or a missing permission (saying which: list, read or write) fails before any work.
 
+Listings are never cached (gcsfs would, for the life of the process): a reader beside a
+writer, and this process after its own google-cloud-storage writes, see the bucket as it
+is.
+
 On a bucket there is no rename and no append: an object write is atomic by itself (a
 reader sees the old object or the new one), so `write_bytes` writes small files whole,
 and Orbax marks a complete checkpoint with its `commit_success.txt` object instead of a
@@ -70,8 +74,20 @@ def model_dir_path(path) -> Union[Path, "epath.Path"]:  # noqa: F821
     if missing:
         raise StorageError(f"model dir {text!r} is on GCS but {', '.join(missing)} "
                            f"is not installed: {GCS_EXTRA}")
+    _no_stale_listings()
     from etils import epath
     return epath.Path(f"gs://{bucket}/{prefix}" if prefix else f"gs://{bucket}")
+
+
+def _no_stale_listings() -> None:
+    """gcsfs (under etils.epath and Orbax) caches directory listings for the life of the
+    process by default: another process's writes (a new checkpoint for a reader, a lock
+    object) or this process's own writes through google-cloud-storage would go unseen,
+    e.g. a checkpoint whose commit marker was deleted would still list as complete. Turned
+    off through fsspec's configuration, unless the user configured it."""
+    import fsspec.config
+    for protocol in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
 
 
 def missing_clients() -> list[str]:
