@@ -280,6 +280,36 @@ def test_a_flipped_byte_in_an_array_object_is_set_aside(bucket, capsys):
     assert ModelDir(url).checkpoint_steps() == []
 
 
+def test_a_save_killed_before_its_commit_marker_is_redone_by_the_next_job(bucket):
+    import jax
+    import jax.numpy as jnp
+    from matlm.model_dir import RunCheckpointer
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    url, client = f"{bucket}/run", storage.gcs_client()
+
+    def state(scale):
+        params = {"w": jnp.arange(256, dtype=jnp.float32).reshape(16, 16) * scale}
+        return types.SimpleNamespace(params=params, opt_state={"mu": params["w"] + 1})
+
+    first = RunCheckpointer(url)  # Asynchronous saves, as in training.
+    for step in (1, 2):
+        first.save(step, state(float(step)), {"epoch": step}, {"step": step})
+    first.wait()
+    # Killed during the save of step 2: every object but the commit marker was written.
+    client.bucket(bucket[5:]).blob("run/checkpoints/2/commit_success.txt").delete()
+    second = RunCheckpointer(url)  # The next job: the partial step is removed ...
+    assert second.steps() == [1]
+    assert not list(client.list_blobs(bucket[5:], prefix="run/checkpoints/2/"))
+    second.save(2, state(3.0), {"epoch": 2}, {"step": 2})  # ... and saved again.
+    second.wait()
+    as_abstract = lambda tree: jax.tree.map(  # noqa: E731
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+    restored = RunCheckpointer(url).restore_latest(types.SimpleNamespace(
+        params=as_abstract(state(1.0).params), opt_state=as_abstract(state(1.0).opt_state)))
+    assert restored[-1] == 2
+    np.testing.assert_array_equal(np.asarray(restored[0]["w"]), np.asarray(state(3.0).params["w"]))
+
+
 # --- Training on a bucket. ---------------------------------------------------------------------
 def _train_rows(text: str) -> dict:
     rows = [json.loads(line) for line in text.splitlines()]
