@@ -12,6 +12,7 @@ from matlm.gin_config import ConfigError, split_gin_flags
 
 # The subcommands that read or write a model dir.
 MODEL_DIR_COMMANDS = {"eval", "search", "export", "extract", "generate", "info", "verify",
+                      "embed", "retrieve",
                       "train", "launch"}
 
 

@@ -158,7 +158,14 @@ def test_every_run_config_validates(path):
     model_config, train_config = model_config_from_gin(), train_config_from_gin()
     objective = build_objective(model_config, train_config)
     assert abs(sum(objective.weights) - 1) < 1e-9  # Mean of the granularities' losses.
-    assert data.data_config_from_gin().task in data.registered_names()
+    from matlm.model import family_of
+    if family_of(model_config).tokens:
+        assert data.data_config_from_gin().task in data.registered_names()
+    else:  # An image run: an offline set or a TFDS one.
+        from matlm.data import image_sets
+        from matlm.data.image_config import TFDS_IMAGE_SETS
+        dataset = data.image_data_config_from_gin().dataset
+        assert dataset in TFDS_IMAGE_SETS or image_sets.check_image_set(dataset)
     tensor = train_config.mesh_shape[2]
     if tensor > 1:  # Shard-local nesting needs whole nesting blocks per tensor shard.
         assert model_config.ffn_nest_blocks % tensor == 0

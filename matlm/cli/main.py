@@ -113,6 +113,11 @@ def _main(argv: list) -> int:
         if e.errno not in ENVIRONMENT_ERRNOS or os.environ.get("MATLM_DEBUG"):
             raise
         print(f"matlm {argv[0] if argv else ''}: error: {e}", file=sys.stderr)
+        # The failed write's sibling coroutines (Orbax/TensorStore's parallel writes) may
+        # hold the same error; asyncio logs each with a traceback when it is collected,
+        # after the line above. Their error is that line's: not shown again.
+        import logging
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         return EXIT_ENVIRONMENT
 
 
