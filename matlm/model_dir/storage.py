@@ -20,7 +20,7 @@ writer, and this process after its own google-cloud-storage writes, see the buck
 is.
 
 On a bucket there is no rename and no append: an object write is atomic by itself (a
-reader sees the old object or the new one), so `write_bytes` writes small files whole,
+reader sees the old object or the new one), so `matlm.fileio.write_atomically` writes small files whole,
 and Orbax marks a complete checkpoint with its `commit_success.txt` object instead of a
 directory rename (`is_url` tells the callers that care).
 """
@@ -31,9 +31,12 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from matlm.model_dir.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from etils import epath
 
 GCS_EXTRA = "pip install 'matlm[gcs]' (google-cloud-storage and gcsfs)"
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
@@ -55,7 +58,7 @@ def split_gs_url(url: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def model_dir_path(path) -> Union[Path, "epath.Path"]:  # noqa: F821
+def model_dir_path(path) -> Union[Path, "epath.Path"]:
     """The path object of a model dir given as text or a path (see the module docstring)."""
     if not is_url(path):
         return Path(path).absolute()
@@ -69,7 +72,7 @@ def model_dir_path(path) -> Union[Path, "epath.Path"]:  # noqa: F821
         raise StorageError(f"model dir {text!r} names no bucket; write gs://BUCKET/path")
     if not _BUCKET_NAME.match(bucket) or ".." in bucket:
         raise StorageError(f"model dir {text!r}: {bucket!r} is not a valid GCS bucket name "
-                           "(3-63 lowercase letters, digits, '-', '_', '.')")
+                           "(lowercase letters, digits, '-', '_' and '.', from 3 to 63 characters)")
     missing = missing_clients()
     if missing:
         raise StorageError(f"model dir {text!r} is on GCS but {', '.join(missing)} "
@@ -157,24 +160,6 @@ def check_access(path, write: bool) -> None:
         raise StorageError(f"model dir {where}: no permission to write in gs://{bucket_name} "
                            "(grant storage.objects.create and .delete, e.g. "
                            "roles/storage.objectUser)") from None
-
-
-def describe_read_error(path, error: Exception) -> str:
-    """"no permission to read …" for a Forbidden from GCS, else the error's text."""
-    try:
-        from google.api_core import exceptions as api
-    except ImportError:
-        return str(error)
-    if isinstance(error, api.Forbidden) or "403" in str(error)[:200]:
-        return f"no permission to read {os.fspath(path)} (grant storage.objects.get)"
-    return str(error)
-
-
-def write_bytes(path, data: Union[bytes, str]) -> None:
-    """Replaces the file at `path` with `data` so that a reader never sees part of it:
-    locally by write, fsync, rename (matlm.fileio); on a bucket by one object write."""
-    from matlm.fileio import write_atomically
-    write_atomically(path, data)
 
 
 def move_dir(source, target) -> None:
