@@ -135,6 +135,25 @@ def test_small_files_are_written_whole_and_read_back(bucket, tmp_path):
     assert names == ["run/run_config.json", "run/vocab.model"]
 
 
+def test_a_params_only_checkpoint_saved_to_a_bucket_loads_back(bucket, gcs):
+    import flax.linen
+    import jax
+    from matlm.model import ModelConfig, abstract_params
+    from matlm.model_dir import load_checkpoint_for_inference, save_for_inference
+    model = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, d_ff=32)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype),
+                          flax.linen.meta.unbox(abstract_params(model)))
+    with pytest.raises(storage.StorageError, match="does not exist"):  # No bucket made.
+        save_for_inference("gs://no-such-bucket-y/x", model, params, step=0)
+    assert storage.gcs_client().lookup_bucket("no-such-bucket-y") is None  # Not created.
+    save_for_inference(f"{bucket}/extracted", model, params, step=7)
+    loaded = load_checkpoint_for_inference(f"{bucket}/extracted")
+    assert loaded.step == 7 and loaded.model_config == model
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), y),
+                 loaded.params, params)
+
+
 def test_metrics_jsonl_on_a_bucket_matches_a_local_one(bucket, tmp_path):
     from matlm.training.metrics import MetricsWriter
     texts = []

@@ -89,7 +89,7 @@ def save_for_inference(model_dir, model_config: ModelConfig, params, step: int,
     model_dir = as_model_dir(model_dir)
     if step in model_dir.checkpoint_steps():  # Before anything is written.
         raise CheckpointError(f"{model_dir.checkpoint_path(step)} already exists")
-    model_dir.path.mkdir(parents=True, exist_ok=True)
+    model_dir.make_dir()
     write_run_config(model_dir.run_config_file, model_config, data_config)
     if vocab_path:
         model_dir.write_vocabulary(vocab_path)

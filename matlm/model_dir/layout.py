@@ -106,12 +106,20 @@ class ModelDir:
         run keeps the files it started with)."""
         if jax.process_index() != 0:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.make_dir()
         if not self.run_config_file.exists():
             run_config_lib.write_run_config(self.run_config_file, model_config, data_config,
                                             train_config)
         if vocab_path and not self.vocab_file.exists():
             self.write_vocabulary(vocab_path)
+
+    def make_dir(self) -> None:
+        """Creates the dir locally. On a bucket there are no dirs to create (and gcsfs's
+        mkdir would create a missing *bucket*): the bucket is checked instead."""
+        if self.is_url:
+            storage.check_access(self.path, write=True)
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
 
     def write_vocabulary(self, vocab_path: str) -> None:
         """Copies the SentencePiece model in, atomically."""
