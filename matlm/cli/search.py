@@ -123,7 +123,7 @@ def run(args, gin_bindings) -> int:
     # 4. The output dir: new or empty, so nothing is overwritten.
     slug = (f"step{step}_{args.method}_{kind}{budget.limit:.4g}_"
             f"{args.metric.replace(':', '_')}_{args.space}_seed{args.seed}")
-    output = Path(args.output) if args.output else model_dir.path / "search" / slug
+    output = flags.default_output(model_dir, args.output, model_dir.path / "search" / slug)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise S.SearchError(f"--output={str(output)!r} exists and is not empty; give a new "
                             "dir (nothing is overwritten)")
@@ -199,7 +199,7 @@ def _run_images(args, gin_bindings, model_dir, run_config, step: int, start: flo
     S.check_budget(space, budget)
     slug = (f"step{step}_{args.method}_{kind}{budget.limit:.4g}_{metric}_{args.space}_"
             f"seed{args.seed}")
-    output = Path(args.output) if args.output else model_dir.path / "search" / slug
+    output = flags.default_output(model_dir, args.output, model_dir.path / "search" / slug)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise S.SearchError(f"--output={str(output)!r} exists and is not empty; give a new "
                             "dir (nothing is overwritten)")
