@@ -113,7 +113,9 @@ def test_missing_bucket_is_one_line_before_any_work(gcs, capsys):
         storage.check_access("gs://no-such-bucket-x/run", write=True)
     assert matlm_main(["verify", "--model_dir=gs://no-such-bucket-x/run"]) == 2
     err = capsys.readouterr().err
-    assert "does not exist" in err and len(err.strip().splitlines()) == 1, err
+    # The bucket is named (not the generic "model dir does not exist").
+    assert "bucket gs://no-such-bucket-x does not exist" in err, err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_small_files_are_written_whole_and_read_back(bucket, tmp_path):

@@ -63,7 +63,9 @@ def run(args, gin_bindings) -> int:
     if gin_bindings:
         raise CheckpointError("matlm verify takes no --gin bindings: the model comes from "
                               "the model dir's run_config.json")
+    from matlm.model_dir import storage
     model_dir = ModelDir(args.model_dir)
+    storage.check_access(model_dir.path, write=False)  # gs://: the bucket, and listable.
     if not model_dir.path.is_dir():
         raise CheckpointError(f"--model_dir {args.model_dir!r} does not exist")
     run_config = model_dir.run_config()
