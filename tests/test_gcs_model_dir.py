@@ -378,7 +378,12 @@ def test_train_on_a_bucket_stopped_and_resumed_equals_a_local_run(bucket, tmp_pa
     for where, out in ((url, tmp_path / "eval_bucket"), (local, tmp_path / "eval_local")):
         assert matlm_main(["eval", f"--model_dir={where}", "--tasks=loss", "--no_progress",
                            "--no_plots", f"--output={out}"]) == 0
+    # Without --output, into the bucket's eval/<step>/ (results, table and a plot).
+    assert matlm_main(["eval", f"--model_dir={url}", "--tasks=loss", "--no_progress"]) == 0
     capsys.readouterr()
     results = [json.loads((d / "results.json").read_text())["tasks"]
-               for d in (tmp_path / "eval_bucket", tmp_path / "eval_local")]
-    assert results[0] == results[1]
+               for d in (tmp_path / "eval_bucket", tmp_path / "eval_local",
+                         on_bucket.eval_dir(4))]
+    assert results[0] == results[1] == results[2]
+    assert _blob(f"{url}/eval/4/results.md").exists()
+    assert any(p.name.endswith("_vs_params.png") for p in on_bucket.eval_dir(4).iterdir())

@@ -149,7 +149,8 @@ def run(args, gin_bindings) -> int:
     results = runner.run(plan, config, loaded.params, submodels, reference, vocab, options,
                          groups=groups, log_samples=args.log_samples)
     results.update(checkpoint=str(Path(args.model_dir)), step=loaded.step)
-    output_dir = flags.default_output(model_dir, args.output, model_dir.eval_dir(loaded.step))
+    output_dir = flags.default_output(model_dir, args.output, model_dir.eval_dir(loaded.step),
+                                      bucket_ok=True)
     written = report.write_results(results, output_dir, plots=not args.no_plots)
     print(report.format_table(results))
     print(f"\n{len(submodels)} submodels x {len(plan)} tasks in {time.time() - start:.0f}s "
@@ -186,7 +187,8 @@ def _run_images(args, gin_bindings, model_dir, run_config, start: float) -> int:
         masked=not args.sliced, progress=not args.no_progress,
         max_examples=args.max_examples, total=getattr(batches, "num_examples", None))
     results.update(checkpoint=str(Path(args.model_dir)), step=loaded.step)
-    output_dir = flags.default_output(model_dir, args.output, model_dir.eval_dir(loaded.step))
+    output_dir = flags.default_output(model_dir, args.output, model_dir.eval_dir(loaded.step),
+                                      bucket_ok=True)
     written = report.write_results(results, output_dir, plots=not args.no_plots)
     print(report.format_table(results))
     examples = results["tasks"][task]["metrics"][reference]["examples"]

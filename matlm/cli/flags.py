@@ -131,14 +131,17 @@ def gin_epilog(parents: Sequence[argparse.ArgumentParser]) -> str:
     return NO_GIN_HELP + (FROM_MODEL_DIR if "model_dir" in kinds else "")
 
 
-def default_output(model_dir, output, default):
+def default_output(model_dir, output, default, bucket_ok: bool = False):
     """`output` if given, else `default` (a path in the model dir, e.g.
-    `model_dir.eval_dir(step)`) for a local model dir. A model dir on a bucket has no
-    default yet (results, plots and embeddings are written with local file APIs):
-    ValueError (exit 2) asking for a local --output, before any work."""
+    `model_dir.eval_dir(step)`). For a model dir on a bucket, `default` is kept as the
+    bucket's path object when the command writes through it (`bucket_ok`: matlm eval);
+    the others write with local file APIs and have no default there yet: ValueError
+    (exit 2) asking for a local --output, before any work."""
     from pathlib import Path
     if output:
         return Path(output)
+    if getattr(model_dir, "is_url", False) and bucket_ok:
+        return default
     if getattr(model_dir, "is_url", False):
         raise ValueError(f"--model_dir={model_dir.path} is on a bucket: give --output=LOCAL_DIR "
                          "for the results (writing them into a gs:// model dir is not "
