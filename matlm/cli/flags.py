@@ -131,6 +131,16 @@ def gin_epilog(parents: Sequence[argparse.ArgumentParser]) -> str:
     return NO_GIN_HELP + (FROM_MODEL_DIR if "model_dir" in kinds else "")
 
 
+def new_output_dir(model_dir, output, default, error=ValueError):
+    """`default_output`, refused (`error`, one line) when it exists and is not an empty
+    dir, so nothing is overwritten."""
+    path = default_output(model_dir, output, default)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise error(f"--output={str(path)!r} exists and is not empty; give a new dir "
+                    "(nothing is overwritten)")
+    return path
+
+
 def default_output(model_dir, output, default, bucket_ok: bool = False):
     """`output` if given, else `default` (a path in the model dir, e.g.
     `model_dir.eval_dir(step)`). For a model dir on a bucket, `default` is kept as the

@@ -118,10 +118,8 @@ def run(args, gin_bindings) -> int:
     if max(ks) > (args.max_database or float("inf")):
         raise ValueError(f"--shortlist_k={max(ks)} exceeds --max_database={args.max_database}")
     step = model_dir.resolve_step(args.step)
-    output = flags.default_output(model_dir, args.output, model_dir.path / "retrieval" / str(step))
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ValueError(f"--output={str(output)!r} exists and is not empty; give a new dir "
-                         "(nothing is overwritten)")
+    output = flags.new_output_dir(model_dir, args.output,
+                                  model_dir.path / "retrieval" / str(step))
     database_split = args.database_split or data_config.train_split
     query_split = args.query_split or data_config.eval_split
     widths = {s.name: s.widths for s in submodels}

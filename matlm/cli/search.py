@@ -123,10 +123,8 @@ def run(args, gin_bindings) -> int:
     # 4. The output dir: new or empty, so nothing is overwritten.
     slug = (f"step{step}_{args.method}_{kind}{budget.limit:.4g}_"
             f"{args.metric.replace(':', '_')}_{args.space}_seed{args.seed}")
-    output = flags.default_output(model_dir, args.output, model_dir.path / "search" / slug)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise S.SearchError(f"--output={str(output)!r} exists and is not empty; give a new "
-                            "dir (nothing is overwritten)")
+    output = flags.new_output_dir(model_dir, args.output, model_dir.path / "search" / slug,
+                                  S.SearchError)
     # 5. Data: the search sample (+ for loss the next as many batches, to confirm).
     vocab = model_dir.vocabulary(fallback=lambda: run_config.data.vocabulary())
     (task,) = runner.prepare([args.metric], vocab, options)
@@ -199,10 +197,8 @@ def _run_images(args, gin_bindings, model_dir, run_config, step: int, start: flo
     S.check_budget(space, budget)
     slug = (f"step{step}_{args.method}_{kind}{budget.limit:.4g}_{metric}_{args.space}_"
             f"seed{args.seed}")
-    output = flags.default_output(model_dir, args.output, model_dir.path / "search" / slug)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise S.SearchError(f"--output={str(output)!r} exists and is not empty; give a new "
-                            "dir (nothing is overwritten)")
+    output = flags.new_output_dir(model_dir, args.output, model_dir.path / "search" / slug,
+                                  S.SearchError)
     batch_size = args.batch_size or 64
     batches = list(itertools.islice(
         data_config.eval_iterator(config.image_shape, batch_size, shuffle=True),

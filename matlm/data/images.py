@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 
 from matlm.data import image_augment, image_sets, iterator_state
-from matlm.data.errors import BatchSizeError, DataError
 from matlm.data.seed_streams import SeedStream
 
 STATE_VERSION = "image-1"
@@ -60,14 +59,8 @@ class ImagePipelineConfig:
         return image_augment.Augmentation(self.crop_padding, self.horizontal_flip)
 
     def validate(self, host_index: int) -> None:
-        if self.num_hosts < 1 or not 0 <= host_index < self.num_hosts:
-            raise BatchSizeError(f"host_index {host_index} is not in [0, num_hosts={self.num_hosts})")
-        if self.global_batch_size < 1 or self.global_batch_size % self.num_hosts:
-            raise BatchSizeError(
-                f"global_batch_size {self.global_batch_size} must be positive and divisible "
-                f"by the number of hosts ({self.num_hosts})")
-        if self.seed < 0:
-            raise DataError(f"seed must be >= 0, got {self.seed}")
+        iterator_state.check_host_layout(host_index, self.num_hosts, self.global_batch_size,
+                                         self.seed)
         self.augmentation  # Validates crop_padding.
 
 

@@ -9,10 +9,24 @@ import dataclasses
 import json
 from typing import Any, Iterator
 
-from matlm.data.errors import DataError, StateError
+from matlm.data.errors import BatchSizeError, DataError, StateError
 
 # Config fields that do not change which examples make up a global batch.
 HOST_LAYOUT_FIELDS = frozenset({"num_hosts"})
+
+
+def check_host_layout(host_index: int, num_hosts: int, global_batch_size: int,
+                      seed: int) -> None:
+    """The checks every pipeline config makes of how hosts split its global batch (and of
+    its seed): one-line BatchSizeError / DataError."""
+    if num_hosts < 1 or not 0 <= host_index < num_hosts:
+        raise BatchSizeError(f"host_index {host_index} is not in [0, num_hosts={num_hosts})")
+    if global_batch_size < 1 or global_batch_size % num_hosts:
+        raise BatchSizeError(
+            f"global_batch_size {global_batch_size} must be positive and divisible "
+            f"by the number of hosts ({num_hosts})")
+    if seed < 0:
+        raise DataError(f"seed must be >= 0, got {seed}")
 
 
 def check_state(state: dict[str, Any], config, version, what: str = "pipeline") -> None:

@@ -51,7 +51,7 @@ import seqio
 
 from matlm.data import (corpora, iterator_state, packing, stream_mixture, streaming, tasks,
                         vocabulary)
-from matlm.data.errors import BatchSizeError, DataError, SequenceLengthError
+from matlm.data.errors import DataError, SequenceLengthError
 from matlm.data.mixture_schedule import MixtureSchedule
 from matlm.data.task_rows import TaskRows, token_store
 from matlm.data import tfds_tasks  # noqa: F401  (registers the built-in TFDS tasks)
@@ -75,14 +75,8 @@ class PipelineConfig:
         if not isinstance(self.seq_len, (int, np.integer)) or self.seq_len < 2:
             raise SequenceLengthError(
                 f"seq_len must be an integer >= 2 (one input and one target), got {self.seq_len!r}")
-        if self.num_hosts < 1 or not 0 <= host_index < self.num_hosts:
-            raise BatchSizeError(f"host_index {host_index} is not in [0, num_hosts={self.num_hosts})")
-        if self.global_batch_size < 1 or self.global_batch_size % self.num_hosts:
-            raise BatchSizeError(
-                f"global_batch_size {self.global_batch_size} must be positive and divisible "
-                f"by the number of hosts ({self.num_hosts})")
-        if self.seed < 0:
-            raise DataError(f"seed must be >= 0, got {self.seed}")
+        iterator_state.check_host_layout(host_index, self.num_hosts, self.global_batch_size,
+                                         self.seed)
 
 
 class BatchIterator(iterator_state.StepIterator):

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from matlm.data import image_transforms, iterator_state, tf_setup  # noqa: F401 (tf first)
-from matlm.data.errors import BatchSizeError, DataError, UnknownSplitError
+from matlm.data.errors import DataError, UnknownSplitError
 from matlm.data.image_sets import EmptySplitError, UnknownImageSetError
 from matlm.data.seed_streams import SeedStream
 from matlm.messages import first_line
@@ -101,14 +101,8 @@ class TfdsImageConfig:
         if self.dataset not in TFDS_IMAGE_STATS:
             raise UnknownImageSetError(f"unknown TFDS image set {self.dataset!r}; known: "
                                        f"{', '.join(TFDS_IMAGE_STATS)}")
-        if self.num_hosts < 1 or not 0 <= host_index < self.num_hosts:
-            raise BatchSizeError(f"host_index {host_index} is not in [0, num_hosts={self.num_hosts})")
-        if self.global_batch_size < 1 or self.global_batch_size % self.num_hosts:
-            raise BatchSizeError(
-                f"global_batch_size {self.global_batch_size} must be positive and divisible "
-                f"by the number of hosts ({self.num_hosts})")
-        if self.seed < 0:
-            raise DataError(f"seed must be >= 0, got {self.seed}")
+        iterator_state.check_host_layout(host_index, self.num_hosts, self.global_batch_size,
+                                         self.seed)
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise DataError(f"image_shape must be (height, width, channels) >= 1, got "
                             f"{self.image_shape}")
