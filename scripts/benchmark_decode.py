@@ -127,7 +127,7 @@ def main() -> None:
     # The cost model: one K-token extend at the prompt + new_tokens / 2 cache depth.
     cache_len = args.prompt_tokens + new_tokens + max(ks) + 1
     widths_of = {"XL": xl, **drafts}
-    extend_ms = {name: {K: _extend_ms(params, config, widths, K, cache_len,
+    extend_ms = {name: {K: extend_milliseconds(params, config, widths, K, cache_len,
                                       args.prompt_tokens + new_tokens // 2)
                         for K in sorted({1, *(k + 1 for k in ks)})}
                  for name, widths in widths_of.items()}
@@ -200,7 +200,7 @@ def main() -> None:
 EXTEND_REPEATS = 32
 
 
-def _extend_ms(params, config, widths, K, cache_len, depth):
+def extend_milliseconds(params, config, widths, K, cache_len, depth):
     """Milliseconds per `extend` of K tokens at a cache depth of `depth` (a jitted scan of
     EXTEND_REPEATS extends, each rewound, best of 3): the cost model's unit."""
     import jax.numpy as jnp

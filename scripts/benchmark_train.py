@@ -62,10 +62,14 @@ from matlm.training.train_step import init_state, make_train_step  # noqa: E402
 
 def dense_train_step(config, optimizer):
     """The same optimizer step around the plain dense decoder (matlm.model.reference)."""
+    # In the nested model's compute dtype (bfloat16 on a GPU): the same arithmetic.
+    dtype = jnp.dtype(config.compute_dtype)
+
     def step(state, batch):
         def loss_fn(params):
+            params = jax.tree.map(lambda x: x.astype(dtype), params)
             logits = dense_forward(config, params, batch["inputs"], batch["segment_ids"],
-                                   batch["positions"])
+                                   batch["positions"]).astype(jnp.float32)
             ce, _ = token_losses(logits, batch["targets"])
             return (ce * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -73,6 +77,38 @@ def dense_train_step(config, optimizer):
         return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                              opt_state=opt_state), {"loss": loss}
     return jax.jit(step, donate_argnums=(0,))
+
+
+def train_step_variants(config, train, mesh, distill_weight=None):
+    """(jitted steps by name, executed train FLOPs per token by name, the joint objective)
+    of the variants this benchmark (and scripts/gpu_check.py) times: joint (all
+    granularities, shared streams), joint_distill (if `distill_weight`), xl_only,
+    masked_joint (traced widths: full FLOPs for every granularity) and dense (the plain
+    dense decoder of the XL's size, matlm.model.reference)."""
+    optimizer, schedule = make_optimizer(train), learning_rate_schedule(train)
+    joint = build_objective(config, train)
+    xl_only = build_objective(config, dataclasses.replace(train, granularities=("XL",)))
+    # Traced-width (masked) FFNs: the same joint objective, full FLOPs for every granularity.
+    masked = dataclasses.replace(joint, widths=tuple(jnp.asarray(w, jnp.int32)
+                                                     for w in joint.widths))
+    objectives = [("joint", joint)]
+    if distill_weight is not None:
+        # In-place distillation (docs/objective.md): the same joint pass, plus each smaller
+        # granularity's KL to XL on logits the step computes anyway.
+        objectives.append(("joint_distill", build_objective(config, dataclasses.replace(
+            train, distill_weight=distill_weight))))
+    objectives += [("xl_only", xl_only), ("masked_joint", masked)]
+    steps = {name: make_train_step(config, objective, optimizer, schedule, mesh)
+             for name, objective in objectives}
+    steps["dense"] = dense_train_step(config, optimizer)
+    full = train_flops_per_token(config, train.seq_len)
+    # Executed FLOPs: the joint step shares residual streams (at least layer 0) across
+    # granularities; the masked step runs each granularity whole.
+    flops = {"joint": joint_train_flops_per_token(config, train.seq_len, joint.widths),
+             "xl_only": full, "masked_joint": len(joint.widths) * full, "dense": full}
+    if distill_weight is not None:
+        flops["joint_distill"] = flops["joint"]  # The KL is elementwise: no matmul FLOPs.
+    return steps, flops, joint
 
 
 class TorchEagerReference:
@@ -195,12 +231,7 @@ def benchmark(args) -> dict:
     train = TrainConfig(steps=1000, seq_len=args.seq_len, global_batch_size=args.batch,
                         mesh_shape=(1, 1, 1), loss_chunk_size=args.loss_chunk)
     mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    optimizer, schedule = make_optimizer(train), learning_rate_schedule(train)
-    joint = build_objective(config, train)
-    xl_only = build_objective(config, dataclasses.replace(train, granularities=("XL",)))
-    # Traced-width (masked) FFNs: the same joint objective, full FLOPs for every granularity.
-    masked = dataclasses.replace(joint, widths=tuple(jnp.asarray(w, jnp.int32)
-                                                     for w in joint.widths))
+    optimizer = make_optimizer(train)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, args.vocab, (args.batch, args.seq_len + 1)).astype(np.int32)
     batch = mesh_lib.global_batch({
@@ -209,14 +240,7 @@ def benchmark(args) -> dict:
         "positions": np.tile(np.arange(args.seq_len), (args.batch, 1)).astype(np.int32),
         "loss_mask": np.ones((args.batch, args.seq_len), np.float32)}, mesh)
 
-    # In-place distillation (docs/objective.md): the same joint pass, plus each smaller
-    # granularity's KL to XL on logits the step computes anyway.
-    distilled = build_objective(config, dataclasses.replace(
-        train, distill_weight=args.distill_weight))
-    steps = {name: make_train_step(config, objective, optimizer, schedule, mesh)
-             for name, objective in [("joint", joint), ("joint_distill", distilled),
-                                     ("xl_only", xl_only), ("masked_joint", masked)]}
-    steps["dense"] = dense_train_step(config, optimizer)
+    steps, flops, joint = train_step_variants(config, train, mesh, args.distill_weight)
     state = init_state(config, optimizer, mesh, seed=0)
     # Each variant gets its own state, donated and replaced every step as in the trainer.
     states = {name: jax.tree.map(jnp.copy, state) for name in steps}
@@ -255,13 +279,8 @@ def benchmark(args) -> dict:
     if reference:
         reference.close()
     n_tokens = args.batch * args.seq_len
-    full = train_flops_per_token(config, args.seq_len)
-    # Executed FLOPs: the joint step shares residual streams (at least layer 0) across
-    # granularities; the masked step and the PyTorch loop run each granularity whole.
+    # The PyTorch loop runs each granularity whole.
     separate = sum(train_flops_per_token(config, args.seq_len, w) for w in joint.widths)
-    flops = {"joint": joint_train_flops_per_token(config, args.seq_len, joint.widths),
-             "xl_only": full, "masked_joint": len(joint.widths) * full, "dense": full}
-    flops["joint_distill"] = flops["joint"]  # The KL is elementwise: no matmul FLOPs.
     torch_report = None
     if torch_runs:
         times["torch_eager"] = min(seconds for seconds, _, _ in torch_runs)

@@ -50,8 +50,11 @@ if not TEXT_UNAVAILABLE:
 
 
 def __getattr__(name):
-    # Only reached for a name the text side would have defined.
-    if TEXT_UNAVAILABLE:
+    # Reached for a name not defined here. A name the text side would have defined needs
+    # TensorFlow and seqio; anything else (a submodule not yet imported, which
+    # `from matlm.data import packing` first looks up as an attribute) is an
+    # AttributeError, so that the import system goes on to import it.
+    if TEXT_UNAVAILABLE and name in __all__:
         raise ImportError(f"matlm.data.{name}: {TEXT_UNAVAILABLE}")
     raise AttributeError(f"module 'matlm.data' has no attribute {name!r}")
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import gin
+try:
+    import gin
+except ModuleNotFoundError:  # A core-only machine (the GPU image): no gin, no gin runs.
+    gin = None
 
 from matlm.config_checks import check_fields, checked
 from matlm.data import image_sets
@@ -127,7 +130,10 @@ def restore_image_iterator(state: dict, host_index: int = 0, num_hosts: int = 1)
     return tfds_images.restore_tfds_image_batch_iterator(state, host_index, num_hosts)
 
 
-_GinImageDataConfig = gin.external_configurable(ImageDataConfig, module="matlm")
+# Registered where gin is installed (`matlm.data` imports this module for the numpy image
+# side, which a machine without gin still uses).
+_GinImageDataConfig = (gin.external_configurable(ImageDataConfig, module="matlm")
+                       if gin is not None else None)
 
 
 def image_data_config_from_gin() -> ImageDataConfig:

@@ -32,8 +32,6 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from matlm.data import tf_setup  # noqa: F401  (before seqio: hides accelerators from TF)
-import seqio
 import sentencepiece as spm
 
 from matlm.data import documents, wikitext
@@ -132,8 +130,12 @@ def round_trips(vocab, text: str) -> bool:
     return vocab.decode(vocab.encode(text)) == text
 
 
-def load_vocabulary(path: str | os.PathLike) -> seqio.SentencePieceVocabulary:
+def load_vocabulary(path: str | os.PathLike) -> "seqio.SentencePieceVocabulary":
     """A seqio vocabulary for an existing SentencePiece `.model`, validated now."""
+    # seqio (and TensorFlow under it) only here: training a vocabulary and finding the
+    # default one's file need neither, so a machine without them (the GPU check) can.
+    from matlm.data import tf_setup  # noqa: F401  (before seqio: hides accelerators from TF)
+    import seqio
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise VocabularyError(f"vocabulary file {path!r} does not exist")
@@ -149,30 +151,39 @@ def load_vocabulary(path: str | os.PathLike) -> seqio.SentencePieceVocabulary:
     return seqio.SentencePieceVocabulary(path)
 
 
-def start_id(vocab: seqio.SentencePieceVocabulary) -> int:
+def start_id(vocab: "seqio.SentencePieceVocabulary") -> int:
     """The input token that starts each document: BOS if the model has one, else pad (0)."""
     bos = vocab.tokenizer.bos_id()
     return int(bos) if bos >= 0 else int(vocab.pad_id)
 
 
-def fingerprint(vocab: seqio.SentencePieceVocabulary) -> str:
+def fingerprint(vocab: "seqio.SentencePieceVocabulary") -> str:
     """Content hash of the model, for cache keys (two copies of one model match)."""
     return hashlib.sha256(vocab.sp_model).hexdigest()[:16]
 
 
 def default_vocabulary(vocab_size: int = DEFAULT_VOCAB_SIZE,
-                       cache: str | os.PathLike | None = None) -> seqio.SentencePieceVocabulary:
+                       cache: str | os.PathLike | None = None) -> "seqio.SentencePieceVocabulary":
     """The vocabulary trained on `matlm_wiki` (train split), cached after the first call."""
+    return load_vocabulary(default_vocabulary_path(vocab_size, cache))
+
+
+def default_vocabulary_path(vocab_size: int = DEFAULT_VOCAB_SIZE,
+                            cache: str | os.PathLike | None = None,
+                            source: str | None = None) -> Path:
+    """The default vocabulary's `.model` file, trained on `matlm_wiki`'s train split (of
+    the Wikipedia dump `source`, default gensim's) on first use. SentencePiece only: no
+    seqio or TensorFlow."""
     directory = Path(cache) if cache else cache_dir() / "vocab"
-    source = wikitext.gensim_wiki_dump_path()
     # The key changes with the corpus, the stripping rules, the size and the trainer's
     # options (VOCAB_FORMAT_VERSION).
-    key = hashlib.sha256(
-        f"{os.path.getsize(source)}:{wikitext.STRIPPER_VERSION}:{vocab_size}:"
-        f"v{VOCAB_FORMAT_VERSION}".encode()).hexdigest()[:10]
+    size = os.path.getsize(source or wikitext.gensim_wiki_dump_path())
+    key = hashlib.sha256(f"{size}:{wikitext.STRIPPER_VERSION}:{vocab_size}:"
+                         f"v{VOCAB_FORMAT_VERSION}".encode()).hexdigest()[:10]
     path = directory / f"matlm_wiki_sp{vocab_size}_{key}.model"
     if not path.is_file():
-        train_texts = documents.select_split(documents.wiki_articles(), "train",
+        # source None: gensim's sample, the cache entry the pipeline shares.
+        train_texts = documents.select_split(documents.wiki_articles(source), "train",
                                              documents.WIKI_VALIDATION_FRACTION)
         train_vocabulary(train_texts, vocab_size, path)
-    return load_vocabulary(path)
+    return path

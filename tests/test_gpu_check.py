@@ -1,0 +1,113 @@
+"""scripts/gpu_check.py --smoke on CPU with TensorFlow, seqio, TFDS and gin hidden (the GPU
+image has none of them): every section runs and records numbers, the markdown has every
+table; and the gin-free recipe reader agrees with gin."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_no_tensorflow import HIDDEN, REPO, hidden_env
+
+sys.path.insert(0, str(REPO / "scripts"))
+import gpu_check  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gpu_check")
+    env = hidden_env(tmp / "site", HIDDEN + ("gin",))
+    env.pop("XLA_FLAGS", None)  # One CPU device, as on one GPU.
+    # A generous cap: the smoke run takes about 50 s on 2 cores; a loaded CI machine must
+    # not turn a slow section into a partial one.
+    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--smoke",
+                           f"--output={tmp / 'out'}", "--budget_s=400"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return proc, tmp / "out"
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+
+
+def test_smoke_run_records_every_section_with_numbers(smoke):
+    proc, out = smoke
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    data = json.loads((out / "gpu_check.json").read_text())
+    sections = data["sections"]
+    assert list(sections) == list(gpu_check.SECTIONS)
+    for name, section in sections.items():
+        assert section["status"] == "ok", (name, section)
+    env = sections["environment"]
+    assert env["tensorflow_importable"] is False and env["gin_importable"] is False
+    # The device tests ran in a pytest subprocess: the cuDNN test skips on a CPU, the KV
+    # cache test passes (the subprocess was hidden from TensorFlow too).
+    outcomes = {c["test"].split("::")[-1]: c["outcome"] for c in sections["tests"]["cases"]}
+    assert outcomes == {"test_cudnn_matches_xla_on_gpu": "skipped",
+                        "test_prefill_then_single_steps_equal_full_recomputation[mha-full]":
+                            "passed"}
+    memory = sections["compile_memory"]
+    assert _number(memory["predicted_peak_bytes"]) and memory["predicted_peak_bytes"] > 0
+    # A CPU has no allocator statistics; a GPU run must measure.
+    assert memory["measured_peak_bytes"] is None and "no memory_stats" in memory["measured_reason"]
+    peaks = sections["peaks"]
+    assert peaks["matmul_flops"] > 0 and peaks["copy_bytes_per_s"] > 0
+    rows = sections["train_mfu"]["rows"]
+    assert [r["variant"] for r in rows] == ["joint", "xl_only", "masked_joint", "dense"]
+    for r in rows:
+        assert "error" not in r, r
+        assert all(_number(r[k]) and r[k] > 0 for k in ("tokens_per_s", "mfu_datasheet",
+                                                         "mfu_measured_matmul", "step_s"))
+        # MFU is the executed FLOPs over the peak: recomputed here from the parts.
+        achieved = r["flops_per_token"] * r["batch"] * r["seq_len"] / r["step_s"]
+        assert r["mfu_datasheet"] == pytest.approx(achieved / env["datasheet_peak_flops"])
+    by = {r["variant"]: r for r in rows}
+    # The joint step runs four granularities: more FLOPs per token than XL alone, and
+    # fewer than four whole passes (masked).
+    assert by["xl_only"]["flops_per_token"] < by["joint"]["flops_per_token"] \
+        < by["masked_joint"]["flops_per_token"] == 4 * by["xl_only"]["flops_per_token"]
+    training = sections["training"]
+    assert training["steps"] >= 1 and training["tokens_per_s"] > 0
+    assert set(training["validation_after"]) == {"S", "M", "L", "XL"}
+    kv = sections["kv_cache"]["rows"]
+    assert {(r["widths"], r["batch"]) for r in kv} == {("XL", 1), ("S", 1), ("XL", 16),
+                                                       ("S", 16)}
+    for r in kv:
+        assert r["tokens_per_s"] > 0 and r["bandwidth_limit_tokens_per_s"] > 0
+        assert r["bytes_per_step"] == r["weight_bytes"] + r["cache_bytes"]
+    spec = sections["speculative"]
+    assert {(r["draft"], r["shared_cache"]) for r in spec["rows"]} == {
+        ("S", False), ("S", True), ("mix", False), ("mix", True)}
+    for r in spec["rows"]:
+        assert 0 <= r["acceptance"] <= 1 and r["tokens_per_s"] > 0
+        assert _number(r["predicted_speedup"]) and r["greedy_equals_xl"] is True
+    assert 0 < spec["draft_cost_over_target"]["S"] and spec["verify_cost_over_one_token"]["2"] > 0
+
+
+def test_smoke_markdown_has_every_table(smoke):
+    _, out = smoke
+    md = (out / "gpu_check.md").read_text()
+    for heading in ("## Device tests", "## Predicted vs measured memory", "## Ceilings",
+                    "## Train step (bf16)", "## Training before decoding",
+                    "## KV-cache decoding", "## Speculative decoding"):
+        assert heading in md
+        table = md.split(heading, 1)[1].split("\n## ", 1)[0]
+        body = [line for line in table.splitlines() if line.startswith("| ")][1:]
+        assert body, f"{heading}: no table rows"
+    assert "| joint |" in md and "| dense |" in md
+
+
+def test_recipe_reader_agrees_with_gin():
+    gin_config = pytest.importorskip("matlm.gin_config")
+    for recipe in gpu_check.RECIPES.values():
+        gin_config.parse_gin([recipe], [])
+        model, train = gin_config.model_config_from_gin(), gin_config.train_config_from_gin()
+        assert gpu_check.recipe_configs(recipe) == (model, train)
+
+
+def test_recipe_reader_refuses_what_it_cannot_read(tmp_path):
+    path = tmp_path / "r.gin"
+    path.write_text("ModelConfig.d_model = %MACRO\n")
+    with pytest.raises(ValueError, match="cannot read .* without gin"):
+        gpu_check.recipe_bindings(path)
