@@ -62,13 +62,14 @@ DEVICE_TESTS = (
 # Smoke: the skip path (no GPU) and one quick case that runs.
 SMOKE_TESTS = (DEVICE_TESTS[0], DEVICE_TESTS[3] + "[mha-full]")
 
-# Shares of --budget_s, in running order (the memory probe first: the device's peak
-# counter only ever grows, so it must see the train step before anything larger).
-SECTIONS = {"environment": 0.05, "tests": 0.1, "compile_memory": 0.08, "peaks": 0.02,
-            "train_mfu": 0.28, "training": 0.25, "kv_cache": 0.07, "speculative": 0.15}
+# Shares of --budget_s, in running order. The tests first: their process must have the
+# GPU before this one takes its memory. The memory probe next: the device's peak counter
+# only ever grows, so it must see the train step before anything larger.
+SECTIONS = {"tests": 0.12, "environment": 0.05, "compile_memory": 0.08, "peaks": 0.01,
+            "train_mfu": 0.27, "training": 0.22, "kv_cache": 0.08, "speculative": 0.17}
 
 # The same order, shares for --smoke (compiles dominate on a CPU, not steps).
-SMOKE_SECTIONS = {"environment": 0.12, "tests": 0.14, "compile_memory": 0.1, "peaks": 0.02,
+SMOKE_SECTIONS = {"tests": 0.14, "environment": 0.12, "compile_memory": 0.1, "peaks": 0.02,
                   "train_mfu": 0.18, "training": 0.12, "kv_cache": 0.1, "speculative": 0.22}
 
 RECIPES = {"180m": "configs/runs/c4_matlm_180m.gin", "850m": "configs/runs/c4_matlm_850m.gin"}
@@ -200,7 +201,8 @@ def run_tests(args, out: dict, deadline):
     env = dict(os.environ, JAX_PLATFORMS=args.platform or os.environ.get("JAX_PLATFORMS", ""),
                # The equality tests compare float32 paths at float32 tolerances: TF32
                # matmuls (JAX's GPU default) would fail them by design, not by a bug.
-               JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONPATH=os.pathsep.join(
+               JAX_DEFAULT_MATMUL_PRECISION="highest", XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               PYTHONPATH=os.pathsep.join(
                    p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p))
     out["env"] = {k: env[k] for k in ("JAX_PLATFORMS", "JAX_DEFAULT_MATMUL_PRECISION")}
     try:
@@ -402,7 +404,7 @@ def training(args, out: dict, deadline, ctx):
     from matlm.training.optimizer import learning_rate_schedule, make_optimizer
     from matlm.training.train_step import init_state, make_eval_step, make_train_step
     model, train = ctx["decode_shape"]
-    processor = ctx["processor"]
+    processor = corpus_processor(args, ctx)
     mesh = ctx["mesh"]
     start_id = embedded_tokens.start_token(processor)
     store = embedded_tokens.token_store(processor, "train", args.wiki_dump, args.max_articles)
@@ -450,6 +452,21 @@ def training(args, out: dict, deadline, ctx):
     ctx["trained"] = True
 
 
+def corpus_processor(args, ctx):
+    """The embedded corpus's SentencePiece vocabulary (trained on first use, ~10 s)."""
+    if "processor" not in ctx:
+        from matlm.data import embedded_tokens, wikitext
+        if args.wiki_dump is None and importlib.util.find_spec("gensim") is None:
+            raise wikitext.WikiDumpNotFoundError(
+                "no Wikipedia sample: gensim is not installed here and .gpu_carry/ holds no "
+                "*.bz2; pass --wiki_dump=PATH (docs/gpu.md says what to carry)")
+        model, _ = ctx["decode_shape"]
+        ctx["processor"] = embedded_tokens.load_processor(
+            model.vocab_size, cache=str(args.output / "vocab") if args.smoke else None,
+            source=args.wiki_dump, max_articles=args.max_articles)
+    return ctx["processor"]
+
+
 def decode_setup(args, ctx):
     """(config, params, prompts, xl, s, mix) for decoding: the trained parameters (a fresh
     init if training did not finish), validation prompts of --prompt_tokens tokens."""
@@ -464,7 +481,7 @@ def decode_setup(args, ctx):
         ctx["trained_params"] = params
     # The unrolled layer form the cached path runs, converted once (not per call).
     params, model = decoding_form(params, model)
-    processor = ctx["processor"]
+    processor = corpus_processor(args, ctx)
     texts = embedded_tokens.split_texts("validation", args.wiki_dump, args.max_articles)
     start = embedded_tokens.start_token(processor)
     prompts = []
@@ -715,9 +732,13 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, CPU, the whole check in under a minute")
     parser.add_argument("--budget_s", type=float, default=None,
-                        help="seconds for everything (default 450; smoke 90, a cap: it takes "
+                        help="seconds for everything (default 420; smoke 90, a cap: it takes "
                              "about 50): each section "
                              "gets a share, unused time passes on")
+    parser.add_argument("--sections", default=None,
+                        help="comma-separated sections to run (default: all); the others are "
+                             "recorded as not selected. The decoding sections decode a fresh "
+                             "init unless 'training' runs too")
     parser.add_argument("--platform", default=None,
                         help="JAX_PLATFORMS for the device tests (default: cuda, smoke: cpu)")
     parser.add_argument("--batch_180m", type=int, default=16)
@@ -739,7 +760,7 @@ def parse_args(argv=None):
     smoke = args.smoke
     # Smoke: the first articles only (parsing all of them takes 10+ s on a small CPU).
     args.max_articles = 30 if smoke else None
-    defaults = dict(budget_s=90 if smoke else 450, platform="cpu" if smoke else "cuda",
+    defaults = dict(budget_s=90 if smoke else 420, platform="cpu" if smoke else "cuda",
                     mfu_steps=1 if smoke else 4, train_s=2 if smoke else 120,
                     prompt_tokens=16 if smoke else 64, new_tokens=8 if smoke else 128,
                     spec_prompts=1 if smoke else 4)
@@ -750,6 +771,12 @@ def parse_args(argv=None):
         carried = sorted((REPO / ".gpu_carry").glob("*.bz2"))
         if carried:
             args.wiki_dump = str(carried[0])
+    if args.sections:
+        args.sections = [n.strip() for n in args.sections.split(",") if n.strip()]
+        unknown = sorted(set(args.sections) - set(SECTIONS))
+        if unknown:
+            parser.error(f"--sections: unknown {', '.join(unknown)}; known: "
+                         f"{', '.join(SECTIONS)}")
     for name in ("budget_s", "train_s"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be > 0")
@@ -760,6 +787,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.smoke:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    else:  # Before JAX starts: most of the GPU for this process (JAX's default is 75 %).
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     args.output.mkdir(parents=True, exist_ok=True)
     record = Record(args.output, args.budget_s, SMOKE_SECTIONS if args.smoke else SECTIONS)
     ctx = {"record": record, "compiled": {}, "cached_tps": {}}
@@ -767,7 +796,6 @@ def main(argv=None) -> int:
     def setup():
         import jax
         import numpy as np
-        from matlm.data import embedded_tokens
         from matlm.model.attention import resolve_impl
         from matlm.training import mesh as mesh_lib
         from matlm.training.config import TrainConfig
@@ -787,9 +815,6 @@ def main(argv=None) -> int:
         ctx["synthetic_batch"] = synthetic_batch
         model, _ = ctx["shapes"]["smoke" if args.smoke else "850m"]
         vocab = 512 if args.smoke else args.decode_vocab
-        ctx["processor"] = embedded_tokens.load_processor(
-            vocab, cache=str(args.output / "vocab") if args.smoke else None,
-            source=args.wiki_dump, max_articles=args.max_articles)
         decode_model = dataclasses.replace(model, vocab_size=vocab)
         seq = 128 if args.smoke else 1024
         ctx["decode_shape"] = (decode_model, TrainConfig(
@@ -807,6 +832,10 @@ def main(argv=None) -> int:
     for name in SECTIONS:
         deadline = record.deadline(name)
         out = record.section(name)
+        if args.sections and name not in args.sections and name != "environment":
+            out["status"] = "not selected"
+            record.write()
+            continue
         out["status"] = "running"
         start = time.perf_counter()
         try:

@@ -99,6 +99,7 @@ def test_smoke_markdown_has_every_table(smoke):
 
 
 def test_recipe_reader_agrees_with_gin():
+    pytest.importorskip("seqio")  # The recipes include a data gin that names text tasks.
     gin_config = pytest.importorskip("matlm.gin_config")
     for recipe in gpu_check.RECIPES.values():
         gin_config.parse_gin([recipe], [])
