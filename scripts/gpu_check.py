@@ -344,6 +344,7 @@ def train_mfu(args, out: dict, deadline, ctx):
     """Each shape's four variants, tokens/s and MFU (best of --mfu_steps steps)."""
     import jax
     import jax.numpy as jnp
+    from matlm.launch.fit_check import StepMemory
     from matlm.training.optimizer import make_optimizer
     from matlm.training.train_step import init_state
     datasheet = ctx["environment"]["datasheet_peak_flops"]
@@ -380,7 +381,10 @@ def train_mfu(args, out: dict, deadline, ctx):
                            tokens_per_s=tokens / best, flops_per_token=flops,
                            achieved_flops=achieved, mfu_datasheet=achieved / datasheet,
                            mfu_measured_matmul=achieved / measured if measured else None,
-                           loss=float(metrics["loss"]))
+                           loss=float(metrics["loss"]),
+                           predicted_peak_bytes=StepMemory.of(compiled).peak)
+                if args.trace and variant == "joint" and "trace" not in out:
+                    out["trace"] = profile_one_step(compiled, state, batch, args.output)
                 del state
             except OutOfTime:
                 raise
@@ -390,6 +394,43 @@ def train_mfu(args, out: dict, deadline, ctx):
                 ctx["compiled"].pop((name, variant), None)  # Frees its executable.
             ctx["record"].write()
         del base, batch
+
+
+def profile_one_step(compiled, state, batch, output: Path) -> dict:
+    """A jax.profiler trace of one step, packed into one file (trace.tar.gz: the device
+    tool brings back files at most two folders down; a trace sits deeper), and its
+    costliest ops (`top_ops`)."""
+    import shutil
+    import tempfile
+    import jax
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics["loss"])
+        archive = shutil.make_archive(str(output / "trace"), "gztar", tmp)
+        traces = sorted(Path(tmp).rglob("*.trace.json.gz"))
+        return {"archive": archive, "top_ops": top_ops(traces[0]) if traces else []}
+
+
+def top_ops(trace_path: Path, n: int = 10) -> list:
+    """[(op, ms, share)] of the largest total durations in a Chrome-format trace: the
+    device's kernels where it has any (a GPU), else the host's non-Python events."""
+    import collections
+    import gzip
+    data = json.load(gzip.open(trace_path))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device = {pid for pid, name in names.items() if "/device:" in name}
+    totals = collections.Counter()
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        if (e["pid"] in device) if device else not e["name"].startswith("$"):
+            totals[e["name"]] += e["dur"]
+    everything = sum(totals.values()) or 1
+    return [(name, round(us / 1e3, 3), round(us / everything, 4))
+            for name, us in totals.most_common(n)]
 
 
 def training(args, out: dict, deadline, ctx):
@@ -672,6 +713,11 @@ def render_markdown(data: dict) -> str:
                        _ms(r.get("step_s")), _fmt(r.get("tokens_per_s"), ",.0f"),
                        _pct(r.get("mfu_datasheet")), _pct(r.get("mfu_measured_matmul")),
                        r.get("error", "")] for r in f.get("rows", [])]), ""]
+    if f.get("trace"):
+        lines += ["Costliest ops of one joint step (`--trace`; trace.tar.gz):", "",
+                  _table(["op", "ms", "share"], [[n, ms, _pct(share)]
+                                                 for n, ms, share in f["trace"]["top_ops"]]),
+                  ""]
     tr = s.get("training", {})
     before, after = tr.get("validation_before", {}), tr.get("validation_after", {})
     lines += ["## Training before decoding", "",
@@ -746,6 +792,9 @@ def parse_args(argv=None):
     parser.add_argument("--remat", default="dots_saveable")
     parser.add_argument("--attention_impl", default="auto")
     parser.add_argument("--mfu_steps", type=int, default=None, help="timed steps per variant")
+    parser.add_argument("--trace", action="store_true",
+                        help="also write trace.tar.gz: a jax.profiler trace of one joint step "
+                             "(the first shape; TensorBoard's profile plugin or xprof reads it)")
     parser.add_argument("--train_s", type=float, default=None,
                         help="seconds of training before decoding (default 120; smoke 3)")
     parser.add_argument("--decode_vocab", type=int, default=8192,

@@ -112,3 +112,21 @@ def test_recipe_reader_refuses_what_it_cannot_read(tmp_path):
     path.write_text("ModelConfig.d_model = %MACRO\n")
     with pytest.raises(ValueError, match="cannot read .* without gin"):
         gpu_check.recipe_bindings(path)
+
+
+def test_top_ops_sums_device_kernels_by_name(tmp_path):
+    import gzip
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+              {"ph": "M", "name": "process_name", "pid": 2,
+               "args": {"name": "/device:GPU:0"}},
+              {"ph": "X", "pid": 1, "name": "PjitFunction", "dur": 9000},
+              {"ph": "X", "pid": 2, "name": "gemm", "dur": 3000},
+              {"ph": "X", "pid": 2, "name": "cudnn_fmha", "dur": 2500},
+              {"ph": "X", "pid": 2, "name": "gemm", "dur": 1000},
+              {"ph": "i", "pid": 2, "name": "marker"}]
+    path = tmp_path / "t.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    # The host's events are left out where the device has kernels.
+    assert gpu_check.top_ops(path) == [("gemm", 4.0, round(4 / 6.5, 4)),
+                                       ("cudnn_fmha", 2.5, round(2.5 / 6.5, 4))]
