@@ -544,44 +544,52 @@ def decode_setup(args, ctx):
 
 
 def kv_cache_section(args, out: dict, deadline, ctx):
-    """KV-cache tokens/s at batch 1 and 16 (XL and S) against the bandwidth limit."""
+    """KV-cache tokens/s at batch 1 and 16 (XL and S) against the bandwidth limit, with
+    the weights as stored (float32, what `matlm generate` loads), then XL at batch 1 with
+    them cast once to the compute dtype (half the weight bytes per token)."""
+    import jax
+    import jax.numpy as jnp
+    model, params, prompts, xl, s, _ = decode_setup(args, ctx)
+    out.update(trained=ctx.get("trained", False), new_tokens=args.new_tokens,
+               prompt_tokens=args.prompt_tokens, copy_bytes_per_s=ctx.get("copy_bw"), rows=[])
+    compute = jax.tree.map(lambda x: x.astype(jnp.dtype(model.compute_dtype)), params)
+    runs = [("XL", xl, 1, params), ("S", s, 1, params), ("XL", xl, 16, params),
+            ("S", s, 16, params), ("XL", xl, 1, compute)]
+    for name, widths, batch, weights in runs:
+        need(deadline, f"KV cache {name} batch {batch}", 3)
+        row = cached_decode_row(args, ctx, model, weights, prompts[1:], name, widths, batch)
+        out["rows"].append(row)
+        ctx["record"].write()
+
+
+def cached_decode_row(args, ctx, model, params, prompts, name, widths, batch) -> dict:
+    """One KV-cache measurement: `batch` prompts decoded together (after a compiling
+    call), tokens/s, and the bytes one decoding step must read."""
     import jax
     from matlm.decoding import buckets, kv_cache
     from matlm.decoding.generate import generate
     from matlm.model.counting import param_count
-    model, params, prompts, xl, s, _ = decode_setup(args, ctx)
-    new = args.new_tokens
-    out.update(trained=ctx.get("trained", False), new_tokens=new,
-               prompt_tokens=args.prompt_tokens, rows=[])
-    param_bytes = max(x.dtype.itemsize for x in jax.tree.leaves(params))
+    rows = (prompts[:batch] * batch)[:batch]
+    run = lambda: generate(params, model, rows, widths=widths, max_new_tokens=args.new_tokens,
+                           seed=1)
+    run()  # Compiles.
+    start = time.perf_counter()
+    tokens = sum(len(o) for o in run())
+    tokens_per_s = tokens / (time.perf_counter() - start)
+    # Bytes per decoding step: every weight the submodel uses once (the tied table as the
+    # output projection), and the whole cache of the batch's bucket.
+    weight_bytes = param_count(model, widths) * max(x.dtype.itemsize
+                                                    for x in jax.tree.leaves(params))
+    cache_len = buckets.cache_buckets(None, args.prompt_tokens + args.new_tokens)
+    cache = jax.eval_shape(lambda: kv_cache.init_cache(model, batch, cache_len))
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
     bandwidth = ctx.get("copy_bw")
-    out["copy_bytes_per_s"] = bandwidth
-    for batch in (1, 16):
-        for name, widths in (("XL", xl), ("S", s)):
-            need(deadline, f"KV cache {name} batch {batch}", 3)
-            rows = prompts[1:1 + batch] if batch > 1 else prompts[1:2]
-            rows = (rows * batch)[:batch]
-            run = lambda rows: generate(params, model, rows, widths=widths,
-                                        max_new_tokens=new, seed=1)
-            run(rows)  # Compiles.
-            start = time.perf_counter()
-            outputs = run(rows)
-            seconds = time.perf_counter() - start
-            tokens = sum(len(o) for o in outputs)
-            # Bytes per decoding step: every weight the submodel uses (the tied table as
-            # the output projection) once, and the whole cache of the batch's bucket.
-            cache_len = buckets.cache_buckets(None, args.prompt_tokens + new)
-            cache = jax.eval_shape(lambda: kv_cache.init_cache(model, batch, cache_len))
-            cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
-            step_bytes = param_count(model, widths) * param_bytes + cache_bytes
-            limit = batch * bandwidth / step_bytes if bandwidth else None
-            row = {"widths": name, "batch": batch, "tokens_per_s": tokens / seconds,
-                   "bytes_per_step": step_bytes, "weight_bytes": step_bytes - cache_bytes,
-                   "cache_bytes": cache_bytes, "bandwidth_limit_tokens_per_s": limit,
-                   "of_limit": (tokens / seconds) / limit if limit else None}
-            out["rows"].append(row)
-            ctx["cached_tps"][(name, batch)] = tokens / seconds
-            ctx["record"].write()
+    limit = batch * bandwidth / (weight_bytes + cache_bytes) if bandwidth else None
+    return {"widths": name, "batch": batch,
+            "weights": jax.tree.leaves(params)[0].dtype.name, "tokens_per_s": tokens_per_s,
+            "bytes_per_step": weight_bytes + cache_bytes, "weight_bytes": weight_bytes,
+            "cache_bytes": cache_bytes, "bandwidth_limit_tokens_per_s": limit,
+            "of_limit": tokens_per_s / limit if limit else None}
 
 
 def speculative_section(args, out: dict, deadline, ctx):
@@ -728,9 +736,9 @@ def render_markdown(data: dict) -> str:
                      [[k, before.get(k), after.get(k)] for k in sorted(after)]), ""]
     kv = s.get("kv_cache", {})
     lines += ["## KV-cache decoding", "",
-              _table(["widths", "batch", "tokens/s", "bandwidth limit (tokens/s)",
+              _table(["widths", "batch", "weights", "tokens/s", "bandwidth limit (tokens/s)",
                       "of limit", "MB read per step"],
-                     [[r["widths"], r["batch"], _fmt(r["tokens_per_s"], ",.1f"),
+                     [[r["widths"], r["batch"], r["weights"], _fmt(r["tokens_per_s"], ",.1f"),
                        _fmt(r["bandwidth_limit_tokens_per_s"], ",.1f"), _pct(r["of_limit"]),
                        _fmt(r["bytes_per_step"] / 1e6, ",.1f")] for r in kv.get("rows", [])]),
               ""]
@@ -840,7 +848,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     args.output.mkdir(parents=True, exist_ok=True)
     record = Record(args.output, args.budget_s, SMOKE_SECTIONS if args.smoke else SECTIONS)
-    ctx = {"record": record, "compiled": {}, "cached_tps": {}}
+    ctx = {"record": record, "compiled": {}}
 
     def setup():
         import jax

@@ -71,8 +71,12 @@ def test_smoke_run_records_every_section_with_numbers(smoke):
     assert training["steps"] >= 1 and training["tokens_per_s"] > 0
     assert set(training["validation_after"]) == {"S", "M", "L", "XL"}
     kv = sections["kv_cache"]["rows"]
-    assert {(r["widths"], r["batch"]) for r in kv} == {("XL", 1), ("S", 1), ("XL", 16),
-                                                       ("S", 16)}
+    assert [(r["widths"], r["batch"], r["weights"]) for r in kv] == [
+        ("XL", 1, "float32"), ("S", 1, "float32"), ("XL", 16, "float32"), ("S", 16, "float32"),
+        ("XL", 1, "float32")]  # Smoke computes in float32: the "cast" row casts to it.
+    # Weight bytes are the submodel's parameters as stored: S reads fewer than XL.
+    assert kv[1]["weight_bytes"] < kv[0]["weight_bytes"] == kv[2]["weight_bytes"]
+    assert kv[2]["cache_bytes"] == 16 * kv[0]["cache_bytes"]
     for r in kv:
         assert r["tokens_per_s"] > 0 and r["bandwidth_limit_tokens_per_s"] > 0
         assert r["bytes_per_step"] == r["weight_bytes"] + r["cache_bytes"]
