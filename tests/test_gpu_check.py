@@ -134,3 +134,10 @@ def test_top_ops_sums_device_kernels_by_name(tmp_path):
     # The host's events are left out where the device has kernels.
     assert gpu_check.top_ops(path) == [("gemm", 4.0, round(4 / 6.5, 4)),
                                        ("cudnn_fmha", 2.5, round(2.5 / 6.5, 4))]
+
+
+def test_section_shares_split_the_whole_budget_in_one_order():
+    for shares in (gpu_check.SECTIONS, gpu_check.SMOKE_SECTIONS):
+        assert sum(shares.values()) == pytest.approx(1.0)
+    assert list(gpu_check.SECTIONS) == list(gpu_check.SMOKE_SECTIONS)
+    assert list(gpu_check.SECTIONS)[0] == "tests"  # Before this process takes the GPU.
