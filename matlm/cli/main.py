@@ -110,7 +110,10 @@ def _main(argv: list) -> int:
         print(f"matlm {argv[0] if argv else ''}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # The environment, not the input: disk full, permission, read-only.
-        if e.errno not in ENVIRONMENT_ERRNOS or os.environ.get("MATLM_DEBUG"):
+        # (A failed checkpoint save is the environment's whatever its errno: a bucket gone
+        # is ENOENT.)
+        environment = e.errno in ENVIRONMENT_ERRNOS or getattr(e, "environment", False)
+        if not environment or os.environ.get("MATLM_DEBUG"):
             raise
         print(f"matlm {argv[0] if argv else ''}: error: {e}", file=sys.stderr)
         # The failed write's sibling coroutines (Orbax/TensorStore's parallel writes) may

@@ -36,10 +36,19 @@ _REMEDIES = {errno.ENOSPC: "free space on {where}", errno.EDQUOT: "free quota on
              errno.EACCES: "make {where} writable", errno.EPERM: "make {where} writable",
              errno.EROFS: "mount {where} read-write"}
 
+# On a bucket (storage.bucket_fault_of's errnos).
+_BUCKET_REMEDIES = {errno.ENOENT: "check that the bucket {bucket} exists",
+                    errno.EACCES: "grant this job write access to {bucket} "
+                                  "(storage.objects.create and .delete)",
+                    errno.ENOSPC: "raise the project's storage quota",
+                    errno.EIO: "check Cloud Storage's status"}
+
 
 class CheckpointSaveError(OSError):
     """A checkpoint could not be written because of the environment (errno set: ENOSPC,
-    EACCES, EROFS …). `step` is the step whose save failed; str() is the one line."""
+    EACCES, EROFS …; on a bucket also ENOENT, EIO). `step` is the step whose save failed;
+    str() is the one line."""
+    environment = True  # matlm.cli.main: exit 74, whatever the errno.
 
     def __init__(self, step: int, code: int, filename: Optional[str], message: str):
         super().__init__(code, os.strerror(code), filename)
@@ -141,11 +150,16 @@ class RunCheckpointer:
         self._in_flight = step
 
     def _check_writable(self, step: int) -> None:
-        """Creates and removes a dir where the save will: a read-only file system or a lost
-        permission then fails here, before Orbax starts its threads (when its own mkdir
-        fails, its other threads wait 5 minutes for the dir and hold the exit)."""
-        if self.model_dir.is_url:
-            return  # No directories on a bucket; the lock probed the write permission.
+        """Creates and removes a dir (on a bucket: an object) where the save will: a
+        read-only file system, a lost permission or a deleted bucket then fails here,
+        before Orbax starts its threads (when its own writes fail, its other threads wait
+        minutes for them and hold the exit)."""
+        if self.model_dir.is_url:  # No directories: one object written and deleted.
+            try:
+                storage.probe_write(self.directory)
+            except Exception as e:  # A bucket gone or refused: one line, exit 74.
+                raise self._save_failed(step, e) from e
+            return
         probe = self.directory / f".write-check.{jax.process_index()}"
         try:
             probe.mkdir(exist_ok=True)
@@ -180,6 +194,9 @@ class RunCheckpointer:
         """The error to raise for a failed save of `step`: CheckpointSaveError when the
         environment failed it (after removing its partial dir), else `error` itself."""
         fault = os_error_of(error)
+        if fault is None and self.model_dir.is_url:  # The bucket refused or is gone.
+            code = storage.bucket_fault_of(error)
+            fault = None if code is None else (code, str(self.directory / str(step)))
         if fault is None:
             return error
         code, failed_path = fault
@@ -187,7 +204,10 @@ class RunCheckpointer:
         self.manager.reload()
         kept = self.steps()
         what = f"writing {failed_path}" if failed_path else first_line(error, 160)
-        remedy = _REMEDIES.get(code, "check {where}").format(where=self.directory)
+        remedies = _BUCKET_REMEDIES if self.model_dir.is_url else _REMEDIES
+        bucket = "gs://" + storage.bucket_and_prefix(self.directory)[0] \
+            if self.model_dir.is_url else ""
+        remedy = remedies.get(code, "check {where}").format(where=self.directory, bucket=bucket)
         resume = f"resume from checkpoint {kept[-1]}" if kept else "start again"
         message = (f"could not save checkpoint {step}: {os.strerror(code)} "
                    f"[{errno.errorcode.get(code, code)}] {what}; {removed}; "
@@ -197,6 +217,8 @@ class RunCheckpointer:
 
     def _remove_partial(self, step: int) -> str:
         """Removes `step`'s partial Orbax dir(s) so they hold no space; says what it did."""
+        if self.model_dir.is_url:
+            return self._remove_partial_objects(step)
         partial = sorted(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"))
         if not partial:
             return "nothing partial was left"
@@ -211,6 +233,19 @@ class RunCheckpointer:
         if left:
             return f"could not remove the partial {', '.join(left)}"
         return f"removed the partial {', '.join(p.name for p in partial)}"
+
+    def _remove_partial_objects(self, step: int) -> str:
+        """On a bucket a save writes into `<step>/` itself and is complete with its commit
+        marker: the objects of a step without one are removed (process 0)."""
+        path = self.directory / str(step)
+        try:
+            if (path / storage.COMMIT_MARKER).exists() or not path.exists():
+                return "nothing partial was left"
+            if jax.process_index() == 0:
+                storage.remove_tree(path)
+            return f"removed the partial {step}/"
+        except Exception as e:  # The bucket itself may be gone or refused.
+            return f"could not remove the partial {step}/ ({first_line(e, 80)})"
 
     def restore_latest(self, abstract_state):
         """(params, opt_state, data_state, meta, step) of the newest checkpoint that

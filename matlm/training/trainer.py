@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -432,7 +433,14 @@ def _train(model_config, data_config, train_config, model_dir, vocab, show_progr
             f"{e} The last good checkpoint ({saved[-1] if saved else 'none'}) is kept: "
             f"lower the learning rate or check the data, then resume.{hint}") from None
     finally:
-        writer.close()
+        failing = sys.exc_info()[1] is not None
+        try:
+            writer.close()
+        except Exception:
+            if not failing:
+                raise
+            # The run's own error (a failed save: the bucket gone, say) is the one to report;
+            # the metrics' last upload failing with it is its consequence.
     # The run's evals from step 0 on (the final table's first column), not only this job's.
     history = writer.earlier_evals(spec.names, before=start, extras=eval_extras) + \
         validation.history
