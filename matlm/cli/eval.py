@@ -111,6 +111,8 @@ def run(args, gin_bindings) -> int:
     start = time.time()
     # 1. The checkpoint's own config (missing or empty dir: CheckpointError naming it).
     model_dir, run_config = model_dir_lib.open_run(args.model_dir)
+    if args.output:  # A gs:// --output is checked (bucket, write access) before the work.
+        flags.default_output(model_dir, args.output, None)
     config = run_config.model
     from matlm.model import family_of
     if not family_of(config).tokens:  # A MatViT: its images, not text tasks.
@@ -149,8 +151,7 @@ def run(args, gin_bindings) -> int:
     results = runner.run(plan, config, loaded.params, submodels, reference, vocab, options,
                          groups=groups, log_samples=args.log_samples)
     results.update(checkpoint=str(Path(args.model_dir)), step=loaded.step)
-    output_dir = flags.default_output(model_dir, args.output, model_dir.eval_dir(loaded.step),
-                                      bucket_ok=True)
+    output_dir = flags.default_output(model_dir, args.output, model_dir.eval_dir(loaded.step))
     written = report.write_results(results, output_dir, plots=not args.no_plots)
     print(report.format_table(results))
     print(f"\n{len(submodels)} submodels x {len(plan)} tasks in {time.time() - start:.0f}s "
@@ -187,8 +188,7 @@ def _run_images(args, gin_bindings, model_dir, run_config, start: float) -> int:
         masked=not args.sliced, progress=not args.no_progress,
         max_examples=args.max_examples, total=getattr(batches, "num_examples", None))
     results.update(checkpoint=str(Path(args.model_dir)), step=loaded.step)
-    output_dir = flags.default_output(model_dir, args.output, model_dir.eval_dir(loaded.step),
-                                      bucket_ok=True)
+    output_dir = flags.default_output(model_dir, args.output, model_dir.eval_dir(loaded.step))
     written = report.write_results(results, output_dir, plots=not args.no_plots)
     print(report.format_table(results))
     examples = results["tasks"][task]["metrics"][reference]["examples"]

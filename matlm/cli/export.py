@@ -44,6 +44,7 @@ def run(args, gin_bindings) -> int:
     from matlm.model.counting import param_count
     from matlm.submodels import extract
     import matlm.model_dir as model_dir_lib
+    from matlm.model_dir import storage
 
     start = time.time()
     # 1. Everything the user gave, before any parameter is read or anything written.
@@ -63,19 +64,20 @@ def run(args, gin_bindings) -> int:
     provenance = {"checkpoint_dir": str(model_dir.path), "step": loaded.step,
                   "widths": list(widths), "parent_ffn_dims": list(config.ffn_dims),
                   "parent_ffn_nest_blocks": config.ffn_nest_blocks}
-    done = hf.export_hf(loaded.params, config, widths, loaded.vocab_path, output,
-                        max_positions=run_config.seq_len, provenance=provenance)
+    with storage.staged_dir(output) as local:  # On a bucket: written here, then uploaded.
+        done = hf.export_hf(loaded.params, config, widths, loaded.vocab_path, local,
+                            max_positions=run_config.seq_len, provenance=provenance)
     parent, exported = param_count(config), param_count(done.config)
     kind = ("MatLMForCausalLM (per-layer widths; load with trust_remote_code=True)"
             if done.remote_code else "LlamaForCausalLM")
     print(f"exported widths {','.join(map(str, done.widths))} of {model_dir.path} "
-          f"(step {loaded.step}) to {done.path} as {kind}")
+          f"(step {loaded.step}) to {output} as {kind}")
     print(f"  parameters: {parent:,} -> {exported:,} ({exported / parent:.3f}); "
           f"{done.bytes / 1e6:.2f} MB on disk ({time.time() - start:.1f}s)")
     # The tokenizer too: without the flag, AutoTokenizer reads config.json's auto_map and
     # asks interactively whether to run the remote code.
     remote = ", trust_remote_code=True" if done.remote_code else ""
-    path = json.dumps(str(done.path))
+    path = json.dumps(str(output))
     print(f"  load: AutoModelForCausalLM.from_pretrained({path}{remote}), "
           f"AutoTokenizer.from_pretrained({path}{remote})")
     return 0

@@ -41,6 +41,7 @@ def run(args, gin_bindings) -> int:
     from matlm.model.counting import param_count
     from matlm.submodels import extract as lib
     import matlm.model_dir as model_dir_lib
+    from matlm.model_dir import storage
 
     start = time.time()
     # 1. Everything the user gave, before any parameter is read or anything written.
@@ -65,9 +66,9 @@ def run(args, gin_bindings) -> int:
                         provenance)
     # 3. Sizes: parameters (exact counts) and bytes on disk of each checkpoint.
     parent_params, new_params = param_count(config), param_count(new_config)
-    parent_bytes = lib.directory_bytes(model_dir.checkpoints / str(loaded.step))
-    parent_param_bytes = lib.directory_bytes(model_dir.checkpoints / str(loaded.step) / "params")
-    new_bytes = lib.directory_bytes(output / "checkpoints" / str(lib.EXTRACTED_STEP))
+    parent_bytes = storage.tree_bytes(model_dir.checkpoints / str(loaded.step))
+    parent_param_bytes = storage.tree_bytes(model_dir.checkpoints / str(loaded.step) / "params")
+    new_bytes = storage.tree_bytes(output / "checkpoints" / str(lib.EXTRACTED_STEP))
     print(f"extracted widths {','.join(map(str, widths))} of {model_dir.path} "
           f"(step {loaded.step}) to {output}")
     print(f"  parameters: {parent_params:,} -> {new_params:,} "

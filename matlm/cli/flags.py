@@ -141,19 +141,13 @@ def new_output_dir(model_dir, output, default, error=ValueError):
     return path
 
 
-def default_output(model_dir, output, default, bucket_ok: bool = False):
-    """`output` if given, else `default` (a path in the model dir, e.g.
-    `model_dir.eval_dir(step)`). For a model dir on a bucket, `default` is kept as the
-    bucket's path object when the command writes through it (`bucket_ok`: matlm eval);
-    the others write with local file APIs and have no default there yet: ValueError
-    (exit 2) asking for a local --output, before any work."""
+def default_output(model_dir, output, default):
+    """`output` if given (a local path, or a gs:// URL checked for write access), else
+    `default`: a path in the model dir, e.g. `model_dir.eval_dir(step)` (on a bucket, its
+    gs:// path). The commands write such a path through `storage.staged_dir`/`staged_file`
+    (or, as `matlm eval`, through the path object itself)."""
     from pathlib import Path
+    from matlm.model_dir import storage
     if output:
-        return Path(output)
-    if getattr(model_dir, "is_url", False) and bucket_ok:
-        return default
-    if getattr(model_dir, "is_url", False):
-        raise ValueError(f"--model_dir={model_dir.path} is on a bucket: give --output=LOCAL_DIR "
-                         "for the results (writing them into a gs:// model dir is not "
-                         "supported yet)")
-    return Path(default)
+        return storage.output_path(output)
+    return default if getattr(model_dir, "is_url", False) else Path(default)

@@ -96,6 +96,7 @@ def run(args, gin_bindings) -> int:
     from matlm.evaluation.submodels import resolve_submodels
     from matlm.model.counting import forward_flops_per_image
     import matlm.model_dir as model_dir_lib
+    from matlm.model_dir import storage
     from matlm.retrieval.embed import embed_images
     from matlm.retrieval.evaluate import cascade_sweep
 
@@ -170,13 +171,13 @@ def run(args, gin_bindings) -> int:
             f"{database.num_images} database images ({data_config.dataset}:{database_split}), "
             f"{queries.num_images} queries ({query_split}), {args.metric} similarity, "
             f"{args.index} search.\n\n{table}\n\nCascade:\n\n{cascade_table}\n")
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "retrieval.json").write_text(json.dumps(result, indent=2) + "\n")
-    (output / "retrieval.md").write_text(text)
-    written = ["retrieval.json", "retrieval.md"]
-    if not args.no_plots:
-        _plot(rows, cascade, database_encoder, output / "retrieval.png")
-        written.append("retrieval.png")
+    with storage.staged_dir(output) as local:  # On a bucket: written here, then uploaded.
+        (local / "retrieval.json").write_text(json.dumps(result, indent=2) + "\n")
+        (local / "retrieval.md").write_text(text)
+        written = ["retrieval.json", "retrieval.md"]
+        if not args.no_plots:
+            _plot(rows, cascade, database_encoder, local / "retrieval.png")
+            written.append("retrieval.png")
     print(text)
     print(f"embedded at {result['embed_images_per_second']:.0f} images/s; wrote "
           f"{', '.join(written)} to {output} in {time.time() - start:.0f}s")

@@ -232,8 +232,11 @@ def _run_images(args, gin_bindings, model_dir, run_config, step: int, start: flo
 def _write_and_print(args, result, output, metric_name: str, info: dict, confirm, budget,
                      evaluator, start: float, per: str) -> int:
     """front.csv, candidates.csv, best.json, search.png; the front and the best candidate."""
+    from matlm.model_dir import storage
     from matlm.submodels import search as S
-    written = S.write_outputs(result, output, metric_name, info, confirm, plot=not args.no_plots)
+    with storage.staged_dir(output) as local:  # On a bucket: written here, then uploaded.
+        written = S.write_outputs(result, local, metric_name, info, confirm,
+                                  plot=not args.no_plots)
     print(S.front_table(result, metric_name, confirm))
     best = result.best
     print(f"\nbest under {budget.kind} <= {budget.limit:.6g}: "

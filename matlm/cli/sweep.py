@@ -74,12 +74,16 @@ def run(args, gin_bindings) -> int:
     check_flags(args, FLAG_CHECKS)
     from matlm.cli.train import DEFAULT_GIN
     from matlm.sweep import results as results_lib
+    from matlm.model_dir import storage
     from matlm.sweep import runner, spec as spec_lib
 
     gin_files = args.gin_file or [DEFAULT_GIN]
     spec = spec_lib.load_spec(args.sweep)
     trials = spec_lib.expand(spec)
-    base_dir = Path(args.base_dir or spec.base_dir or Path("runs/sweeps") / Path(args.sweep).stem)
+    base_dir = args.base_dir or spec.base_dir or Path("runs/sweeps") / Path(args.sweep).stem
+    # A local dir, or gs://bucket/path (checked: URL, client, bucket) before any work.
+    base_dir = (storage.model_dir_path(base_dir) if storage.is_url(base_dir)
+                else Path(base_dir).absolute())
     eval_flags = shlex.split(args.eval_flags)
     # Every trial's configs, built as `matlm train` builds them, before anything runs.
     configs = spec_lib.validate(trials, gin_files, gin_bindings)
@@ -92,7 +96,7 @@ def run(args, gin_bindings) -> int:
                                       + (", or an eval_* column with --eval" if not args.eval
                                          else ""))
     options = runner.SweepOptions(gin_files=gin_files, bindings=list(gin_bindings),
-                                  base_dir=base_dir.absolute(), parallel=args.parallel,
+                                  base_dir=base_dir, parallel=args.parallel,
                                   eval=args.eval, eval_flags=eval_flags,
                                   retry_failed=args.retry_failed)
     steps = {name: train_config.steps for name, (_, train_config) in configs.items()}
@@ -124,6 +128,8 @@ def _write_results(spec, trials, steps: dict, options, metric: str, no_plots: bo
     every trial is done."""
     from matlm.sweep import results as results_lib
     from matlm.sweep import runner, spec as spec_lib
+    from matlm.model_dir import storage
+    storage.check_access(options.base_dir, write=True)  # A bucket: exists, writable.
     if not options.base_dir.is_dir():
         raise spec_lib.SweepSpecError(f"--base_dir={options.base_dir}: no such directory "
                                       "(nothing to collect: run the sweep first)")
@@ -134,8 +140,10 @@ def _write_results(spec, trials, steps: dict, options, metric: str, no_plots: bo
         print(f"sweep: --metric={metric}: no trial has this column, its plots are empty; "
               f"eval columns: {', '.join(evals) or 'none'}", file=sys.stderr)
     labels = spec_lib.labels_of(spec)
-    written = results_lib.write_results(rows, options.base_dir, metric,
-                                        [labels[b] for b in spec.axes], plots=not no_plots)
+    with storage.staged_dir(options.base_dir) as local:  # On a bucket: uploaded after.
+        written = results_lib.write_results(rows, local, metric,
+                                            [labels[b] for b in spec.axes],
+                                            plots=not no_plots, sweep_dir=options.base_dir)
     print()
     print(results_lib.format_table(rows))
     failed = [row["trial"] for row in rows if row["status"] != runner.DONE]

@@ -79,14 +79,23 @@ def _ssh_all(tpu: str, zone: str, project: Optional[str], remote: str) -> list[s
     return _gcloud("ssh", tpu, zone, project, "--worker=all", f"--command={remote}")
 
 
-def install_commands(tpu: str, zone: str, project: Optional[str], source: str) -> list[list[str]]:
+def extras_for(jobs: Sequence[TrainJob], accelerator: Optional[str] = "tpu") -> str:
+    """The pip extras a worker installs: the accelerator's, and `gcs` when a job's model dir
+    is on a bucket (the GCS clients), e.g. '".[tpu,gcs]"', or "." for none."""
+    names = [*([accelerator] if accelerator else []),
+             *(["gcs"] if any("://" in job.model_dir for job in jobs) else [])]
+    return f'".[{",".join(names)}]"' if names else "."
+
+
+def install_commands(tpu: str, zone: str, project: Optional[str], source: str,
+                     package: str = '".[tpu]"') -> list[list[str]]:
     """How each worker gets matlm: `copy` (default) sends this checkout's committed HEAD
     (`git archive`; uncommitted edits are not sent) to every worker with `tpu-vm scp`;
     `git+URL[@REV]` clones URL on every worker; `none` assumes it is installed at ~/matlm.
-    Either way the worker installs it editable with the `tpu` extra into ~/matlm/.venv
-    (editable: the gin files under configs/ resolve against the checkout)."""
+    Either way the worker installs it editable with `package`'s extras (`extras_for`) into
+    ~/matlm/.venv (editable: the gin files under configs/ resolve against the checkout)."""
     setup = (f"cd {REMOTE_DIR} && python3 -m venv .venv && "
-             ".venv/bin/pip install -q -e \".[tpu]\"")
+             f".venv/bin/pip install -q -e {package}")
     if source == "none":
         return []
     if source == "copy":
@@ -114,7 +123,7 @@ def install_commands(tpu: str, zone: str, project: Optional[str], source: str) -
 
 def tpu_train_command(job: TrainJob, tpu: str, zone: str, project: Optional[str]) -> list[str]:
     """`matlm train --multihost ...` on every worker of the slice (the model dir must be
-    shared storage every worker sees: NFS, or a bucket mounted with gcsfuse)."""
+    storage every worker sees: gs://bucket/path, or NFS)."""
     remote = f"cd {REMOTE_DIR} && .venv/bin/matlm {show(job.train_args())}"
     return _ssh_all(tpu, zone, project, remote)
 
@@ -124,7 +133,7 @@ def tpu_commands(jobs: Sequence[TrainJob], tpu: str, zone: str, project: Optiona
     """Install once, then one train launch per job, in order."""
     check_name("--tpu", tpu)
     check_name("--zone", zone)
-    return [*install_commands(tpu, zone, project, source),
+    return [*install_commands(tpu, zone, project, source, extras_for(jobs)),
             *[tpu_train_command(job, tpu, zone, project) for job in jobs]]
 
 
@@ -151,7 +160,7 @@ def xpk_command(job: TrainJob, cluster: str, tpu_type: Optional[str] = None,
         raise LaunchError(f"--num_slices must be >= 1, got {num_slices}")
     accelerator = ([f"--tpu-type={tpu_type}"] if tpu_type else [f"--device-type={device_type}"])
     is_tpu = bool(tpu_type) or not re.match(r"^(h100|h200|a100|b200|l4|a3|a4)", device_type or "")
-    package = '".[tpu]"' if is_tpu else "."
+    package = extras_for([job], "tpu" if is_tpu else None)
     install = f"python3 -m pip install -q -e {package} && " if not docker_image else ""
     image = ([f"--docker-image={docker_image}"] if docker_image else
              [f"--base-docker-image={base_docker_image}", f"--script-dir={REPO_ROOT}"])

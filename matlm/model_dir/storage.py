@@ -26,12 +26,14 @@ directory rename (`is_url` tells the callers that care).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
+import tempfile
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from matlm.model_dir.errors import CheckpointError
 
@@ -78,6 +80,11 @@ def model_dir_path(path) -> Union[Path, "epath.Path"]:
         raise StorageError(f"model dir {text!r} is on GCS but {', '.join(missing)} "
                            f"is not installed: {GCS_EXTRA}")
     _no_stale_listings()
+    # etils.epath would use TensorFlow's GCS file system wherever TensorFlow is installed
+    # (it is, for the data pipeline); gcsfs is the client matlm is tested against (the
+    # emulator speaks its protocol; TensorFlow's has no emulator setting), so it is the
+    # default everywhere. EPATH_USE_TF=true in the environment still selects TensorFlow.
+    os.environ.setdefault("EPATH_USE_TF", "false")
     from etils import epath
     return epath.Path(f"gs://{bucket}/{prefix}" if prefix else f"gs://{bucket}")
 
@@ -152,14 +159,22 @@ def check_access(path, write: bool) -> None:
                            ) from None
     if not write:
         return
-    probe = bucket.blob(f"{prefix}/.write-check.{uuid.uuid4().hex}".lstrip("/"))
     try:
-        probe.upload_from_string(b"", if_generation_match=0)
-        probe.delete()
+        probe_write(path)
     except api.Forbidden:
         raise StorageError(f"model dir {where}: no permission to write in gs://{bucket_name} "
                            "(grant storage.objects.create and .delete, e.g. "
                            "roles/storage.objectUser)") from None
+
+
+def probe_write(path) -> None:
+    """Creates and deletes one empty object under gs:// `path`/: raises the client's
+    exception (NotFound: no bucket; Forbidden: no write permission) when it cannot."""
+    bucket_name, prefix = bucket_and_prefix(path)
+    probe = gcs_client().bucket(bucket_name).blob(
+        f"{prefix}/.write-check.{uuid.uuid4().hex}".lstrip("/"))
+    probe.upload_from_string(b"", if_generation_match=0)
+    probe.delete()
 
 
 def move_dir(source, target) -> None:
@@ -177,6 +192,106 @@ def move_dir(source, target) -> None:
         bucket.copy_blob(blob, bucket, target_prefix + blob.name[len(source_prefix):])
     for blob in sorted(blobs, key=lambda b: not b.name.endswith(COMMIT_MARKER)):
         blob.delete()
+
+
+def remove_tree(path) -> None:
+    """Deletes every object under gs:// `path`/."""
+    bucket_name, prefix = bucket_and_prefix(path)
+    bucket = gcs_client().bucket(bucket_name)
+    for blob in list(bucket.list_blobs(prefix=prefix + "/")):
+        blob.delete()
+
+
+# TensorStore's status codes in its error messages, and HTTP codes of GCS responses.
+_STATUS_ERRNO = (("PERMISSION_DENIED", 13), ("UNAUTHENTICATED", 13), ("NOT_FOUND", 2),
+                 ("RESOURCE_EXHAUSTED", 28), ("HTTP response code: 403", 13),
+                 ("HTTP response code: 404", 2))
+
+
+def bucket_fault_of(error: Optional[BaseException]) -> Optional[int]:
+    """The errno that stands for the bucket-side fault behind `error`, looked for in its
+    causes too, or None (not a storage fault: a bug). gcsfs raises FileNotFoundError /
+    PermissionError without an errno, google-cloud-storage its HTTP exceptions, TensorStore
+    a status message: ENOENT (no bucket or object), EACCES (no permission), ENOSPC (quota),
+    EIO (the service failed: 429/5xx after the clients' own retries)."""
+    import errno
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, FileNotFoundError):
+            return errno.ENOENT
+        if isinstance(error, PermissionError):
+            return errno.EACCES
+        code = getattr(error, "code", None)  # google.api_core.exceptions.GoogleAPICallError
+        if type(error).__module__.startswith("google.") and isinstance(code, int):
+            return {403: errno.EACCES, 401: errno.EACCES, 404: errno.ENOENT}.get(
+                code, errno.EIO if code == 429 or code >= 500 else None)
+        text = str(error)
+        for status, number in _STATUS_ERRNO:
+            if status in text:
+                return number
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def output_path(text) -> Union[Path, "epath.Path"]:
+    """Where a command writes its results (`--output`): a local path as given (relative
+    stays relative), or a gs:// URL, parsed as a model dir is and checked for write access
+    before any work (one-line StorageError)."""
+    if not is_url(text):
+        return Path(text)
+    path = model_dir_path(text)
+    check_access(path, write=True)
+    return path
+
+
+@contextlib.contextmanager
+def staged_dir(dest):
+    """Yields a local dir to write results into with ordinary file APIs (csv, matplotlib,
+    numpy, pyarrow, transformers' save_pretrained). A local `dest` is that dir itself
+    (created). For a gs:// `dest` it is a temporary dir whose files are uploaded under
+    `dest` once the block has finished without an exception (each object written whole):
+    a command that fails leaves nothing half-written in the bucket."""
+    if not is_url(dest):
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        yield Path(dest)
+        return
+    with tempfile.TemporaryDirectory(prefix="matlm-upload-") as local:
+        yield Path(local)
+        upload_tree(Path(local), dest)
+
+
+@contextlib.contextmanager
+def staged_file(dest):
+    """`staged_dir` for one file: yields the local path to write `dest` to."""
+    if not is_url(dest):
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        yield Path(dest)
+        return
+    with staged_dir(dest.parent) as local:
+        yield local / dest.name
+
+
+def upload_tree(local: Path, dest) -> list[str]:
+    """Uploads every file under the local dir `local` to gs:// `dest`/ (same relative
+    names, streamed from disk); returns the object names written."""
+    bucket_name, prefix = bucket_and_prefix(dest)
+    bucket = gcs_client().bucket(bucket_name)
+    written = []
+    for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+        name = "/".join(filter(None, (prefix, path.relative_to(local).as_posix())))
+        bucket.blob(name).upload_from_filename(str(path))
+        written.append(name)
+    return written
+
+
+def tree_bytes(path) -> int:
+    """Bytes of the files under `path`, a local dir or a gs:// prefix (objects' sizes)."""
+    if not is_url(path):
+        return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+    bucket_name, prefix = bucket_and_prefix(path)
+    return sum(blob.size or 0 for blob in gcs_client().bucket(bucket_name).list_blobs(
+        prefix=prefix + "/" if prefix else None))
 
 
 COMMIT_MARKER = "commit_success.txt"  # Orbax's "this checkpoint is complete" on GCS.

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -117,9 +116,13 @@ def extract_submodel(params, config: ModelConfig, widths) -> tuple[dict, ModelCo
 
 # --- The model dir. --------------------------------------------------------------------------
 
-def check_output_dir(output) -> Path:
-    """The output dir, refused (before anything is written) if it exists and is not empty."""
-    path = Path(output).absolute()
+def check_output_dir(output):
+    """The output dir (a local path, or a gs:// URL checked for write access), refused
+    (before anything is written) if it exists and is not empty."""
+    from matlm.model_dir import storage
+    path = storage.output_path(output)
+    if not storage.is_url(path):
+        path = path.absolute()
     if path.exists() and not path.is_dir():
         raise ExtractError(f"--output={output!r} exists and is not a directory; give a new "
                            "or empty directory")
@@ -147,15 +150,6 @@ def model_gin(config: ModelConfig) -> str:
               "TrainConfig.granularity_mode = 'all'",
               "TrainConfig.granularity_weights = ()", ""]
     return "\n".join(lines)
-
-
-def directory_bytes(path) -> int:
-    """Bytes of the regular files under `path` (what the dir occupies, before block
-    rounding)."""
-    total = 0
-    for root, _, files in os.walk(path):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-    return total
 
 
 def write_extracted(output, params, config: ModelConfig, vocab_path: str = "",

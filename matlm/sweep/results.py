@@ -154,7 +154,11 @@ def _cell(value) -> str:
 
 
 def write_results(rows: Sequence[dict], base_dir: Path, metric: str,
-                  axes_labels: Sequence[str], plots: bool = True) -> list[Path]:
+                  axes_labels: Sequence[str], plots: bool = True,
+                  sweep_dir=None) -> list[Path]:
+    """The CSV, MD and plots, written into the local dir `base_dir`; `sweep_dir` (default
+    `base_dir`) is the sweep's dir as the table's heading names it (a gs:// base dir's
+    results are staged locally, then uploaded)."""
     base_dir = Path(base_dir)
     columns = _columns(rows)
     written = [base_dir / CSV_FILE, base_dir / MD_FILE]
@@ -165,7 +169,7 @@ def write_results(rows: Sequence[dict], base_dir: Path, metric: str,
             writer.writerow({c: (format_value(row[c]) if isinstance(row.get(c), tuple)
                                  else row.get(c, "")) for c in columns})
     written[1].write_text(
-        f"# Sweep results ({base_dir})\n\n{format_table(rows)}\n\n"
+        f"# Sweep results ({sweep_dir or base_dir})\n\n{format_table(rows)}\n\n"
         f"Validation losses are each trial's last held-out evaluation (column val_step); "
         f"params per granularity are exact counts (matlm.model.counting).\n")
     if plots:

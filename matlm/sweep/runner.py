@@ -60,8 +60,14 @@ def eval_command(trial: Trial, options: SweepOptions) -> list[str]:
 
 
 def read_trial(model_dir: Path) -> dict:
-    path = Path(model_dir) / TRIAL_FILE
+    path = _as_path(model_dir) / TRIAL_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _as_path(path):
+    """A trial or base dir as a path object: local, or gs:// (pathlib would fold `gs://`)."""
+    from matlm.model_dir import storage
+    return storage.model_dir_path(path) if storage.is_url(path) else Path(path)
 
 
 def _write_json(path: Path, value: dict) -> None:
@@ -79,8 +85,14 @@ def check_base_dir(trials: Sequence[Trial], options: SweepOptions) -> None:
     """A rerun must be the same sweep: a trial dir written with other bindings is refused
     (resuming it with the new ones would mix two runs in one model dir). A base dir that is
     a file (or under one) is refused before any trial dir is made in it."""
-    existing = next(p for p in (options.base_dir, *options.base_dir.parents) if p.exists())
-    if not existing.is_dir():
+    from matlm.model_dir import storage
+    if storage.is_url(options.base_dir):  # No dirs on a bucket: its access is checked.
+        storage.check_access(options.base_dir, write=True)
+        existing = None
+    else:
+        existing = next(p for p in (options.base_dir, *options.base_dir.parents)
+                        if p.exists())
+    if existing is not None and not existing.is_dir():
         raise SweepSpecError(
             f"--base_dir={str(options.base_dir)!r}: {str(existing)!r} is a file, not a "
             "directory; give a new or existing directory for the trials' model dirs")
@@ -143,18 +155,37 @@ def _tail(path: Path, n: int = ERROR_LINES) -> list[str]:
 
 def _run_logged(command: list[str], model_dir: Path, stem: str, env) -> tuple[int, list[str]]:
     """Runs one subprocess with its stdout/stderr appended to MODEL_DIR/STEM.{log,err}
-    (appended: a resumed trial keeps the earlier attempts' logs)."""
-    with open(model_dir / f"{stem}.log", "a") as out, open(model_dir / f"{stem}.err", "a") as err:
+    (appended: a resumed trial keeps the earlier attempts' logs). A bucket has no append:
+    there the logs are written in a local temporary dir and each object rewritten whole
+    (earlier attempts' text, then this one's) when the process ends."""
+    from matlm.model_dir import storage
+    if not storage.is_url(model_dir):
+        return _run_logged_in(command, Path(model_dir), stem, env)
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="matlm-sweep-log-") as local:
+        local = Path(local)
+        try:
+            return _run_logged_in(command, local, stem, env)
+        finally:
+            for suffix in (".log", ".err"):
+                target = model_dir / f"{stem}{suffix}"
+                before = target.read_bytes() if target.exists() else b""
+                write_atomically(target, before + (local / f"{stem}{suffix}").read_bytes())
+
+
+def _run_logged_in(command: list[str], log_dir: Path, stem: str, env) -> tuple[int, list[str]]:
+    with open(log_dir / f"{stem}.log", "a") as out, open(log_dir / f"{stem}.err", "a") as err:
         out.write(f"$ {' '.join(command)}\n")
         out.flush()
         code = subprocess.run(command, stdout=out, stderr=err, env=env).returncode
-    return code, _tail(model_dir / f"{stem}.err")
+    return code, _tail(log_dir / f"{stem}.err")
 
 
 def run_trial(trial: Trial, steps: int, options: SweepOptions, progress: Progress) -> dict:
     """Trains (resuming) and evaluates one trial; returns and writes its trial.json."""
+    from matlm.model_dir import ModelDir
     model_dir = options.base_dir / trial.name
-    model_dir.mkdir(parents=True, exist_ok=True)
+    ModelDir(model_dir).make_dir()  # Locally a dir; on a bucket none is needed (checked).
     record = read_trial(model_dir)
     record.update(name=trial.name, values=trial.values, identity=_identity(trial, options),
                   status=RUNNING, attempts=record.get("attempts", 0) + 1, error=None)
@@ -211,8 +242,9 @@ def plan(trials: Sequence[Trial], options: SweepOptions, wanted_eval: bool = Fal
 def run_sweep(trials: Sequence[Trial], steps_of: dict, options: SweepOptions,
               out: Callable = print) -> dict[str, dict]:
     """Runs the trials that are not finished, K at a time; returns every trial's record."""
+    from matlm.model_dir import ModelDir
     check_base_dir(trials, options)
-    options.base_dir.mkdir(parents=True, exist_ok=True)
+    ModelDir(options.base_dir).make_dir()
     _write_json(options.base_dir / SWEEP_FILE,
                 {"gin_files": list(options.gin_files), "bindings": list(options.bindings),
                  "trials": {t.name: t.bindings for t in trials}})

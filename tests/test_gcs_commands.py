@@ -1,0 +1,207 @@
+"""Every command on a gs:// model dir, against fake-gcs-server on loopback (fixtures `gcs`,
+`bucket`: tests/conftest.py; training, locks and checkpoints: test_gcs_model_dir.py).
+
+The reference is the same run copied object for object to a local dir: each command's
+output from the bucket must equal its output from the copy (info, generate, search,
+extract, export), and what a command writes into the bucket must equal what it writes
+locally. Faults on a bucket: kill -9 of a `matlm train` process while its save is in
+flight resumes bit for bit; a bucket that disappears under a save is one line, exit 74.
+A sweep whose base dir is on the bucket runs, reruns nothing, and is collected.
+"""
+import json
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_faults import KILL_DURING_SAVE, assert_params_equal, flags  # noqa: E402
+from test_sweep import tiny_sweep_file  # noqa: E402
+
+from matlm.cli.main import main as matlm_main  # noqa: E402
+from matlm.model_dir import ModelDir, storage  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 4
+
+
+def download(url: str, local: Path) -> Path:
+    """Every object under gs:// `url`/ written to `local` (same relative names)."""
+    bucket_name, prefix = storage.bucket_and_prefix(url)
+    for blob in storage.gcs_client().list_blobs(bucket_name, prefix=prefix + "/"):
+        target = local / blob.name[len(prefix) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        blob.download_to_filename(str(target))
+    return local
+
+
+def objects(url: str) -> dict:
+    """{relative name: bytes} of every object under gs:// `url`/."""
+    bucket_name, prefix = storage.bucket_and_prefix(url)
+    return {b.name[len(prefix) + 1:]: b.download_as_bytes()
+            for b in storage.gcs_client().list_blobs(bucket_name, prefix=prefix + "/")}
+
+
+def files(local: Path) -> dict:
+    return {p.relative_to(local).as_posix(): p.read_bytes()
+            for p in local.rglob("*") if p.is_file()}
+
+
+def train_rows(model_dir) -> dict:
+    rows = [json.loads(line) for line in ModelDir(model_dir).metrics_file.read_text().splitlines()]
+    found = {}
+    for row in rows:
+        if "train/loss" in row:
+            assert row["step"] not in found, f"step {row['step']} logged twice"
+            found[row["step"]] = row["train/loss"]
+    return found
+
+
+@pytest.fixture(scope="module")
+def run(gcs, tmp_path_factory, wiki_vocab):
+    """(gs:// url, local copy) of a tiny run `matlm train` wrote to a bucket (4 steps,
+    checkpoints at 2 and 4), trained in this process on one device."""
+    import jax
+    import matlm.training.mesh as mesh_lib
+    name = f"matlm-{uuid.uuid4().hex[:12]}"
+    gcs.create_bucket(name)
+    url = f"gs://{name}/run"
+    original = mesh_lib.make_mesh
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mesh_lib, "make_mesh",
+                      lambda shape, devices=None: original(shape, devices or jax.devices()[:1]))
+        assert matlm_main(["train", *flags(url, wiki_vocab, STEPS)]) == 0
+    return url, download(url, tmp_path_factory.mktemp("copy") / "run")
+
+
+def test_info_generate_and_verify_read_the_bucket_as_the_local_copy(run, capsys):
+    url, local = run
+    outputs = []
+    for where in (url, local):
+        for command in (["info"], ["generate", "--prompt=The river", "--max_new_tokens=8"],
+                        ["verify"]):
+            assert matlm_main([command[0], f"--model_dir={where}", *command[1:]]) == 0, command
+        outputs.append(capsys.readouterr().out.replace(str(where), "MODEL_DIR"))
+    assert outputs[0] == outputs[1]
+    assert '"status": "ok"' in outputs[0]
+
+
+def test_search_writes_into_the_bucket_what_it_writes_locally(run, tmp_path, capsys):
+    url, local = run
+    search = ["search", "--budget_params=1e9", "--max_evals=4", "--eval_batches=1",
+              "--batch_size=2", "--no_progress", "--no_plots"]
+    assert matlm_main([*search, f"--model_dir={local}", f"--output={tmp_path / 'local'}"]) == 0
+    assert matlm_main([*search, f"--model_dir={url}"]) == 0  # Default: the bucket's search/.
+    printed = capsys.readouterr().out
+    (slug,) = {name.split("/")[0] for name in objects(f"{url}/search")}
+    on_bucket, on_disk = objects(f"{url}/search/{slug}"), files(tmp_path / "local")
+    assert sorted(on_bucket) == sorted(on_disk) == ["best.json", "candidates.csv", "front.csv"]
+    for name in ("candidates.csv", "front.csv"):
+        assert on_bucket[name] == on_disk[name]
+    best = [json.loads(d["best.json"]) for d in (on_bucket, on_disk)]
+    for b in best:
+        b.pop("checkpoint", None)
+    assert best[0] == best[1]
+    assert f"to {url}/search/{slug}" in printed
+    # The same search again: its output dir exists and is not empty; nothing is overwritten.
+    assert matlm_main([*search, f"--model_dir={url}"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert objects(f"{url}/search/{slug}") == on_bucket
+
+
+def test_extract_to_a_bucket_and_export_from_it(run, tmp_path, capsys):
+    url, local = run
+    bucket = url.rsplit("/", 1)[0]
+    assert matlm_main(["extract", f"--model_dir={local}", "--widths=M",
+                       f"--output={tmp_path / 'M'}"]) == 0
+    assert matlm_main(["extract", f"--model_dir={url}", "--widths=M",
+                       f"--output={bucket}/M"]) == 0
+    assert f"to {bucket}/M" in capsys.readouterr().out
+    assert_params_equal(f"{bucket}/M", tmp_path / "M", 0)  # Orbax's commit marker there.
+    assert ModelDir(f"{bucket}/M").checkpoint_steps() == [0]
+    for name in ("model.gin", "vocab.model"):
+        assert objects(f"{bucket}/M")[name] == (tmp_path / "M" / name).read_bytes()
+    # A non-empty output is refused before anything is read or written.
+    assert matlm_main(["extract", f"--model_dir={url}", "--widths=S",
+                       f"--output={bucket}/M"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    pytest.importorskip("transformers")  # The export extra; CI installs it.
+    assert matlm_main(["export", f"--model_dir={tmp_path / 'M'}",
+                       f"--output={tmp_path / 'hf'}"]) == 0
+    assert matlm_main(["export", f"--model_dir={bucket}/M", f"--output={bucket}/hf"]) == 0
+    exported, local_files = objects(f"{bucket}/hf"), files(tmp_path / "hf")
+    assert sorted(exported) == sorted(local_files)
+    differ = [n for n in exported if exported[n] != local_files[n] and n != "matlm_export.json"]
+    assert not differ, differ  # Only the provenance names its source dir.
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_save_on_a_bucket_resumes_bitwise(run, bucket, wiki_vocab, capsys,
+                                                          one_device, tmp_path):
+    reference, _ = run
+    url = f"{bucket}/run"
+    env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE.format(step=2), "train",
+                             *flags(url, wiki_vocab, STEPS)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert storage.gcs_client().bucket(bucket[5:]).blob("run/writer.lock").exists()
+    assert matlm_main(["train", *flags(url, wiki_vocab, STEPS)]) == 0
+    out = capsys.readouterr().out
+    assert "took over the stale writer lock" in out
+    assert train_rows(url) == train_rows(reference)  # Bitwise, each step once.
+    assert_params_equal(url, reference, STEPS)
+    assert ModelDir(url).checkpoint_steps() == [2, 4]
+
+
+def test_a_bucket_gone_under_a_save_is_one_line_exit_74(bucket, wiki_vocab, capsys,
+                                                        one_device, monkeypatch):
+    import matlm.model_dir as model_dir_lib
+    url, client = f"{bucket}/run", storage.gcs_client()
+    original = model_dir_lib.RunCheckpointer.save
+
+    def delete_bucket_then_save(self, step, *args, **kwargs):
+        if step == 2:  # The bucket is deleted (or access revoked) mid-run.
+            for blob in client.list_blobs(bucket[5:]):
+                blob.delete()
+            client.bucket(bucket[5:]).delete()
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(model_dir_lib.RunCheckpointer, "save", delete_bucket_then_save)
+    assert matlm_main(["train", *flags(url, wiki_vocab, STEPS)]) == 74
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "could not save checkpoint 2" in err[0] and "[ENOENT]" in err[0], err
+    assert f"check that the bucket {bucket} exists" in err[0].lower(), err
+
+
+@pytest.mark.slow
+def test_a_sweep_on_a_bucket_runs_reruns_nothing_and_collects(bucket, tmp_path, capsys,
+                                                             one_device_subprocesses, wiki_vocab):
+    sweep = tiny_sweep_file(tmp_path, wiki_vocab, {"ModelConfig.n_layers": 1}, """
+list: {TrainConfig.learning_rate: [1.0e-3, 2.0e-3]}
+labels: {TrainConfig.learning_rate: lr}
+""")
+    base = f"{bucket}/sweep"
+    command = ["sweep", "--gin_file=configs/runs/default.gin", f"--sweep={sweep}",
+               f"--base_dir={base}", "--parallel=2", "--no_plots"]
+    assert matlm_main(command) == 0
+    assert "2 of 2 trials done" in capsys.readouterr().out
+    written = objects(base)
+    rows = written["sweep_results.csv"].decode().splitlines()
+    assert len(rows) == 3 and all(",done," in r for r in rows[1:]), rows
+    for trial in ("lr=0.001", "lr=0.002"):
+        assert json.loads(written[f"{trial}/trial.json"])["status"] == "done"
+        assert b"$ " in written[f"{trial}/train.log"]  # The trial's log, uploaded whole.
+        assert ModelDir(f"{base}/{trial}").checkpoint_steps() == [2]
+    assert f"# Sweep results ({base})" in written["sweep_results.md"].decode()
+    # A rerun runs nothing; --collect_only writes the same table from the bucket.
+    assert matlm_main(command) == 0
+    assert "started" not in capsys.readouterr().out
+    assert matlm_main([*command, "--collect_only"]) == 0
+    assert objects(base)["sweep_results.csv"] == written["sweep_results.csv"]
+    assert json.loads(objects(base)[f"lr=0.001/trial.json"])["attempts"] == 1
