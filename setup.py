@@ -34,6 +34,9 @@ DATA = [
 # `matlm compile` for TPU topologies: libtpu (0.0.42.1, ~0.7 GB) describes TPU chips so a
 # step compiles for a pod slice on any machine. The tests compile for one, so CI needs it.
 TPU = ["jax[tpu]==0.10.2"]
+# One NVIDIA GPU host: the pinned jax's CUDA 13 wheels (driver >= 580; hosts with a CUDA 12
+# driver: jax[cuda12]==0.10.2). docs/gpu.md
+GPU = ["jax[cuda13]==0.10.2"]
 # `matlm export --format=hf`: a Hugging Face model dir (safetensors) that transformers loads.
 # torch 2.13.0 resolves to its CPU wheel where one is offered (no CUDA libraries).
 EXPORT = ["torch==2.13.0", "transformers==5.24.0", "safetensors==0.8.0"]
@@ -54,7 +57,7 @@ setup(
     packages=find_packages(include=["matlm", "matlm.*"]),
     python_requires=">=3.11",
     install_requires=CORE + DATA,
-    extras_require={"test": TEST, "tpu": TPU, "export": EXPORT, "retrieval": RETRIEVAL,
-                    "gcs": GCS},
+    extras_require={"test": TEST, "tpu": TPU, "gpu": GPU, "export": EXPORT,
+                    "retrieval": RETRIEVAL, "gcs": GCS},
     entry_points={"console_scripts": ["matlm=matlm.cli.main:console_main"]},
 )

@@ -234,3 +234,37 @@ def test_eval_embed_and_retrieve_commands_agree_with_numpy(trained_dir, tmp_path
     assert result["cascade"][0]["accuracy"] == pytest.approx(rows["S"]["same_encoder_1nn"])
     assert result["cascade"][0]["query_gflops"] > rows["XL"]["query_gflops"]
     assert matlm_main(["retrieve", *flags, f"--output={out}"]) == 2  # Not empty: refused.
+
+
+def test_embed_and_retrieve_on_a_bucket_write_there_what_they_write_locally(
+        trained_dir, bucket, tmp_path, capsys):
+    """The run copied to a bucket (fake-gcs-server, tests/conftest.py): embed and retrieve
+    without --output write into it (embeddings/<step>/, retrieval/<step>/) the same results
+    as from the local dir."""
+    from matlm.cli.main import main as matlm_main
+    from matlm.model_dir import ModelDir, storage
+    from matlm.retrieval.embed import load_embeddings
+    url = f"{bucket}/run"
+    storage.upload_tree(trained_dir, url)
+    step = ModelDir(url).checkpoint_steps()[-1]
+    embed = ["embed", "--no_progress", "--granularities=S,XL", "--max_examples=64"]
+    assert matlm_main([*embed, f"--model_dir={trained_dir}", f"--output={tmp_path / 'db.npz'}"]) == 0
+    assert matlm_main([*embed, f"--model_dir={url}"]) == 0
+    on_bucket = ModelDir(url).path / "embeddings" / str(step) / "train.npz"
+    assert f"wrote {on_bucket}" in capsys.readouterr().out
+    (tmp_path / "from_bucket.npz").write_bytes(on_bucket.read_bytes())
+    a, b = (load_embeddings(tmp_path / n) for n in ("db.npz", "from_bucket.npz"))
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.vectors["XL"], b.vectors["XL"])
+    retrieve = ["retrieve", "--no_progress", "--no_plots", "--granularities=S,XL",
+                "--max_database=64", "--max_queries=32", "--shortlist_k=1,4"]
+    assert matlm_main([*retrieve, f"--model_dir={trained_dir}",
+                       f"--output={tmp_path / 'retrieval'}"]) == 0
+    assert matlm_main([*retrieve, f"--model_dir={url}"]) == 0
+    local = json.loads((tmp_path / "retrieval" / "retrieval.json").read_text())
+    remote = json.loads((ModelDir(url).path / "retrieval" / str(step) / "retrieval.json")
+                        .read_text())
+    for result in (local, remote):
+        result.pop("checkpoint"), result.pop("embed_images_per_second")
+    assert local == remote
+    assert matlm_main([*retrieve, f"--model_dir={url}"]) == 2  # Not empty: refused.

@@ -272,7 +272,9 @@ def _digest(x) -> str:
     return hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="digests recorded on CPU")
+@pytest.mark.skipif(jax.default_backend() != "cpu" or jax.__version__ != "0.10.2",
+                    reason="digests recorded on CPU with the pinned jax 0.10.2's compiler "
+                           "(0.11.2 rounds the logits ~2 ulp differently; docs/gpu.md)")
 def test_rope_model_is_bit_identical_to_before_the_position_encoding_choice():
     """Logits and a training loss of the default (RoPE) model, digested bit for bit as
     they were before attention masks, position encodings and the body/family split were
