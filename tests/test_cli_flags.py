@@ -107,18 +107,17 @@ def test_gin_flags_split_from_the_rest():
     assert rest == ["--gin_file=a.gin", "--model_dir=x"]
 
 
-def test_results_of_a_bucket_model_dir_need_a_local_output():
-    """eval/search/embed/retrieve write results with local file APIs: a gs:// model dir
-    without --output is refused before any work, not written to a local ./gs:/ dir."""
+def test_results_go_where_the_model_dir_is_unless_output_is_given():
+    """A gs:// model dir's default output stays its bucket path object (the commands write
+    through storage.staged_dir, never a local ./gs:/ dir); a local --output is a local
+    Path as given; a local model dir's default is a Path."""
     from pathlib import Path
     from types import SimpleNamespace
 
-    import pytest
-
     from matlm.cli.flags import default_output
+    bucket_default = object()  # Stands for the bucket's epath path: returned untouched.
     bucket = SimpleNamespace(is_url=True, path="gs://bucket/run")
-    with pytest.raises(ValueError, match="give --output=LOCAL_DIR"):
-        default_output(bucket, None, "gs://bucket/run/eval/3")
-    assert default_output(bucket, "/tmp/out", None) == Path("/tmp/out")
+    assert default_output(bucket, None, bucket_default) is bucket_default
+    assert default_output(bucket, "out/x", None) == Path("out/x")
     local = SimpleNamespace(is_url=False, path=Path("/runs/a"))
-    assert default_output(local, None, Path("/runs/a/eval/3")) == Path("/runs/a/eval/3")
+    assert default_output(local, None, "/runs/a/eval/3") == Path("/runs/a/eval/3")

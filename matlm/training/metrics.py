@@ -160,9 +160,17 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self._jsonl is not None:
-            self._tb.close()
-            self._jsonl.close()
-            self._tb = self._jsonl = None
+            try:
+                self._tb.close()
+            except Exception:
+                # The bucket refused the events' last upload (it is gone, say): close again,
+                # now with that file's uploads given up (_gcs_event_files_close_once), so
+                # that tensorboardX's exit hook and thread do not retry and print it.
+                self._tb.close()
+                raise
+            finally:
+                self._jsonl.close()
+                self._tb = self._jsonl = None
 
 
 class _WholeObjectLog:
@@ -190,13 +198,23 @@ def _gcs_event_files_close_once() -> None:
     """tensorboardX's gs:// event file uploads its whole buffer on `close` and again when
     it is garbage-collected (`__del__` calls `close`): at interpreter exit, after the
     network or the bucket may be gone, that second upload retries for minutes. Registers
-    (once) a writer factory whose files upload on the first `close` only."""
+    (once) a writer factory whose files upload on the first `close` only, and not at all
+    once an upload has failed."""
     from tensorboardX import record_writer
     if getattr(record_writer, "matlm_close_once", False):
         return
 
     class ClosingOnce(record_writer.GCSRecordWriter):
-        closed = False
+        closed = failed = False
+
+        def flush(self):
+            if self.failed:  # Given up after a failed upload: no retries at exit.
+                return
+            try:
+                super().flush()
+            except Exception:
+                self.failed = True
+                raise
 
         def close(self):
             if not self.closed:
