@@ -8,6 +8,16 @@ raising IndexError.
 from __future__ import annotations
 
 
+def causes(error: BaseException | None):
+    """`error`, then what it was raised from or during (`__cause__`, else `__context__`),
+    each once: where a library's real failure hides under its wrappers."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
 def first_line(error: BaseException | str, limit: int = 200) -> str:
     """The first non-empty line of `error`'s message (at most `limit` characters); the
     exception's type name where the message is empty."""

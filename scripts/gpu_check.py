@@ -49,6 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO))
 
+from matlm.messages import error_summary  # noqa: E402  (light: no JAX, no TensorFlow)
+
 # The device tests (node ids): cuDNN attention against the blocked XLA oracle (forward and
 # gradients, packed segments); train-step equality across widths; KV cache against full
 # recomputation.
@@ -399,7 +401,7 @@ def train_mfu(args, out: dict, deadline, ctx):
             except OutOfTime:
                 raise
             except Exception as e:  # One variant (an OOM, say) does not stop the others.
-                row["error"] = first_line(e)
+                row["error"] = error_summary(e, 300)
             finally:
                 ctx["compiled"].pop((name, variant), None)  # Frees its executable.
             ctx["record"].write()
@@ -669,11 +671,6 @@ def speculative_section(args, out: dict, deadline, ctx):
 
 # ---- the report ------------------------------------------------------------------------
 
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
-
-
 def _fmt(x, spec=".3g"):
     if x is None:
         return "—"
@@ -919,7 +916,7 @@ def main(argv=None) -> int:
             out.update(status="partial", reason=str(e))
         except Exception as e:  # Recorded; the next section still runs.
             failed = True
-            out.update(status="error", error=first_line(e),
+            out.update(status="error", error=error_summary(e, 300),
                        traceback=traceback.format_exc()[-3000:])
         out["seconds"] = round(time.perf_counter() - start, 1)
         out["budget_until_s"] = round(deadline - record.start, 1)

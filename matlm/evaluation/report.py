@@ -9,7 +9,6 @@ acc_norm / acc_uncond when computed, exact_match / f1); both come from the one t
 averages; members of groups larger than GROUP_ROWS_LIMIT only appear in results.json."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
@@ -116,14 +115,8 @@ def format_table(results: dict, tablefmt: str = "github") -> str:
     return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
 
-def _as_path(output_dir):
-    """A str becomes a pathlib.Path; a path object is kept as given (an `etils.epath.Path`
-    of a gs:// model dir writes to the bucket through the same calls)."""
-    return Path(output_dir) if isinstance(output_dir, str) else output_dir
-
-
 def write_results(results: dict, output_dir: str | Path, plots: bool = True) -> list[Path]:
-    output_dir = _as_path(output_dir)
+    output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = [output_dir / "results.json", output_dir / "results.md"]
     samples = results.get("samples")
@@ -153,7 +146,7 @@ def write_samples(samples: dict, output_dir: str | Path) -> list[Path]:
     written = []
     for task, per_model in samples.items():
         for submodel, rows in per_model.items():
-            path = _as_path(output_dir) / "samples" / _file_name(submodel) / \
+            path = Path(output_dir) / "samples" / _file_name(submodel) / \
                 f"samples_{_file_name(task)}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -194,9 +187,7 @@ def _plots(results: dict, output_dir: Path) -> list[Path]:
         fig.tight_layout()
         slug = "average_accuracy" if title == AVERAGE_ACCURACY else title.replace(":", "_")
         path = output_dir / f"{slug}_vs_params.png"
-        image = io.BytesIO()  # Through write_bytes: matplotlib writes local files only.
-        fig.savefig(image, format="png", dpi=100)
-        path.write_bytes(image.getvalue())
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
     return written

@@ -24,7 +24,7 @@ from typing import Optional
 import jax
 import orbax.checkpoint as ocp
 
-from matlm.messages import error_summary, first_line
+from matlm.messages import causes, error_summary, first_line
 from matlm.model_dir import integrity, storage
 from matlm.model_dir.errors import CheckpointError
 from matlm.model_dir.layout import as_model_dir
@@ -68,16 +68,13 @@ def os_error_of(error: Optional[BaseException]) -> Optional[tuple[int, Optional[
     """(errno, path or None) of the operating-system error behind `error` (an OSError, or
     TensorStore's `[os_error_code=N]` message), looked for in its causes too; None when
     there is none (a bug, not the environment)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno:
-            return error.errno, error.filename
-        match = _TENSORSTORE_ERRNO.search(str(error))
+    for cause in causes(error):
+        if isinstance(cause, OSError) and cause.errno:
+            return cause.errno, cause.filename
+        match = _TENSORSTORE_ERRNO.search(str(cause))
         if match:
-            paths = _QUOTED_PATH.findall(str(error))
+            paths = _QUOTED_PATH.findall(str(cause))
             return int(match.group(1)), (paths[-1] if paths else None)
-        error = error.__cause__ or error.__context__
     return None
 
 

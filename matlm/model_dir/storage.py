@@ -27,6 +27,7 @@ directory rename (`is_url` tells the callers that care).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import re
@@ -35,6 +36,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
+from matlm.messages import causes
 from matlm.model_dir.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -203,9 +205,10 @@ def remove_tree(path) -> None:
 
 
 # TensorStore's status codes in its error messages, and HTTP codes of GCS responses.
-_STATUS_ERRNO = (("PERMISSION_DENIED", 13), ("UNAUTHENTICATED", 13), ("NOT_FOUND", 2),
-                 ("RESOURCE_EXHAUSTED", 28), ("HTTP response code: 403", 13),
-                 ("HTTP response code: 404", 2))
+_STATUS_ERRNO = (("PERMISSION_DENIED", errno.EACCES), ("UNAUTHENTICATED", errno.EACCES),
+                 ("NOT_FOUND", errno.ENOENT), ("RESOURCE_EXHAUSTED", errno.ENOSPC),
+                 ("HTTP response code: 403", errno.EACCES),
+                 ("HTTP response code: 404", errno.ENOENT))
 
 
 def bucket_fault_of(error: Optional[BaseException]) -> Optional[int]:
@@ -214,23 +217,19 @@ def bucket_fault_of(error: Optional[BaseException]) -> Optional[int]:
     PermissionError without an errno, google-cloud-storage its HTTP exceptions, TensorStore
     a status message: ENOENT (no bucket or object), EACCES (no permission), ENOSPC (quota),
     EIO (the service failed: 429/5xx after the clients' own retries)."""
-    import errno
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, FileNotFoundError):
+    for cause in causes(error):
+        if isinstance(cause, FileNotFoundError):
             return errno.ENOENT
-        if isinstance(error, PermissionError):
+        if isinstance(cause, PermissionError):
             return errno.EACCES
-        code = getattr(error, "code", None)  # google.api_core.exceptions.GoogleAPICallError
-        if type(error).__module__.startswith("google.") and isinstance(code, int):
+        code = getattr(cause, "code", None)  # google.api_core.exceptions.GoogleAPICallError
+        if type(cause).__module__.startswith("google.") and isinstance(code, int):
             return {403: errno.EACCES, 401: errno.EACCES, 404: errno.ENOENT}.get(
                 code, errno.EIO if code == 429 or code >= 500 else None)
-        text = str(error)
+        text = str(cause)
         for status, number in _STATUS_ERRNO:
             if status in text:
                 return number
-        error = error.__cause__ or error.__context__
     return None
 
 
