@@ -80,10 +80,9 @@ def run(args, gin_bindings) -> int:
     gin_files = args.gin_file or [DEFAULT_GIN]
     spec = spec_lib.load_spec(args.sweep)
     trials = spec_lib.expand(spec)
-    base_dir = args.base_dir or spec.base_dir or Path("runs/sweeps") / Path(args.sweep).stem
-    # A local dir, or gs://bucket/path (checked: URL, client, bucket) before any work.
-    base_dir = (storage.model_dir_path(base_dir) if storage.is_url(base_dir)
-                else Path(base_dir).absolute())
+    # A local dir (made absolute), or gs://bucket/path (URL and client checked) before any work.
+    base_dir = storage.model_dir_path(
+        args.base_dir or spec.base_dir or Path("runs/sweeps") / Path(args.sweep).stem)
     eval_flags = shlex.split(args.eval_flags)
     # Every trial's configs, built as `matlm train` builds them, before anything runs.
     configs = spec_lib.validate(trials, gin_files, gin_bindings)

@@ -60,14 +60,9 @@ def eval_command(trial: Trial, options: SweepOptions) -> list[str]:
 
 
 def read_trial(model_dir: Path) -> dict:
-    path = _as_path(model_dir) / TRIAL_FILE
+    from matlm.model_dir import storage  # A local path, or gs:// (pathlib would fold it).
+    path = storage.model_dir_path(model_dir) / TRIAL_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _as_path(path):
-    """A trial or base dir as a path object: local, or gs:// (pathlib would fold `gs://`)."""
-    from matlm.model_dir import storage
-    return storage.model_dir_path(path) if storage.is_url(path) else Path(path)
 
 
 def _write_json(path: Path, value: dict) -> None:
