@@ -107,16 +107,18 @@ def run(args, gin_bindings) -> int:
     from matlm.evaluation.submodels import resolve_submodels
     from matlm.gin_config import parse_gin, unwrap_gin_error
     import matlm.model_dir as model_dir_lib
+    from matlm.model_dir import storage
 
     start = time.time()
     # 1. The checkpoint's own config (missing or empty dir: CheckpointError naming it).
     model_dir, run_config = model_dir_lib.open_run(args.model_dir)
-    if args.output:  # A gs:// --output is checked (bucket, write access) before the work.
-        flags.default_output(model_dir, args.output, None)
+    # --output: a gs:// one is checked (bucket, write access) before the work; None: the
+    # model dir's eval/<step>/, known once the checkpoint is loaded.
+    output_dir = storage.output_path(args.output) if args.output else None
     config = run_config.model
     from matlm.model import family_of
     if not family_of(config).tokens:  # A MatViT: its images, not text tasks.
-        return _run_images(args, gin_bindings, model_dir, run_config, start)
+        return _run_images(args, gin_bindings, model_dir, run_config, output_dir, start)
     if args.split is not None:
         raise ValueError("--split selects an image split; for text tasks "
                          "the split is part of each task's definition")
@@ -151,19 +153,30 @@ def run(args, gin_bindings) -> int:
     results = runner.run(plan, config, loaded.params, submodels, reference, vocab, options,
                          groups=groups, log_samples=args.log_samples)
     results.update(checkpoint=str(Path(args.model_dir)), step=loaded.step)
-    output_dir = flags.default_output(model_dir, args.output, model_dir.eval_dir(loaded.step))
-    written = report.write_results(results, output_dir, plots=not args.no_plots)
+    output_dir = output_dir or model_dir.eval_dir(loaded.step)
+    names, samples = _write_report(results, output_dir, plots=not args.no_plots)
     print(report.format_table(results))
     print(f"\n{len(submodels)} submodels x {len(plan)} tasks in {time.time() - start:.0f}s "
           f"({results['compiled_functions']} compiled functions, "
-          f"{'sliced' if args.sliced else 'masked'} path); wrote "
-          f"{', '.join(p.name for p in written if p.parent == output_dir)}"
-          + (f" and {len(written) - sum(p.parent == output_dir for p in written)} sample "
-             "files under samples/" if args.log_samples else "") + f" to {output_dir}")
+          f"{'sliced' if args.sliced else 'masked'} path); wrote {', '.join(names)}"
+          + (f" and {samples} sample files under samples/" if args.log_samples else "")
+          + f" to {output_dir}")
     return 0
 
 
-def _run_images(args, gin_bindings, model_dir, run_config, start: float) -> int:
+def _write_report(results: dict, output_dir, plots: bool) -> tuple[list[str], int]:
+    """results.json, results.md, plots (and samples/) into `output_dir`, through
+    storage.staged_dir (a gs:// dir: written locally, then uploaded); returns the names
+    written at its top and the number of sample files."""
+    from matlm.evaluation import report
+    from matlm.model_dir import storage
+    with storage.staged_dir(output_dir) as local:
+        written = report.write_results(results, local, plots=plots)
+    names = [p.name for p in written if p.parent == local]
+    return names, len(written) - len(names)
+
+
+def _run_images(args, gin_bindings, model_dir, run_config, output_dir, start: float) -> int:
     """Top-1 / top-5 / consistency of a MatViT's submodels on one image split."""
     from matlm.evaluation import image_classification, report
     from matlm.evaluation.submodels import resolve_submodels
@@ -188,12 +201,12 @@ def _run_images(args, gin_bindings, model_dir, run_config, start: float) -> int:
         masked=not args.sliced, progress=not args.no_progress,
         max_examples=args.max_examples, total=getattr(batches, "num_examples", None))
     results.update(checkpoint=str(Path(args.model_dir)), step=loaded.step)
-    output_dir = flags.default_output(model_dir, args.output, model_dir.eval_dir(loaded.step))
-    written = report.write_results(results, output_dir, plots=not args.no_plots)
+    output_dir = output_dir or model_dir.eval_dir(loaded.step)
+    names, _ = _write_report(results, output_dir, plots=not args.no_plots)
     print(report.format_table(results))
     examples = results["tasks"][task]["metrics"][reference]["examples"]
     print(f"\n{len(submodels)} submodels x {examples} images of {task} in "
           f"{time.time() - start:.0f}s ({results['compiled_functions']} compiled functions, "
           f"{'sliced' if args.sliced else 'masked'} path); wrote "
-          f"{', '.join(p.name for p in written)} to {output_dir}")
+          f"{', '.join(names)} to {output_dir}")
     return 0

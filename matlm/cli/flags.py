@@ -144,8 +144,7 @@ def new_output_dir(model_dir, output, default, error=ValueError):
 def default_output(model_dir, output, default):
     """`output` if given (a local path, or a gs:// URL checked for write access), else
     `default`: a path in the model dir, e.g. `model_dir.eval_dir(step)` (on a bucket, its
-    gs:// path). The commands write such a path through `storage.staged_dir`/`staged_file`
-    (or, as `matlm eval`, through the path object itself)."""
+    gs:// path). The commands write such a path through `storage.staged_dir`/`staged_file`."""
     from pathlib import Path
     from matlm.model_dir import storage
     if output:
