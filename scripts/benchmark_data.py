@@ -51,19 +51,6 @@ def pipeline_rate(task, seq_len, batch, vocab, steps):
     return steps * batch * seq_len / elapsed, setup
 
 
-def matmul_peak_flops(n=2048, repeats=10):
-    import jax
-    import jax.numpy as jnp
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = f(a)
-    out.block_until_ready()
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
-
-
 def trainer_bound(model_gin, seq_len, peak):
     from matlm.gin_config import model_config_from_gin, parse_gin
     from matlm.model.counting import train_flops_per_token
@@ -247,8 +234,9 @@ def task_rows(steps: int) -> dict:
     from make_mock_c4 import build_mock_c4
     from matlm import data
 
+    from benchmark_model import matmul_peak_gflops
     vocab = data.default_vocabulary()
-    peak = matmul_peak_flops()
+    peak = matmul_peak_gflops() * 1e9
     rows = []
     mock_dir = tempfile.TemporaryDirectory(prefix="matlm_mock_c4_")
     build_mock_c4(mock_dir.name, num_docs=4000, num_shards=16)
