@@ -450,8 +450,7 @@ def training(args, out: dict, deadline, ctx):
     embedded corpus (joint objective, bf16); validation loss per granularity before and
     after. The decoding sections decode with these parameters."""
     import jax
-    import numpy as np
-    from matlm.data import embedded_tokens
+    from matlm.data import embedded_tokens, vocabulary
     from matlm.training import mesh as mesh_lib
     from matlm.training.objective import build_objective
     from matlm.training.optimizer import learning_rate_schedule, make_optimizer
@@ -459,7 +458,7 @@ def training(args, out: dict, deadline, ctx):
     model, train = ctx["decode_shape"]
     processor = corpus_processor(args, ctx)
     mesh = ctx["mesh"]
-    start_id = embedded_tokens.start_token(processor)
+    start_id = vocabulary.start_id(processor)
     store = embedded_tokens.token_store(processor, "train", args.wiki_dump, args.max_articles)
     valid = embedded_tokens.token_store(processor, "validation", args.wiki_dump,
                                         args.max_articles)
@@ -524,7 +523,7 @@ def decode_setup(args, ctx):
     """(config, params, prompts, xl, s, mix) for decoding: the trained parameters (a fresh
     init if training did not finish), validation prompts of --prompt_tokens tokens."""
     import jax
-    from matlm.data import embedded_tokens
+    from matlm.data import embedded_tokens, vocabulary
     from matlm.decoding.kv_cache import decoding_form
     from matlm.model import init_params
     model, _ = ctx["decode_shape"]
@@ -536,7 +535,7 @@ def decode_setup(args, ctx):
     params, model = decoding_form(params, model)
     processor = corpus_processor(args, ctx)
     texts = embedded_tokens.split_texts("validation", args.wiki_dump, args.max_articles)
-    start = embedded_tokens.start_token(processor)
+    start = vocabulary.start_id(processor)
     prompts = []
     for text in texts:
         ids = processor.encode(text)

@@ -43,12 +43,6 @@ def load_processor(vocab_size: int, cache: Optional[str] = None,
     return spm.SentencePieceProcessor(model_file=str(path))
 
 
-def start_token(processor: spm.SentencePieceProcessor) -> int:
-    """The input that starts a document: BOS, else pad (as `vocabulary.start_id`)."""
-    bos = processor.bos_id()
-    return int(bos) if bos >= 0 else vocabulary.PAD_ID
-
-
 def split_texts(split: str, source: Optional[str] = None,
                 max_articles: Optional[int] = None) -> list[str]:
     """The article texts of a `matlm_wiki` split, in source order."""

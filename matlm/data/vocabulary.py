@@ -151,10 +151,13 @@ def load_vocabulary(path: str | os.PathLike) -> "seqio.SentencePieceVocabulary":
     return seqio.SentencePieceVocabulary(path)
 
 
-def start_id(vocab: "seqio.SentencePieceVocabulary") -> int:
-    """The input token that starts each document: BOS if the model has one, else pad (0)."""
-    bos = vocab.tokenizer.bos_id()
-    return int(bos) if bos >= 0 else int(vocab.pad_id)
+def start_id(vocab) -> int:
+    """The input token that starts each document: BOS if the model has one, else pad (0).
+    `vocab`: a seqio SentencePiece vocabulary, or a plain SentencePiece processor (the
+    TensorFlow-free path, `matlm.data.embedded_tokens`)."""
+    processor = getattr(vocab, "tokenizer", vocab)
+    bos = processor.bos_id()
+    return int(bos) if bos >= 0 else int(getattr(vocab, "pad_id", PAD_ID))
 
 
 def fingerprint(vocab: "seqio.SentencePieceVocabulary") -> str:
