@@ -15,13 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from matlm.cli.main import EXIT_ENVIRONMENT
 from matlm.cli.main import main as matlm_main
-from matlm.model_dir import load_checkpoint_for_inference
 from matlm.model_dir.checkpoints import os_error_of
+
+from test_faults import assert_params_equal, one_device  # noqa: F401  (an autouse fixture)
+from test_faults import flags as fault_flags
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
@@ -29,13 +30,7 @@ STEPS = 8  # Checkpoints every 2 steps: 2, 4, 6, 8.
 
 
 def flags(model_dir, vocab, steps=STEPS, *extra):
-    return [f"--model_dir={model_dir}", "--no_progress", f"--gin.TrainConfig.steps={steps}",
-            "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.checkpoint_every=2",
-            "--gin.TrainConfig.eval_every=0", "--gin.TrainConfig.eval_batches=1",
-            "--gin.TrainConfig.mesh_shape=(1,1,1)", "--gin.TrainConfig.seq_len=32",
-            "--gin.TrainConfig.global_batch_size=4", "--gin.TrainConfig.warmup_steps=2",
-            "--gin.ModelConfig.vocab_size=2048",
-            f"--gin.DataConfig.vocab_path='{vocab.sentencepiece_model_file}'", *extra]
+    return fault_flags(model_dir, vocab, steps, *extra)
 
 
 def train_subprocess(*args) -> subprocess.CompletedProcess:
@@ -102,14 +97,6 @@ def make_read_only(directory: Path):
     return lambda: subprocess.run(["umount", "-l", str(directory)], capture_output=True)
 
 
-def assert_params_equal(dir_a, dir_b, step):
-    import jax
-    a = load_checkpoint_for_inference(dir_a, step).params
-    b = load_checkpoint_for_inference(dir_b, step).params
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
-
-
 @pytest.fixture(scope="module")
 def continuous(tmp_path_factory, wiki_vocab):
     """The same run trained start to end on a roomy disk: what a resumed run must equal."""
@@ -117,19 +104,6 @@ def continuous(tmp_path_factory, wiki_vocab):
     result = train_subprocess(*flags(model_dir, wiki_vocab))
     assert result.returncode == 0, result.stderr
     return model_dir
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_device():
-    # In-process runs build their mesh from jax.devices(): use the first of the 8 fake
-    # ones, as the subprocess runs (one device) do.
-    import jax
-    import matlm.training.mesh as mesh_lib
-    original = mesh_lib.make_mesh
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mesh_lib, "make_mesh",
-                      lambda shape, devices=None: original(shape, devices or jax.devices()[:1]))
-        yield
 
 
 # --- A real full disk. ------------------------------------------------------------------------
