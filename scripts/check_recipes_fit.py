@@ -5,7 +5,7 @@ extra) on each recipe in turn and prints one table: slice, memory per chip again
 headroom, FLOPs per step, compile time. The last line is JSON (one object per recipe).
 Exit code 1 if any recipe misses the minimum headroom.
 
-    python scripts/check_recipes_fit.py                      # every configs/runs/c4_*.gin
+    python scripts/check_recipes_fit.py          # configs/runs/c4_*.gin, then imagenet_*.gin
     python scripts/check_recipes_fit.py configs/runs/c4_matlm_78m.gin --skip_eval
 """
 from __future__ import annotations
@@ -22,6 +22,19 @@ REPO = Path(__file__).resolve().parents[1]
 GIB = 2 ** 30
 
 
+# The pod recipes: the MatLM family (C4), then the MatViT family (ImageNet).
+RECIPE_PATTERNS = ("c4_*.gin", "imagenet_*.gin")
+
+
+def recipe_order(recipe: str) -> tuple:
+    """LM recipes smallest first (the paper family's order: 78m ... 2.6b), then the rest by
+    name (imagenet_matvit_b16, _l16)."""
+    size = Path(recipe).stem.split("_")[-1]
+    if Path(recipe).name.startswith("c4_") and size[-1] in "mb":
+        return (0, float(size[:-1]) * (1000 if size[-1] == "b" else 1), recipe)
+    return (1, 0.0, recipe)
+
+
 def compile_recipe(recipe: str, extra: list[str]) -> dict:
     """The JSON report of `matlm compile` for one recipe (its last stdout line)."""
     cmd = [sys.executable, "-m", "matlm.cli.main", "compile", f"--gin_file={recipe}", *extra]
@@ -35,14 +48,12 @@ def compile_recipe(recipe: str, extra: list[str]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("recipes", nargs="*", help="gin files (default: configs/runs/c4_*.gin)")
+    parser.add_argument("recipes", nargs="*", help="gin files (default: configs/runs/c4_*.gin and imagenet_*.gin)")
     parser.add_argument("--skip_eval", action="store_true", help="compile only the train steps")
     args = parser.parse_args()
-    recipes = args.recipes or sorted(
-        str(p.relative_to(REPO)) for p in (REPO / "configs/runs").glob("c4_*.gin"))
-    # Smallest model first: the order of the paper family.
-    recipes.sort(key=lambda r: float(Path(r).stem.split("_")[-1].rstrip("mb"))
-                 * (1000 if r.endswith("b.gin") else 1))
+    recipes = args.recipes or [str(p.relative_to(REPO)) for pattern in RECIPE_PATTERNS
+                               for p in (REPO / "configs/runs").glob(pattern)]
+    recipes.sort(key=recipe_order)
     reports = []
     for recipe in recipes:
         print(f"compiling {recipe} …", file=sys.stderr, flush=True)
