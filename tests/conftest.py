@@ -14,6 +14,26 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """One JAX persistent compilation cache for this run's test processes (both xdist
+    workers). Many tests build the same small steps afresh (new closures, the same
+    programs); loading an executable compiled earlier in the run is what makes the suite
+    fit its 30 minutes. A loaded executable is the compiled one, so bitwise comparisons
+    are unaffected. Set through jax.config, not the environment: the subprocesses tests
+    start (`matlm train` under signals and kill -9) compile for themselves, since a process
+    killed while writing an entry would leave a truncated one whose every later read warns
+    on stderr, which those tests read line by line. Deleted with pytest's temporary dirs."""
+    import jax
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # .../pytest-N/popen-gwK: the run's dir, which the workers share.
+    jax.config.update("jax_compilation_cache_dir", str(base / "jax_compilation_cache"))
+    # Compiles under 0.2 s are not worth a file; most of the suite's are 0.3-5 s.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    yield
+
+
 @pytest.fixture(scope="session")
 def wiki_vocab(tmp_path_factory):
     """The default (matlm_wiki) vocabulary, small and trained fresh into a temp dir (~3 s)."""
