@@ -38,6 +38,7 @@ import datetime
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -207,18 +208,30 @@ def run_tests(args, out: dict, deadline):
                PYTHONPATH=os.pathsep.join(
                    p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p))
     out["env"] = {k: env[k] for k in ("JAX_PLATFORMS", "JAX_DEFAULT_MATMUL_PRECISION")}
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             f"--junitxml={junit}", *tests], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               f"--junitxml={junit}", *tests], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=max(5.0, left(deadline)))
-        out["returncode"] = proc.returncode
-        out["output_tail"] = (proc.stdout + proc.stderr)[-3000:]
+        output, _ = proc.communicate(timeout=max(5.0, left(deadline)))
     except subprocess.TimeoutExpired:
-        out["returncode"] = None
+        # Interrupted, pytest still writes the junit XML of the tests that finished (a kill
+        # would lose them all); killed only if it does not stop within 20 s.
         out["timed_out"] = True
+        proc.send_signal(signal.SIGINT)
+        try:
+            output, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+    out["returncode"] = proc.returncode
+    out["output_tail"] = (output or "")[-3000:]
     cases = []
     if junit.is_file():
         for case in ET.parse(junit).getroot().iter("testcase"):
+            if case.get("name") is None:  # The test the interrupt stopped: no name, no outcome.
+                cases.append({"test": "(stopped by the time limit)", "outcome": "interrupted",
+                              "seconds": float(case.get("time") or 0), "message": ""})
+                continue
             outcome, message = "passed", ""
             for tag in ("failure", "error", "skipped"):
                 node = case.find(tag)
@@ -230,7 +243,7 @@ def run_tests(args, out: dict, deadline):
                           "message": message})
     out["cases"] = cases
     out["counts"] = {k: sum(c["outcome"] == k for c in cases)
-                     for k in ("passed", "failed", "error", "skipped")}
+                     for k in ("passed", "failed", "error", "skipped", "interrupted")}
     if out.get("timed_out"):
         raise OutOfTime("the tests ran past their budget")
     if not cases:

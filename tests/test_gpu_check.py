@@ -141,3 +141,24 @@ def test_section_shares_split_the_whole_budget_in_one_order():
         assert sum(shares.values()) == pytest.approx(1.0)
     assert list(gpu_check.SECTIONS) == list(gpu_check.SMOKE_SECTIONS)
     assert list(gpu_check.SECTIONS)[0] == "tests"  # Before this process takes the GPU.
+
+
+def test_tests_past_their_budget_keep_the_outcomes_that_finished(tmp_path, monkeypatch):
+    """The device tests' pytest is interrupted at the deadline, not killed: the junit XML
+    still holds what finished, and the test it stopped is named as interrupted."""
+    import time as time_lib
+    tests_file = tmp_path / "test_budget.py"
+    tests_file.write_text("import time\n\ndef test_quick():\n    pass\n\n"
+                          "def test_slow():\n    time.sleep(60)\n")
+    monkeypatch.setattr(gpu_check, "SMOKE_TESTS",
+                        (f"{tests_file}::test_quick", f"{tests_file}::test_slow"))
+    args = gpu_check.parse_args(["--smoke", f"--output={tmp_path / 'out'}"])
+    args.output.mkdir()
+    out = {}
+    start = time_lib.perf_counter()
+    with pytest.raises(gpu_check.OutOfTime, match="past their budget"):
+        gpu_check.run_tests(args, out, deadline=time_lib.perf_counter() + 8)
+    assert time_lib.perf_counter() - start < 40  # Not the sleeping test's 60 s.
+    assert [(c["test"].split("::")[-1], c["outcome"]) for c in out["cases"]] == [
+        ("test_quick", "passed"), ("(stopped by the time limit)", "interrupted")]
+    assert out["counts"]["passed"] == 1 and out["counts"]["interrupted"] == 1
