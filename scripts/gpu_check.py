@@ -68,8 +68,8 @@ SMOKE_TESTS = (DEVICE_TESTS[0], DEVICE_TESTS[3] + "[mha-full]")
 # Shares of --budget_s, in running order. The tests first: their process must have the
 # GPU before this one takes its memory. The memory probe next: the device's peak counter
 # only ever grows, so it must see the train step before anything larger.
-SECTIONS = {"tests": 0.1, "environment": 0.04, "compile_memory": 0.07, "peaks": 0.01,
-            "train_mfu": 0.25, "training": 0.3, "kv_cache": 0.08, "speculative": 0.15}
+SECTIONS = {"tests": 0.13, "environment": 0.04, "compile_memory": 0.07, "peaks": 0.01,
+            "train_mfu": 0.25, "training": 0.27, "kv_cache": 0.08, "speculative": 0.15}
 
 # The same order, shares for --smoke (compiles dominate on a CPU, not steps).
 SMOKE_SECTIONS = {"tests": 0.14, "environment": 0.12, "compile_memory": 0.1, "peaks": 0.02,
