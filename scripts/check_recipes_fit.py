@@ -48,7 +48,8 @@ def compile_recipe(recipe: str, extra: list[str]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("recipes", nargs="*", help="gin files (default: configs/runs/c4_*.gin and imagenet_*.gin)")
+    parser.add_argument("recipes", nargs="*",
+                        help="gin files (default: configs/runs/c4_*.gin and imagenet_*.gin)")
     parser.add_argument("--skip_eval", action="store_true", help="compile only the train steps")
     args = parser.parse_args()
     recipes = args.recipes or [str(p.relative_to(REPO)) for pattern in RECIPE_PATTERNS
