@@ -15,7 +15,6 @@ import sys
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -194,14 +193,14 @@ labels: {TrainConfig.learning_rate: lr}
     written = objects(base)
     rows = written["sweep_results.csv"].decode().splitlines()
     assert len(rows) == 2 and ",done," in rows[1], rows
-    for trial in ("lr=0.001",):
-        assert json.loads(written[f"{trial}/trial.json"])["status"] == "done"
-        assert b"$ " in written[f"{trial}/train.log"]  # The trial's log, uploaded whole.
-        assert ModelDir(f"{base}/{trial}").checkpoint_steps() == [2]
+    trial = "lr=0.001"
+    assert json.loads(written[f"{trial}/trial.json"])["status"] == "done"
+    assert b"$ " in written[f"{trial}/train.log"]  # The trial's log, uploaded whole.
+    assert ModelDir(f"{base}/{trial}").checkpoint_steps() == [2]
     assert f"# Sweep results ({base})" in written["sweep_results.md"].decode()
     # A rerun runs nothing; --collect_only writes the same table from the bucket.
     assert matlm_main(command) == 0
     assert "started" not in capsys.readouterr().out
     assert matlm_main([*command, "--collect_only"]) == 0
     assert objects(base)["sweep_results.csv"] == written["sweep_results.csv"]
-    assert json.loads(objects(base)[f"lr=0.001/trial.json"])["attempts"] == 1
+    assert json.loads(objects(base)[f"{trial}/trial.json"])["attempts"] == 1
