@@ -19,19 +19,31 @@ Why not `gcp-storage-emulator` (PyPI): it ignores `ifGenerationMatch` (a second 
 with `ifGenerationMatch=0` succeeds), which the writer lock and TensorStore's conditional
 writes depend on.
 
-`emulator()` is a context manager yielding an `Emulator` (its URL, `env`, and
-`create_bucket`); the test module wraps it in a fixture. Tests skip cleanly when the
-emulator package is absent (`pytest.importorskip` in the fixture).
+The emulator has no IAM, so every client reaches it through `Gate`, a pass-through HTTP
+proxy on loopback that can answer chosen requests with GCS's own 403 (`Emulator.refusing`):
+how a test takes list, read or write permission away from the job, before or during a run,
+for google-cloud-storage, gcsfs and TensorStore alike.
+
+`emulator()` is a context manager yielding an `Emulator` (its URL, `env`,
+`create_bucket` and `refusing`); the test module wraps it in a fixture. Tests skip cleanly
+when the emulator package is absent (`pytest.importorskip` in the fixture).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http.client
+import http.server
+import json
 import os
+import re
 import socket
 import subprocess
+import threading
 import time
+import urllib.parse
 import urllib.request
+from typing import Optional
 
 
 def free_port() -> int:
@@ -40,9 +52,127 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Which requests each permission covers, in GCS's JSON API (what the clients speak).
+_LIST = re.compile(r"^/storage/v1/b/[^/]+/o/?(\?|$)")
+_PERMISSION_OF_REQUEST = (
+    ("storage.objects.list", lambda method, path: method == "GET" and _LIST.match(path)),
+    ("storage.objects.get", lambda method, path: method in ("GET", "HEAD")),
+    ("storage.objects.create", lambda method, path: method not in ("GET", "HEAD")))
+# Headers that belong to one HTTP connection, not to the request (RFC 9110, 7.6.1).
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
+               "trailer", "upgrade", "expect", "content-length"}
+
+
+class Gate(http.server.ThreadingHTTPServer):
+    """A pass-through proxy to `upstream` that answers a request needing a permission in
+    `refused` with the 403 GCS sends a principal without it (same JSON error shape)."""
+    daemon_threads = True
+
+    def __init__(self, upstream: str):
+        super().__init__(("127.0.0.1", 0), _GateHandler)
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self.refused: frozenset = frozenset()
+        self.refusals = 0  # Requests answered with 403 so far (a test checks it hit).
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that hung up mid-reply (it gave up on a request, or its process ended)
+        is the client's business: the emulator's own log is quiet too."""
+        import sys
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+    def refusal(self, method: str, path: str) -> Optional[str]:
+        """The permission this request needs and is refused, or None (forward it)."""
+        for permission, needs in _PERMISSION_OF_REQUEST:
+            if needs(method, path):
+                return permission if permission in self.refused else None
+        return None
+
+
+class _GateHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # Keep-alive, and `Expect: 100-continue` (TensorStore).
+    disable_nagle_algorithm = True  # Else each reply's body waits ~40 ms for an ACK.
+    server: Gate
+
+    def log_message(self, *args):  # Quiet, like the emulator's -log-level=error.
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # Trailers.
+                pass
+            return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _reply(self, status: int, headers, body: bytes) -> None:
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        if self.command != "HEAD":
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _forward(self) -> None:
+        body = self._body()
+        permission = self.server.refusal(self.command, self.path)
+        if permission:
+            self.server.refusals += 1
+            message = (f"matlm-test@test-project.iam.gserviceaccount.com does not have "
+                       f"{permission} access to the Google Cloud Storage object. Permission "
+                       f"'{permission}' denied on resource (or it may not exist).")
+            error = {"error": {"code": 403, "message": message, "errors": [
+                {"message": message, "domain": "global", "reason": "forbidden"}]}}
+            self._reply(403, [("Content-Type", "application/json; charset=UTF-8")],
+                        json.dumps(error).encode())
+            return
+        upstream = self.server.upstream
+        connection = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=120)
+        try:
+            connection.request(self.command, self.path, body=body, headers={
+                name: value for name, value in self.headers.items()
+                if name.lower() not in _HOP_BY_HOP})
+            response = connection.getresponse()
+            data = response.read()
+            headers = response.getheaders()
+        finally:
+            connection.close()
+        # The emulator's own address in a resumable upload's Location or a mediaLink would
+        # send the client past the gate: point those back at it.
+        own, gate = f"{upstream.scheme}://{upstream.netloc}", self.server.url
+        headers = [(name, value.replace(own, gate)) for name, value in headers
+                   if name.lower() not in _HOP_BY_HOP
+                   or (self.command == "HEAD" and name.lower() == "content-length")]
+        if "alt=media" not in self.path and not self.path.startswith("/download/"):
+            data = data.replace(own.encode(), gate.encode())  # JSON metadata, not objects.
+        self._reply(response.status, headers, data)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+
 @dataclasses.dataclass
 class Emulator:
-    url: str  # http://127.0.0.1:PORT
+    url: str  # http://127.0.0.1:PORT: the gate in front of the server
+    gate: Optional[Gate] = None
+
+    @contextlib.contextmanager
+    def refusing(self, *permissions: str):
+        """Within the block the job lacks `permissions` on every bucket (any of
+        storage.objects.list, .get, .create: create also stands for delete, copy and
+        update): requests needing one are answered 403. Yields the gate (`refusals`)."""
+        unknown = set(permissions) - {p for p, _ in _PERMISSION_OF_REQUEST}
+        assert not unknown, f"no such permission here: {sorted(unknown)}"
+        self.gate.refused = frozenset(permissions)
+        try:
+            yield self.gate
+        finally:
+            self.gate.refused = frozenset()
 
     @property
     def env(self) -> dict[str, str]:
@@ -99,7 +229,8 @@ def point_clients_at(server: Emulator) -> None:
 
 @contextlib.contextmanager
 def emulator():
-    """Starts fake-gcs-server (in memory, plain HTTP) on a free loopback port; stops it."""
+    """Starts fake-gcs-server (in memory, plain HTTP) on a free loopback port and the gate in
+    front of it; stops both."""
     port = free_port()
     command = [binary(), "-scheme=http", "-backend=memory", "-host=127.0.0.1",
                f"-port={port}", "-log-level=error"]
@@ -116,7 +247,13 @@ def emulator():
                     raise RuntimeError("fake-gcs-server did not start: "
                                        + process.stderr.read().decode()[-500:])
                 time.sleep(0.1)
-        yield Emulator(url)
+        gate = Gate(url)
+        threading.Thread(target=gate.serve_forever, daemon=True).start()
+        try:
+            yield Emulator(gate.url, gate)
+        finally:
+            gate.shutdown()
+            gate.server_close()
     finally:
         process.terminate()
         try:

@@ -77,14 +77,19 @@ def run(gcs, tmp_path_factory, wiki_vocab):
     return url, download(url, tmp_path_factory.mktemp("copy") / "run")
 
 
-def test_info_generate_and_verify_read_the_bucket_as_the_local_copy(run, capsys):
+def test_info_generate_and_verify_read_the_bucket_as_the_local_copy(run, gcs, capsys):
     url, local = run
     outputs = []
-    for where in (url, local):
-        for command in (["info"], ["generate", "--prompt=The river", "--max_new_tokens=8"],
-                        ["verify"]):
-            assert matlm_main([command[0], f"--model_dir={where}", *command[1:]]) == 0, command
-        outputs.append(capsys.readouterr().out.replace(str(where), "MODEL_DIR"))
+    # A job with read access only (roles/storage.objectViewer) reads a run: readers write
+    # nothing, not even a lock (the gate counts the writes it refused).
+    with gcs.refusing("storage.objects.create") as gate:
+        for where in (url, local):
+            for command in (["info"], ["generate", "--prompt=The river", "--max_new_tokens=8"],
+                            ["verify"]):
+                assert matlm_main([command[0], f"--model_dir={where}", *command[1:]]) == 0, \
+                    command
+            outputs.append(capsys.readouterr().out.replace(str(where), "MODEL_DIR"))
+    assert gate.refusals == 0
     assert outputs[0] == outputs[1]
     assert '"status": "ok"' in outputs[0]
 
@@ -176,6 +181,69 @@ def test_a_bucket_gone_under_a_save_is_one_line_exit_74(bucket, wiki_vocab, caps
     assert len(err) == 1, err
     assert "could not save checkpoint 2" in err[0] and "[ENOENT]" in err[0], err
     assert f"check that the bucket {bucket} exists" in err[0].lower(), err
+
+
+@pytest.mark.parametrize("permission, command, status, message", [
+    # Writers check the bucket up front (exit 2: fix the setup before any work) ...
+    pytest.param("storage.objects.list", "train", 2, "model dir {url}: no permission to list "
+                 "gs://{name} (grant storage.objects.list, e.g. roles/storage.objectViewer)",
+                 id="list-train"),
+    pytest.param("storage.objects.create", "train", 2, "model dir {url}: no permission to write "
+                 "in gs://{name} (grant storage.objects.create and .delete", id="write-train"),
+    # ... a reader finds out at its first read (exit 74: the environment refused).
+    pytest.param("storage.objects.list", "info", 74, "Cloud Storage refused a request on "
+                 "gs://{name}: this job lacks storage.objects.list; grant it (e.g. "
+                 "roles/storage.objectViewer), then run the same command", id="list-info"),
+])
+def test_a_missing_permission_is_one_line_before_any_work(gcs, bucket, wiki_vocab, capsys,
+                                                          one_device, permission, command,
+                                                          status, message):
+    url = f"{bucket}/run"
+    args = flags(url, wiki_vocab, STEPS) if command == "train" else [f"--model_dir={url}"]
+    with gcs.refusing(permission) as gate:
+        assert matlm_main([command, *args]) == status
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert message.format(url=url, name=bucket[5:]) in err[0], err
+    assert gate.refusals > 0  # The bucket refused: this is not another failure.
+    assert objects(url) == {}
+
+
+def test_write_access_revoked_under_a_save_is_one_line_exit_74_and_resumes(
+        run, gcs, bucket, wiki_vocab, capsys, caplog, one_device, monkeypatch):
+    import matlm.model_dir as model_dir_lib
+    reference, _ = run
+    url = f"{bucket}/run"
+    original = model_dir_lib.RunCheckpointer.save
+
+    def revoke_then_save(self, step, *args, **kwargs):
+        if step == 4:  # Checkpoint 2 is complete; then the job loses its write access.
+            self.manager.wait_until_finished()
+            gcs.gate.refused = frozenset({"storage.objects.create"})
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(model_dir_lib.RunCheckpointer, "save", revoke_then_save)
+    try:
+        assert matlm_main(["train", *flags(url, wiki_vocab, STEPS)]) == 74
+    finally:
+        gcs.gate.refused = frozenset()
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert "could not save checkpoint 4: Permission denied [EACCES]" in error, error
+    assert f"Grant this job write access to {bucket} (storage.objects.create" in error, error
+    assert "checkpoints intact: 2. " in error and "to resume from checkpoint 2" in error, error
+    # Its lock could not be deleted either: a warning, never in place of the error above.
+    (warning,) = [r.getMessage() for r in caplog.records if "writer lock" in r.getMessage()]
+    assert warning == (f"could not remove the writer lock {url}/writer.lock (this job "
+                       "lacks storage.objects.create); the next job takes it over as stale")
+    assert ModelDir(url).checkpoint_steps() == [2]
+    # Access back, the same command takes the left lock over, resumes from checkpoint 2
+    # and ends where a continuous run ends, each step logged once.
+    monkeypatch.setattr(model_dir_lib.RunCheckpointer, "save", original)
+    assert matlm_main(["train", *flags(url, wiki_vocab, STEPS)]) == 0
+    assert "(left by an earlier job of this process" in capsys.readouterr().out
+    assert train_rows(url) == train_rows(reference)
+    assert_params_equal(url, reference, STEPS)
+    assert ModelDir(url).checkpoint_steps() == [2, 4]
 
 
 @pytest.mark.slow

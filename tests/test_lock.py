@@ -44,6 +44,32 @@ def test_a_lock_of_a_dead_pid_is_taken_over_with_a_warning(tmp_path, capsys, cap
         lock.release()
 
 
+def test_a_lock_that_cannot_be_removed_is_left_with_a_warning_then_taken_over(
+        tmp_path, caplog, capsys, monkeypatch):
+    first = WriterLock(tmp_path).acquire()
+    original = type(tmp_path).unlink
+
+    def refused(path, *args, **kwargs):  # The dir's write access taken away under the job.
+        if path.name == LOCK_FILE_NAME:
+            raise PermissionError(13, "Permission denied", str(path))
+        return original(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(tmp_path), "unlink", refused)
+        first.release()  # No exception: a failing job's own error must not be replaced.
+    assert caplog.messages == [f"could not remove the writer lock {tmp_path / LOCK_FILE_NAME} "
+                               "(Permission denied); the next job takes it over as stale"]
+    assert _holder(tmp_path)["token"] == first.token  # Left behind, this process's pid in it.
+    # The next job of this same process (a notebook) takes it over: no lock here holds it.
+    second = WriterLock(tmp_path).acquire()
+    assert "left by an earlier job of this process" in capsys.readouterr().out
+    # ... while a lock this process does hold is never taken over.
+    with pytest.raises(LockHeldError):
+        WriterLock(tmp_path).acquire()
+    second.release()
+    assert not (tmp_path / LOCK_FILE_NAME).exists()
+
+
 def test_another_hosts_lock_is_stale_only_after_its_lease(tmp_path):
     path = tmp_path / LOCK_FILE_NAME
     path.write_text(json.dumps({"host": "other-host", "pid": 1, "started": time.time(),

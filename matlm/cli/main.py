@@ -4,8 +4,8 @@ Each subcommand module defines `add_arguments(parser)` and `run(args, gin_bindin
 may list shared flags (matlm.cli.flags) in `PARENTS`.
 Modules are imported lazily so that, e.g., `matlm info` never imports TensorFlow.
 Bad input (a ValueError) is printed as one line with exit code 2, an environment fault (an
-OSError such as a full disk) as one line with exit code 74; set MATLM_DEBUG=1 for the
-traceback. `matlm train` handles SIGTERM/SIGINT from the program's first line
+OSError such as a full disk, or a request Cloud Storage refused for want of permission) as
+one line with exit code 74; set MATLM_DEBUG=1 for the traceback. `matlm train` handles SIGTERM/SIGINT from the program's first line
 (matlm.training.preemption): blocked until the handlers are in, recorded by them, acted on
 between start-up phases; before the first step it exits 0 with one line.
 """
@@ -104,24 +104,38 @@ def _main(argv: list) -> int:
         bindings, rest = split_gin_flags(argv)
         args = parser.parse_args(rest)
         return modules[args.command].run(args, bindings) or 0
-    except ValueError as e:  # Bad input: gin (ConfigError), configs, widths, data, checkpoints.
-        if os.environ.get("MATLM_DEBUG"):
-            raise  # Full traceback on request.
-        print(f"matlm {argv[0] if argv else ''}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # The environment, not the input: disk full, permission, read-only.
-        # (A failed checkpoint save is the environment's whatever its errno: a bucket gone
-        # is ENOENT.)
-        environment = e.errno in ENVIRONMENT_ERRNOS or getattr(e, "environment", False)
-        if not environment or os.environ.get("MATLM_DEBUG"):
-            raise
-        print(f"matlm {argv[0] if argv else ''}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        environment = _environment_fault(e)
+        if os.environ.get("MATLM_DEBUG") or (environment is None
+                                             and not isinstance(e, ValueError)):
+            raise  # A bug (or a traceback on request).
+        if environment is None:  # Bad input: gin (ConfigError), configs, widths, data, ...
+            print(f"matlm {argv[0] if argv else ''}: error: {e}", file=sys.stderr)
+            return 2
+        # The environment, not the input: disk full, permission, read-only, a bucket.
+        print(f"matlm {argv[0] if argv else ''}: error: {environment}", file=sys.stderr)
         # The failed write's sibling coroutines (Orbax/TensorStore's parallel writes) may
         # hold the same error; asyncio logs each with a traceback when it is collected,
         # after the line above. Their error is that line's: not shown again.
         import logging
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         return EXIT_ENVIRONMENT
+
+
+def _environment_fault(error: Exception):
+    """The one line for an error the environment caused, or None (a bug: its traceback).
+    An OSError with an environment errno (a failed checkpoint save whatever its errno: a
+    bucket gone is ENOENT), or a request Cloud Storage refused for want of permission
+    (the clients raise their own types, without an errno)."""
+    if isinstance(error, OSError) and (error.errno in ENVIRONMENT_ERRNOS
+                                       or getattr(error, "environment", False)):
+        return str(error)
+    if isinstance(error, ValueError) and type(error).__module__.startswith("matlm."):
+        return None  # matlm's own message (a StorageError too): bad input, whatever its context.
+    if "google" not in sys.modules and "gcsfs" not in sys.modules:
+        return None  # No GCS client was used: nothing to ask storage about.
+    from matlm.model_dir import storage
+    return storage.refusal_message(error)
 
 
 def console_main() -> int:

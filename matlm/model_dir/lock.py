@@ -8,7 +8,9 @@ a local or NFSv3+ disk. A second writer fails at once with a one-line `LockHeldE
 naming the holder (host, pid, start time, last heartbeat). A lock left by a job that
 died is *stale* and is taken over with a warning:
 
-- same host: its pid is gone (or now belongs to a process that started later: pid reuse);
+- same host: its pid is gone (or now belongs to a process that started later: pid reuse),
+  or it is this very process and no lock of this process holds it (an earlier in-process
+  job, e.g. in a notebook, could not remove it: its access to the model dir was revoked);
 - another host: its heartbeat (the file's mtime, touched every `HEARTBEAT_S` seconds by a
   daemon thread) is older than `LEASE_S`. A job on another host cannot see whether the
   owner is alive, so a live owner whose heartbeat stalled for that long loses its lock.
@@ -31,6 +33,10 @@ test):
 - takeover of a stale lock: rewritten with `ifGenerationMatch=<the stale generation
   read>`, so of two takers exactly one wins and the other is refused or retries;
 - release: deleted with a precondition on our generation (never someone else's lock).
+
+A lock that cannot be removed at release (the job's write access was revoked, the
+service failed) is left with a warning, never in place of the job's own error: it is
+stale once the job has ended.
 
 The messages and exit codes are those of the file lock.
 
@@ -56,6 +62,8 @@ log = logging.getLogger(__name__)
 LOCK_FILE_NAME = "writer.lock"
 HEARTBEAT_S = 10.0
 LEASE_S = 120.0
+
+_HELD_HERE: set = set()  # Tokens of the locks this process holds now.
 
 
 class LockError(ValueError):
@@ -126,21 +134,34 @@ class WriterLock:
         else:
             raise LockHeldError(f"{self.directory}: another job took the writer lock "
                                 f"{self.path} at the same time; use another --model_dir")
+        _HELD_HERE.add(self.token)
         self._thread = threading.Thread(target=self._heartbeat, name="matlm-lock-heartbeat",
                                         daemon=True)
         self._thread.start()
         return self
 
     def release(self) -> None:
+        self._stop_heartbeat()
+        try:
+            if self._owned():
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # The dir's write access was taken away under the job.
+            self._left_behind(e.strerror or e)
+
+    def _stop_heartbeat(self) -> None:
+        _HELD_HERE.discard(self.token)
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._owned():
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
+
+    def _left_behind(self, why) -> None:
+        # A warning, not an exception: release runs while the job's own error (the real
+        # news, e.g. a failed save) propagates, and must not replace it.
+        log.warning("could not remove the writer lock %s (%s); the next job takes it "
+                    "over as stale", self.path, str(why).splitlines()[0][:160])
 
     def __enter__(self) -> "WriterLock":
         return self.acquire()
@@ -213,6 +234,8 @@ class WriterLock:
             return "the lock disappeared"
         pid = holder.get("pid")
         if holder.get("host") == socket.gethostname() and isinstance(pid, int):
+            if pid == os.getpid() and holder.get("token") not in _HELD_HERE:
+                return "left by an earlier job of this process"
             if not _pid_alive(pid):
                 return f"pid {pid} is not running"
             started = holder.get("pid_started")
@@ -278,15 +301,16 @@ class BucketWriterLock(WriterLock):
 
     def release(self) -> None:
         from google.api_core import exceptions as api
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        from matlm.model_dir import storage
+        self._stop_heartbeat()
         if self._generation is not None and self.lost is None:
             try:  # Only the object we wrote: a lock taken over meanwhile stays.
                 self._bucket.blob(self._name).delete(if_generation_match=self._generation)
             except (api.NotFound, api.PreconditionFailed):
                 pass
+            except api.GoogleAPICallError as e:  # Write access revoked; the service failed.
+                permission = storage.denied_permission(e)
+                self._left_behind(f"this job lacks {permission}" if permission else e)
             self._generation = None
 
     def _make_directory(self) -> None:

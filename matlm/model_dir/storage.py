@@ -36,7 +36,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
-from matlm.messages import causes
+from matlm.messages import causes, first_line
 from matlm.model_dir.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -208,22 +208,25 @@ def remove_tree(path) -> None:
 _STATUS_ERRNO = (("PERMISSION_DENIED", errno.EACCES), ("UNAUTHENTICATED", errno.EACCES),
                  ("NOT_FOUND", errno.ENOENT), ("RESOURCE_EXHAUSTED", errno.ENOSPC),
                  ("HTTP response code: 403", errno.EACCES),
-                 ("HTTP response code: 404", errno.ENOENT))
+                 ("HTTP response code: 404", errno.ENOENT),
+                 ("Forbidden: ", errno.EACCES))  # gcsfs's 403: an OSError with no errno.
 
 
 def bucket_fault_of(error: Optional[BaseException]) -> Optional[int]:
     """The errno that stands for the bucket-side fault behind `error`, looked for in its
-    causes too, or None (not a storage fault: a bug). gcsfs raises FileNotFoundError /
-    PermissionError without an errno, google-cloud-storage its HTTP exceptions, TensorStore
-    a status message: ENOENT (no bucket or object), EACCES (no permission), ENOSPC (quota),
-    EIO (the service failed: 429/5xx after the clients' own retries)."""
+    causes too, or None (not a storage fault: a bug). gcsfs raises FileNotFoundError (404),
+    an OSError "Forbidden: …" (403) or its HttpError, all without an errno;
+    google-cloud-storage its HTTP exceptions; TensorStore a status message: ENOENT (no
+    bucket or object), EACCES (no permission), ENOSPC (quota), EIO (the service failed:
+    429/5xx after the clients' own retries)."""
     for cause in causes(error):
         if isinstance(cause, FileNotFoundError):
             return errno.ENOENT
         if isinstance(cause, PermissionError):
             return errno.EACCES
-        code = getattr(cause, "code", None)  # google.api_core.exceptions.GoogleAPICallError
-        if type(cause).__module__.startswith("google.") and isinstance(code, int):
+        # google.api_core.exceptions.GoogleAPICallError, gcsfs.retry.HttpError (401, 5xx).
+        code = getattr(cause, "code", None)
+        if type(cause).__module__.startswith(("google.", "gcsfs.")) and isinstance(code, int):
             return {403: errno.EACCES, 401: errno.EACCES, 404: errno.ENOENT}.get(
                 code, errno.EIO if code == 429 or code >= 500 else None)
         text = str(cause)
@@ -231,6 +234,42 @@ def bucket_fault_of(error: Optional[BaseException]) -> Optional[int]:
             if status in text:
                 return number
     return None
+
+
+# GCS names the missing permission in every 403 body, whichever client quotes it.
+_DENIED_PERMISSION = re.compile(r"does not have ([\w.]+) access|Permission '([\w.]+)' denied")
+# The bucket in a JSON API path (".../b/NAME/o", gcsfs: "b/NAME/o") or a URL.
+_BUCKET_IN_REQUEST = re.compile(r"(?:\bb/|gs://)([a-z0-9][a-z0-9._-]*[a-z0-9])")
+_READ_PERMISSIONS = ("storage.objects.list", "storage.objects.get", "storage.buckets.get")
+
+
+def denied_permission(error: Optional[BaseException]) -> Optional[str]:
+    """The permission a GCS 403 in `error` (or its causes) names, e.g.
+    "storage.objects.create"; None when there is none."""
+    found = _DENIED_PERMISSION.search("\n".join(str(c) for c in causes(error)))
+    return next((g for g in found.groups() if g), None) if found else None
+
+
+def refusal_message(error: Optional[BaseException]) -> Optional[str]:
+    """One line for a request Cloud Storage refused for want of permission (401/403) in
+    `error` or its causes, from any client (google-cloud-storage, gcsfs, TensorStore):
+    which permission GCS said is missing, on which bucket, and the role that grants it;
+    None for any other error. For a permission lost after the up-front `check_access`
+    (revoked mid-run, or a command whose reads start elsewhere)."""
+    if bucket_fault_of(error) != errno.EACCES or not any(
+            type(c).__module__.split(".")[0] in ("google", "gcsfs") or "403" in str(c)
+            or "Forbidden" in str(c) or "PERMISSION_DENIED" in str(c) for c in causes(error)):
+        return None  # A local PermissionError is the OSError handler's.
+    permission = denied_permission(error)
+    bucket = _BUCKET_IN_REQUEST.search("\n".join(str(c) for c in causes(error)))
+    where = f" on gs://{bucket.group(1)}" if bucket else ""
+    if permission is None:
+        return (f"Cloud Storage refused a request{where} (no permission): "
+                f"{first_line(error, 160)}; grant this job access, then run the same command")
+    role = ("roles/storage.objectViewer" if permission in _READ_PERMISSIONS
+            else "roles/storage.objectUser")
+    return (f"Cloud Storage refused a request{where}: this job lacks {permission}; grant it "
+            f"(e.g. {role}), then run the same command")
 
 
 def output_path(text) -> Union[Path, "epath.Path"]:
