@@ -8,12 +8,14 @@
   same as a local dir's;
 - the writer lock on a bucket: a second writer refused; a stale lock taken over by exactly
   one of two takers (in process at the precondition step, and by two processes); an owner
-  whose lock was taken over notices;
+  whose lock was taken over notices; an owner whose heartbeat the bucket refuses stops as
+  an environment fault;
 - checkpoints through Orbax/TensorStore on gs://: a flipped byte in an array object is
   caught by the checksums and the checkpoint set aside by copy + delete;
 - `matlm train` to gs:// stopped and resumed equals a local continuous run bit for bit;
   `matlm verify` and `matlm eval --tasks=loss` read from the bucket.
 """
+import errno
 import json
 import os
 import subprocess
@@ -34,7 +36,7 @@ from matlm.cli.main import main as matlm_main  # noqa: E402
 from matlm.fileio import write_atomically  # noqa: E402
 from matlm.model_dir import ModelDir, storage  # noqa: E402
 from matlm.model_dir.lock import (BucketWriterLock, LockError, LockHeldError,  # noqa: E402
-                                  WriterLock, writer_lock)
+                                  LockRefreshError, WriterLock, writer_lock)
 
 
 # --- Bad input that needs no server. ---------------------------------------------------------
@@ -225,6 +227,29 @@ def test_an_owner_whose_lock_was_taken_over_stops(bucket):
         owner.ensure_held()
     owner.release()  # Leaves the other owner's lock in place.
     assert json.loads(_blob(f"{url}/writer.lock").download_as_bytes())["token"] == "someone-else"
+
+
+def test_an_owner_whose_heartbeat_the_bucket_refuses_stops_as_an_environment_fault(bucket, gcs,
+                                                                                   caplog):
+    url = f"{bucket}/run"
+    owner = BucketWriterLock(url, heartbeat_s=0.05).acquire()
+    with gcs.refusing("storage.objects.create"):  # Write access revoked under the job.
+        deadline = time.time() + 10
+        while owner.lost is None and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(LockRefreshError) as refused:
+            owner.ensure_held()
+        owner.release()  # Cannot delete it either: a warning.
+    assert refused.value.errno == errno.EACCES  # The CLI: exit 74, not 2 (another job).
+    assert str(refused.value) == (
+        f"could not refresh the writer lock {url}/writer.lock (this job may no longer write "
+        f"it): stopping without saving, as another job may take a lock without heartbeats "
+        f"over. Restore write access to {url}, then run the same command")
+    assert "could not remove the writer lock" in caplog.text
+    # Still ours, so the next job (here: of this process) takes it over without waiting.
+    assert json.loads(_blob(f"{url}/writer.lock").download_as_bytes())["token"] == owner.token
+    writer_lock(url).acquire().release()
+    assert not _blob(f"{url}/writer.lock").exists()
 
 
 # --- Checkpoints on a bucket. --------------------------------------------------------------------

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from matlm.model_dir.lock import LOCK_FILE_NAME, LockError, LockHeldError, WriterLock
+from matlm.model_dir.lock import (LOCK_FILE_NAME, LockError, LockHeldError,
+                                  LockRefreshError, WriterLock)
 
 
 def _holder(path):
@@ -99,6 +100,24 @@ def test_the_heartbeat_keeps_the_lock_fresh_and_notices_a_takeover(tmp_path):
     finally:
         lock.release()
     assert _holder(tmp_path)["token"] == "new"  # Release never deletes another's lock.
+
+
+def test_a_heartbeat_the_disk_refuses_stops_the_job_as_an_environment_fault(tmp_path,
+                                                                            monkeypatch):
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    lock = WriterLock(tmp_path, heartbeat_s=0.05).acquire()
+    monkeypatch.setattr(os, "utime", refused)
+    deadline = time.time() + 10
+    while lock.lost is None and time.time() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(LockRefreshError, match=r"could not refresh the writer lock .* \("
+                       r"Permission denied\): stopping without saving") as e:
+        lock.ensure_held()
+    assert e.value.errno == 13 and e.value.environment  # The CLI: exit 74, not 2.
+    lock.release()
+    assert not (tmp_path / LOCK_FILE_NAME).exists()  # Still its own: removed.
 
 
 def test_a_model_dir_that_is_a_file_is_one_clear_error(tmp_path):

@@ -36,7 +36,9 @@ test):
 
 A lock that cannot be removed at release (the job's write access was revoked, the
 service failed) is left with a warning, never in place of the job's own error: it is
-stale once the job has ended.
+stale once the job has ended. A heartbeat that cannot be written stops the job at its
+next save as an environment fault (`LockRefreshError`, an OSError: exit 74), unlike a
+lock another job took over (`LockError`: exit 2).
 
 The messages and exit codes are those of the file lock.
 
@@ -47,6 +49,7 @@ marker).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -56,6 +59,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Optional
+
+from matlm.messages import first_line
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,19 @@ class LockError(ValueError):
 
 class LockHeldError(LockError):
     """Another job holds the model dir's writer lock."""
+
+
+class LockRefreshError(OSError):
+    """The lock's heartbeat could not be written (the job's write access was revoked, the
+    disk or service failed): the environment's fault, not another job's (exit 74)."""
+    environment = True
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code, os.strerror(code))
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _process_start_ticks(pid: int) -> Optional[int]:
@@ -111,6 +129,7 @@ class WriterLock:
         self.heartbeat_s, self.lease_s = heartbeat_s, lease_s
         self.token = uuid.uuid4().hex
         self.lost: Optional[str] = None  # Why the lock is no longer ours, once it is not.
+        self.lost_errno: Optional[int] = None  # Set when the environment made us lose it.
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -174,6 +193,11 @@ class WriterLock:
         write beside another owner."""
         if self.lost is None and not self._owned():
             self.lost = "the lock file is gone or names another owner"
+        if self.lost is not None and self.lost_errno is not None:
+            raise LockRefreshError(self.lost_errno, (
+                f"could not refresh the writer lock {self.path} ({self.lost}): stopping "
+                f"without saving, as another job may take a lock without heartbeats over. "
+                f"Restore write access to {self.directory}, then run the same command"))
         if self.lost is not None:
             raise LockError(f"lost the writer lock {self.path} ({self.lost}); another job may be "
                             f"writing {self.directory}: stopping without saving")
@@ -278,7 +302,7 @@ class WriterLock:
             try:
                 os.utime(self.path)
             except OSError as e:
-                self.lost = f"cannot refresh its heartbeat: {e.strerror}"
+                self.lost, self.lost_errno = f"{e.strerror}", e.errno or errno.EIO
                 return
 
 
@@ -303,7 +327,8 @@ class BucketWriterLock(WriterLock):
         from google.api_core import exceptions as api
         from matlm.model_dir import storage
         self._stop_heartbeat()
-        if self._generation is not None and self.lost is None:
+        # Not when another job replaced it; when our heartbeat failed, the lock is still ours.
+        if self._generation is not None and (self.lost is None or self.lost_errno):
             try:  # Only the object we wrote: a lock taken over meanwhile stays.
                 self._bucket.blob(self._name).delete(if_generation_match=self._generation)
             except (api.NotFound, api.PreconditionFailed):
@@ -372,14 +397,20 @@ class BucketWriterLock(WriterLock):
 
     def _heartbeat(self) -> None:
         from google.api_core import exceptions as api
+        from matlm.model_dir import storage
         while not self._stop.wait(self.heartbeat_s):
             try:
                 if not self._write(self._generation):
                     self.lost = "the lock object was replaced or deleted by another job"
                     log.error("lost the writer lock %s", self.path)
                     return
-            except (api.GoogleAPICallError, LockError) as e:
-                self.lost = f"cannot refresh its heartbeat: {e}"
+            except LockError:  # `_write` was refused: no permission to write.
+                self.lost, self.lost_errno = "this job may no longer write it", errno.EACCES
+                return
+            except api.GoogleAPICallError as e:  # The service failed (after its retries).
+                permission = storage.denied_permission(e)
+                self.lost = f"this job lacks {permission}" if permission else first_line(e, 120)
+                self.lost_errno = storage.bucket_fault_of(e) or errno.EIO
                 return
 
 
