@@ -52,12 +52,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Which requests each permission covers, in GCS's JSON API (what the clients speak).
+# Which permission each request needs, in GCS's JSON API (what the clients speak): the
+# first entry whose test matches (uploads, copies and composes create an object).
 _LIST = re.compile(r"^/storage/v1/b/[^/]+/o/?(\?|$)")
 _PERMISSION_OF_REQUEST = (
     ("storage.objects.list", lambda method, path: method == "GET" and _LIST.match(path)),
     ("storage.objects.get", lambda method, path: method in ("GET", "HEAD")),
-    ("storage.objects.create", lambda method, path: method not in ("GET", "HEAD")))
+    ("storage.objects.delete", lambda method, path: method == "DELETE"),
+    ("storage.objects.update", lambda method, path: method == "PATCH" or (
+        method == "PUT" and path.startswith("/storage/"))),
+    ("storage.objects.create", lambda method, path: True))
+WRITE = ("storage.objects.create", "storage.objects.delete", "storage.objects.update")
 # Headers that belong to one HTTP connection, not to the request (RFC 9110, 7.6.1).
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
                "trailer", "upgrade", "expect", "content-length"}
@@ -73,7 +78,10 @@ class Gate(http.server.ThreadingHTTPServer):
         self.upstream = urllib.parse.urlsplit(upstream)
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         self.refused: frozenset = frozenset()
-        self.refusals = 0  # Requests answered with 403 so far (a test checks it hit).
+        # Refuse only from the first request whose unquoted path and query match this on
+        # (None: at once): a permission revoked in the middle of a job's writes.
+        self.from_request: Optional[re.Pattern] = None
+        self.refusals = 0  # Requests answered 403 since permissions were last refused.
 
     def handle_error(self, request, client_address) -> None:
         """A client that hung up mid-reply (it gave up on a request, or its process ended)
@@ -84,6 +92,10 @@ class Gate(http.server.ThreadingHTTPServer):
 
     def refusal(self, method: str, path: str) -> Optional[str]:
         """The permission this request needs and is refused, or None (forward it)."""
+        if self.from_request is not None:
+            if not self.from_request.search(urllib.parse.unquote(path)):
+                return None
+            self.from_request = None  # Triggered: every later request is judged.
         for permission, needs in _PERMISSION_OF_REQUEST:
             if needs(method, path):
                 return permission if permission in self.refused else None
@@ -162,17 +174,25 @@ class Emulator:
     gate: Optional[Gate] = None
 
     @contextlib.contextmanager
-    def refusing(self, *permissions: str):
+    def refusing(self, *permissions: str, from_request: Optional[str] = None):
         """Within the block the job lacks `permissions` on every bucket (any of
-        storage.objects.list, .get, .create: create also stands for delete, copy and
-        update): requests needing one are answered 403. Yields the gate (`refusals`)."""
-        unknown = set(permissions) - {p for p, _ in _PERMISSION_OF_REQUEST}
-        assert not unknown, f"no such permission here: {sorted(unknown)}"
-        self.gate.refused = frozenset(permissions)
+        storage.objects.list, .get, .create, .delete, .update; `WRITE`: the last three):
+        requests needing one are answered 403, at once or from the first request matching
+        the regex `from_request` on. Yields the gate (`refusals`)."""
+        self.refuse(*permissions, from_request=from_request)
         try:
             yield self.gate
         finally:
-            self.gate.refused = frozenset()
+            self.refuse()
+
+    def refuse(self, *permissions: str, from_request: Optional[str] = None) -> None:
+        """`refusing` without the block (none: every permission back)."""
+        unknown = set(permissions) - {p for p, _ in _PERMISSION_OF_REQUEST}
+        assert not unknown, f"no such permission here: {sorted(unknown)}"
+        self.gate.from_request = re.compile(from_request) if from_request else None
+        self.gate.refused = frozenset(permissions)
+        if permissions:  # Counted from here; kept when they are given back (the count).
+            self.gate.refusals = 0
 
     @property
     def env(self) -> dict[str, str]:

@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_faults import KILL_DURING_SAVE, assert_params_equal, flags  # noqa: E402
 from test_sweep import tiny_sweep_file  # noqa: E402
 
+import gcs_emulator  # noqa: E402
+
 from matlm.cli.main import main as matlm_main  # noqa: E402
 from matlm.model_dir import ModelDir, storage  # noqa: E402
 
@@ -82,7 +84,7 @@ def test_info_generate_and_verify_read_the_bucket_as_the_local_copy(run, gcs, ca
     outputs = []
     # A job with read access only (roles/storage.objectViewer) reads a run: readers write
     # nothing, not even a lock (the gate counts the writes it refused).
-    with gcs.refusing("storage.objects.create") as gate:
+    with gcs.refusing(*gcs_emulator.WRITE) as gate:
         for where in (url, local):
             for command in (["info"], ["generate", "--prompt=The river", "--max_new_tokens=8"],
                             ["verify"]):
@@ -188,8 +190,8 @@ def test_a_bucket_gone_under_a_save_is_one_line_exit_74(bucket, wiki_vocab, caps
     pytest.param("storage.objects.list", "train", 2, "model dir {url}: no permission to list "
                  "gs://{name} (grant storage.objects.list, e.g. roles/storage.objectViewer)",
                  id="list-train"),
-    pytest.param("storage.objects.create", "train", 2, "model dir {url}: no permission to write "
-                 "in gs://{name} (grant storage.objects.create and .delete", id="write-train"),
+    pytest.param(gcs_emulator.WRITE, "train", 2, "model dir {url}: no permission to write in "
+                 "gs://{name} (grant storage.objects.create and .delete", id="write-train"),
     # ... a reader finds out at its first read (exit 74: the environment refused).
     pytest.param("storage.objects.list", "info", 74, "Cloud Storage refused a request on "
                  "gs://{name}: this job lacks storage.objects.list; grant it (e.g. "
@@ -200,7 +202,7 @@ def test_a_missing_permission_is_one_line_before_any_work(gcs, bucket, wiki_voca
                                                           status, message):
     url = f"{bucket}/run"
     args = flags(url, wiki_vocab, STEPS) if command == "train" else [f"--model_dir={url}"]
-    with gcs.refusing(permission) as gate:
+    with gcs.refusing(*([permission] if isinstance(permission, str) else permission)) as gate:
         assert matlm_main([command, *args]) == status
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
@@ -209,7 +211,7 @@ def test_a_missing_permission_is_one_line_before_any_work(gcs, bucket, wiki_voca
     assert objects(url) == {}
 
 
-def test_write_access_revoked_under_a_save_is_one_line_exit_74_and_resumes(
+def test_write_access_revoked_in_the_middle_of_a_save_is_one_line_exit_74_and_resumes(
         run, gcs, bucket, wiki_vocab, capsys, caplog, one_device, monkeypatch):
     import matlm.model_dir as model_dir_lib
     reference, _ = run
@@ -217,24 +219,28 @@ def test_write_access_revoked_under_a_save_is_one_line_exit_74_and_resumes(
     original = model_dir_lib.RunCheckpointer.save
 
     def revoke_then_save(self, step, *args, **kwargs):
-        if step == 4:  # Checkpoint 2 is complete; then the job loses its write access.
+        if step == 4:  # Checkpoint 2 is complete. Access is revoked when the save has
+            # written its arrays, at its commit marker (the last object).
             self.manager.wait_until_finished()
-            gcs.gate.refused = frozenset({"storage.objects.create"})
+            gcs.refuse(*gcs_emulator.WRITE, from_request="/checkpoints/4/commit_success")
         return original(self, step, *args, **kwargs)
 
     monkeypatch.setattr(model_dir_lib.RunCheckpointer, "save", revoke_then_save)
     try:
         assert matlm_main(["train", *flags(url, wiki_vocab, STEPS)]) == 74
     finally:
-        gcs.gate.refused = frozenset()
+        gcs.refuse()
     (error,) = capsys.readouterr().err.strip().splitlines()
     assert "could not save checkpoint 4: Permission denied [EACCES]" in error, error
+    # Its objects cannot be deleted either: said, and the next job removes them.
+    assert ("; could not remove the partial 4/ (this job lacks storage.objects.delete); "
+            "checkpoints intact: 2. ") in error, error
     assert f"Grant this job write access to {bucket} (storage.objects.create" in error, error
-    assert "checkpoints intact: 2. " in error and "to resume from checkpoint 2" in error, error
-    # Its lock could not be deleted either: a warning, never in place of the error above.
+    assert error.endswith("then run the same command to resume from checkpoint 2"), error
+    # Nor its lock: a warning, never in place of the error above.
     (warning,) = [r.getMessage() for r in caplog.records if "writer lock" in r.getMessage()]
     assert warning == (f"could not remove the writer lock {url}/writer.lock (this job "
-                       "lacks storage.objects.create); the next job takes it over as stale")
+                       "lacks storage.objects.delete); the next job takes it over as stale")
     assert ModelDir(url).checkpoint_steps() == [2]
     # Access back, the same command takes the left lock over, resumes from checkpoint 2
     # and ends where a continuous run ends, each step logged once.

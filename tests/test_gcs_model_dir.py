@@ -233,7 +233,7 @@ def test_an_owner_whose_heartbeat_the_bucket_refuses_stops_as_an_environment_fau
                                                                                    caplog):
     url = f"{bucket}/run"
     owner = BucketWriterLock(url, heartbeat_s=0.05).acquire()
-    with gcs.refusing("storage.objects.create"):  # Write access revoked under the job.
+    with gcs.refusing(*gcs_emulator.WRITE):  # Write access revoked under the job.
         deadline = time.time() + 10
         while owner.lost is None and time.time() < deadline:
             time.sleep(0.05)

@@ -242,7 +242,7 @@ class RunCheckpointer:
                 storage.remove_tree(path)
             return f"removed the partial {step}/"
         except Exception as e:  # The bucket itself may be gone or refused.
-            return f"could not remove the partial {step}/ ({first_line(e, 80)})"
+            return f"could not remove the partial {step}/ ({storage.why_refused(e, 80)})"
 
     def restore_latest(self, abstract_state):
         """(params, opt_state, data_state, meta, step) of the newest checkpoint that

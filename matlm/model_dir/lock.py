@@ -60,8 +60,6 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from matlm.messages import first_line
-
 log = logging.getLogger(__name__)
 
 LOCK_FILE_NAME = "writer.lock"
@@ -334,8 +332,7 @@ class BucketWriterLock(WriterLock):
             except (api.NotFound, api.PreconditionFailed):
                 pass
             except api.GoogleAPICallError as e:  # Write access revoked; the service failed.
-                permission = storage.denied_permission(e)
-                self._left_behind(f"this job lacks {permission}" if permission else e)
+                self._left_behind(storage.why_refused(e))
             self._generation = None
 
     def _make_directory(self) -> None:
@@ -408,8 +405,7 @@ class BucketWriterLock(WriterLock):
                 self.lost, self.lost_errno = "this job may no longer write it", errno.EACCES
                 return
             except api.GoogleAPICallError as e:  # The service failed (after its retries).
-                permission = storage.denied_permission(e)
-                self.lost = f"this job lacks {permission}" if permission else first_line(e, 120)
+                self.lost = storage.why_refused(e)
                 self.lost_errno = storage.bucket_fault_of(e) or errno.EIO
                 return
 

@@ -250,6 +250,13 @@ def denied_permission(error: Optional[BaseException]) -> Optional[str]:
     return next((g for g in found.groups() if g), None) if found else None
 
 
+def why_refused(error: BaseException, limit: int = 120) -> str:
+    """What to say of a failed bucket request inside another message: "this job lacks
+    <permission>" for a 403 that names one, else the error's first line."""
+    permission = denied_permission(error)
+    return f"this job lacks {permission}" if permission else first_line(error, limit)
+
+
 def refusal_message(error: Optional[BaseException]) -> Optional[str]:
     """One line for a request Cloud Storage refused for want of permission (401/403) in
     `error` or its causes, from any client (google-cloud-storage, gcsfs, TensorStore):
