@@ -73,6 +73,32 @@ def test_no_gcs_client_names_the_extra(monkeypatch):
         ModelDir("gs://some-bucket/run")
 
 
+def test_a_refused_request_is_named_whichever_client_met_it():
+    """The three clients' 403s, in the shapes they were seen to take against the gate (the
+    end-to-end cases are in test_gcs_commands.py); a local PermissionError is not one."""
+    api = pytest.importorskip("google.api_core.exceptions")
+    body = ("job@p.iam.gserviceaccount.com does not have storage.objects.get access to the "
+            "Google Cloud Storage object. Permission 'storage.objects.get' denied on resource "
+            "(or it may not exist).")
+    seen = [api.Forbidden(f"GET http://h/storage/v1/b/bkt/o/run%2Fa?alt=json: {body}"),
+            OSError(f"Forbidden: b/bkt/o/run%2Fa\n{body}"),  # gcsfs
+            ValueError(f"PERMISSION_DENIED: Error reading gs://bkt/run/a: {body} "
+                       "[http_response_code='403']")]  # TensorStore
+    try:  # Under a wrapper, as Orbax raises them.
+        raise RuntimeError("restore failed") from seen[2]
+    except RuntimeError as e:
+        seen.append(e)
+    for error in seen:
+        assert storage.refusal_message(error) == (
+            "Cloud Storage refused a request on gs://bkt: this job lacks storage.objects.get; "
+            "grant it (e.g. roles/storage.objectViewer), then run the same command"), error
+        assert storage.why_refused(error) == "this job lacks storage.objects.get"
+    for other in (PermissionError(13, "Permission denied", "/data/403/run"),
+                  api.NotFound("GET http://h/storage/v1/b/bkt/o/a: No such object"),
+                  ValueError("TrainConfig.steps must be an integer > 0, got 0")):
+        assert storage.refusal_message(other) is None, other
+
+
 # --- Against the emulator (fixtures `gcs`, `bucket`: tests/conftest.py). ---------------------------
 def _blob(url: str):
     bucket_name, name = storage.bucket_and_prefix(url)

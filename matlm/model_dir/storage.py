@@ -250,6 +250,14 @@ def denied_permission(error: Optional[BaseException]) -> Optional[str]:
     return next((g for g in found.groups() if g), None) if found else None
 
 
+def _is_gcs_refusal(error: BaseException) -> bool:
+    """Whether `error` is a GCS client's 401/403 (not a local file's PermissionError)."""
+    if type(error).__module__.startswith(("google.", "gcsfs.")):
+        return getattr(error, "code", None) in (401, 403)
+    return any(status in str(error) for status, number in _STATUS_ERRNO
+               if number == errno.EACCES)
+
+
 def why_refused(error: BaseException, limit: int = 120) -> str:
     """What to say of a failed bucket request inside another message: "this job lacks
     <permission>" for a 403 that names one, else the error's first line."""
@@ -263,10 +271,9 @@ def refusal_message(error: Optional[BaseException]) -> Optional[str]:
     which permission GCS said is missing, on which bucket, and the role that grants it;
     None for any other error. For a permission lost after the up-front `check_access`
     (revoked mid-run, or a command whose reads start elsewhere)."""
-    if bucket_fault_of(error) != errno.EACCES or not any(
-            type(c).__module__.split(".")[0] in ("google", "gcsfs") or "403" in str(c)
-            or "Forbidden" in str(c) or "PERMISSION_DENIED" in str(c) for c in causes(error)):
-        return None  # A local PermissionError is the OSError handler's.
+    # A local PermissionError (EACCES as well) is the CLI's OSError handling, not this.
+    if bucket_fault_of(error) != errno.EACCES or not any(map(_is_gcs_refusal, causes(error))):
+        return None
     permission = denied_permission(error)
     bucket = _BUCKET_IN_REQUEST.search("\n".join(str(c) for c in causes(error)))
     where = f" on gs://{bucket.group(1)}" if bucket else ""
