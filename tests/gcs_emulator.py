@@ -19,10 +19,11 @@ Why not `gcp-storage-emulator` (PyPI): it ignores `ifGenerationMatch` (a second 
 with `ifGenerationMatch=0` succeeds), which the writer lock and TensorStore's conditional
 writes depend on.
 
-The emulator has no IAM, so every client reaches it through `Gate`, a pass-through HTTP
-proxy on loopback that can answer chosen requests with GCS's own 403 (`Emulator.refusing`):
-how a test takes list, read or write permission away from the job, before or during a run,
-for google-cloud-storage, gcsfs and TensorStore alike.
+The emulator has no IAM and never fails, so every client reaches it through `Gate`, a
+pass-through HTTP proxy on loopback that can answer chosen requests with GCS's own 403
+(`Emulator.refusing`): how a test takes list, read or write permission away from the job,
+before or during a run, for google-cloud-storage, gcsfs and TensorStore alike; or with
+transient 429/5xx errors (`Emulator.fail_next`), which the clients must retry.
 
 `emulator()` is a context manager yielding an `Emulator` (its URL, `env`,
 `create_bucket` and `refusing`); the test module wraps it in a fixture. Tests skip cleanly
@@ -82,6 +83,20 @@ class Gate(http.server.ThreadingHTTPServer):
         # (None: at once): a permission revoked in the middle of a job's writes.
         self.from_request: Optional[re.Pattern] = None
         self.refusals = 0  # Requests answered 403 since permissions were last refused.
+        # Transient failures still to give: (status 429/5xx, the regex the unquoted path
+        # and query of the request it goes to must match), in order.
+        self.failures: list = []
+        self.failed: list = []  # (status, method, path) of each request failed so far.
+        self._lock = threading.Lock()
+
+    def failure(self, method: str, path: str) -> Optional[int]:
+        """The transient status to answer this request with, or None."""
+        with self._lock:
+            if not self.failures or not self.failures[0][1].search(urllib.parse.unquote(path)):
+                return None
+            status = self.failures.pop(0)[0]
+            self.failed.append((status, method, urllib.parse.unquote(path)))
+            return status
 
     def handle_error(self, request, client_address) -> None:
         """A client that hung up mid-reply (it gave up on a request, or its process ended)
@@ -133,6 +148,14 @@ class _GateHandler(http.server.BaseHTTPRequestHandler):
 
     def _forward(self) -> None:
         body = self._body()
+        status = self.server.failure(self.command, self.path)
+        if status:
+            error = {"error": {"code": status, "message": "We encountered an internal error. "
+                               "Please try again.", "errors": [{"domain": "global",
+                                                                "reason": "backendError"}]}}
+            self._reply(status, [("Content-Type", "application/json; charset=UTF-8")],
+                        json.dumps(error).encode())
+            return
         permission = self.server.refusal(self.command, self.path)
         if permission:
             self.server.refusals += 1
@@ -184,6 +207,16 @@ class Emulator:
             yield self.gate
         finally:
             self.refuse()
+
+    def fail_next(self, *failures: tuple) -> None:
+        """Answers the next requests with transient errors, what the clients must retry
+        (GCS asks for retries with backoff on 429 and 5xx): each failure a (status, regex)
+        pair, given in order to the next request whose unquoted path and query match the
+        regex. `gate.failed` lists the requests failed."""
+        with self.gate._lock:
+            self.gate.failures = [(status, re.compile(regex)) for status, regex in failures]
+            if failures:  # Listed from here; kept when the failures are called off.
+                self.gate.failed = []
 
     def refuse(self, *permissions: str, from_request: Optional[str] = None) -> None:
         """`refusing` without the block (none: every permission back)."""

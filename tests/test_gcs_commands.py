@@ -211,7 +211,7 @@ def test_a_missing_permission_is_one_line_before_any_work(gcs, bucket, wiki_voca
     assert objects(url) == {}
 
 
-def test_write_access_revoked_in_the_middle_of_a_save_is_one_line_exit_74_and_resumes(
+def test_write_access_revoked_in_a_save_is_one_line_exit_74_and_a_retried_resume_is_exact(
         run, gcs, bucket, wiki_vocab, capsys, caplog, one_device, monkeypatch):
     import matlm.model_dir as model_dir_lib
     reference, _ = run
@@ -242,10 +242,22 @@ def test_write_access_revoked_in_the_middle_of_a_save_is_one_line_exit_74_and_re
     assert warning == (f"could not remove the writer lock {url}/writer.lock (this job "
                        "lacks storage.objects.delete); the next job takes it over as stale")
     assert ModelDir(url).checkpoint_steps() == [2]
-    # Access back, the same command takes the left lock over, resumes from checkpoint 2
-    # and ends where a continuous run ends, each step logged once.
-    monkeypatch.setattr(model_dir_lib.RunCheckpointer, "save", original)
-    assert matlm_main(["train", *flags(url, wiki_vocab, STEPS)]) == 0
+
+    # Access back, the same command takes the left lock over and resumes from checkpoint
+    # 2. Its save meets the transient errors GCS asks clients to retry (429, 5xx): Orbax's
+    # listing (gcsfs), TensorStore's reads and writes. It ends where a continuous run ends.
+    def flaky_then_save(self, step, *args, **kwargs):
+        if step == 4:
+            gcs.fail_next((503, "prefix=run/checkpoints/4/"), (429, "prefix=run/checkpoints/4/"),
+                          (500, "checkpoints/4/.*ocdbt"), (503, "^/upload/.*checkpoints/4/"))
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(model_dir_lib.RunCheckpointer, "save", flaky_then_save)
+    try:
+        assert matlm_main(["train", *flags(url, wiki_vocab, STEPS)]) == 0
+    finally:
+        gcs.fail_next()
+    assert len(gcs.gate.failed) == 4, gcs.gate.failed  # Every failure was met, and retried.
     assert "(left by an earlier job of this process" in capsys.readouterr().out
     assert train_rows(url) == train_rows(reference)
     assert_params_equal(url, reference, STEPS)
