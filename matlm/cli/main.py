@@ -5,9 +5,10 @@ may list shared flags (matlm.cli.flags) in `PARENTS`.
 Modules are imported lazily so that, e.g., `matlm info` never imports TensorFlow.
 Bad input (a ValueError) is printed as one line with exit code 2, an environment fault (an
 OSError such as a full disk, or a request Cloud Storage refused for want of permission) as
-one line with exit code 74; set MATLM_DEBUG=1 for the traceback. `matlm train` handles SIGTERM/SIGINT from the program's first line
-(matlm.training.preemption): blocked until the handlers are in, recorded by them, acted on
-between start-up phases; before the first step it exits 0 with one line.
+one line with exit code 74; set MATLM_DEBUG=1 for the traceback. `matlm train` handles
+SIGTERM/SIGINT from the program's first line (matlm.training.preemption): blocked until
+the handlers are in, recorded by them, acted on between start-up phases; before the first
+step it exits 0 with one line.
 """
 from __future__ import annotations
 

@@ -300,7 +300,7 @@ class WriterLock:
             try:
                 os.utime(self.path)
             except OSError as e:
-                self.lost, self.lost_errno = f"{e.strerror}", e.errno or errno.EIO
+                self.lost, self.lost_errno = e.strerror or str(e), e.errno or errno.EIO
                 return
 
 
