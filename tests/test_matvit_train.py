@@ -233,3 +233,63 @@ def test_mixup_batches_train_on_the_soft_target_cross_entropy(distill):
     plain = joint_loss(build_model(VIT), objective, params, batch, indices)[0]
     np.testing.assert_allclose(joint_loss(build_model(VIT), objective, params, ones,
                                           indices)[0], plain, rtol=1e-6)
+
+
+def test_the_sigmoid_loss_is_scenics_multilabel_loss_in_training_and_eval():
+    """classification_loss='sigmoid' (scenic's MatViT ImageNet recipe): per example the
+    sigmoid cross entropy summed over the classes against the (mixup-mixed) one-hot target
+    (optax's elementwise loss is the reference), the joint loss and its gradients those of
+    the granularities run alone, the eval step the same loss; head_bias_init sets the
+    classifier's starting logits; z-loss and distillation, which need a softmax, refused."""
+    import optax
+    from matlm.training.config import TrainConfigError
+    prior = -float(np.log(VIT.num_classes))
+    sig = dataclasses.replace(VIT, classification_loss="sigmoid", head_bias_init=prior)
+    model = build_model(sig)
+    initial = init_params(sig, jax.random.key(0))
+    np.testing.assert_array_equal(initial["head_bias"], np.full(VIT.num_classes, prior,
+                                                                np.float32))
+    batch = _batch()
+    np.testing.assert_allclose(model.apply({"params": initial}, batch["images"]), prior)
+
+    objective = build_objective(sig, dataclasses.replace(TRAIN, granularity_weights=(
+        0.1, 0.2, 0.3, 0.4)))
+    params = _params()
+    rng = np.random.default_rng(3)
+    weight_B = rng.uniform(0.5, 1.0, 8).astype(np.float32)
+    partner_B = rng.integers(0, VIT.num_classes, 8).astype(np.int32)
+    mixed = dict(batch, mixup_labels=jnp.asarray(partner_B), mixup_weight=jnp.asarray(weight_B))
+    eye = np.eye(VIT.num_classes, dtype=np.float32)
+    target_BK = jnp.asarray(weight_B[:, None] * eye[np.asarray(batch["labels"])]
+                            + (1 - weight_B)[:, None] * eye[partner_B])
+
+    def reference(p):
+        losses = []
+        for name in objective.names:
+            logits = model.apply({"params": p}, batch["images"],
+                                 widths=VIT.granularities.uniform(name))
+            losses.append(_mean(optax.sigmoid_binary_cross_entropy(logits, target_BK).sum(-1),
+                                batch))
+        return sum(w * l for w, l in zip(objective.weights, losses)), jnp.stack(losses)
+
+    (total, (ce_G, _, _)), grads = jax.value_and_grad(
+        lambda p: joint_loss(model, objective, p, mixed, objective.indices(0)),
+        has_aux=True)(params)
+    (want, want_G), want_grads = jax.value_and_grad(reference, has_aux=True)(params)
+    np.testing.assert_allclose(total, want, rtol=1e-5)
+    np.testing.assert_allclose(ce_G, want_G, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
+                 grads, want_grads)
+
+    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    got = jax.device_get(make_eval_step(sig, {"M": VIT.granularities.uniform("M")}, mesh)(
+        params, jax.device_put(jax.device_get(batch), batch_sharding_of(sig, mesh))))
+    logits = model.apply({"params": params}, batch["images"], widths=VIT.granularities.uniform("M"))
+    one_hot_BK = jnp.asarray(eye[np.asarray(batch["labels"])])
+    loss_sum, count = got["M"]
+    np.testing.assert_allclose(loss_sum / count, _mean(optax.sigmoid_binary_cross_entropy(
+        logits, one_hot_BK).sum(-1), batch), rtol=1e-5)
+
+    for field, value in (("distill_weight", 0.4), ("z_loss", 1e-4)):
+        with pytest.raises(TrainConfigError, match=f"TrainConfig.{field}={value} needs a softmax"):
+            build_objective(sig, dataclasses.replace(TRAIN, **{field: value}))

@@ -12,7 +12,8 @@ Parameters: `patch_kernel` [P·P·C, D] and `patch_bias` [D] (a stride-P convolu
 written as one matmul; a conv kernel [P, P, C, D] reshapes to it row-major),
 `cls_token` [D] (cls pooling), `position_embedding` [num_tokens, D] (learned positions),
 the body's `layer_{i}` / `layers` and `final_norm`, and `head_kernel` [D, classes] and
-`head_bias` [classes] (zero-initialised, as ViT's classifier).
+`head_bias` [classes] (the kernel zero-initialised, as ViT's classifier; the bias at
+`ViTConfig.head_bias_init`, 0 unless a recipe sets it).
 """
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ class MatViT(nn.Module):
         final_norm = RMSNorm(cfg.norm_eps, name="final_norm")
         head_DK = _param(self, "head_kernel", (cfg.d_model, cfg.num_classes),
                          ("embed", None), nn.initializers.zeros)
-        bias_K = _param(self, "head_bias", (cfg.num_classes,), (None,), nn.initializers.zeros)
+        bias_K = _param(self, "head_bias", (cfg.num_classes,), (None,),
+                        nn.initializers.constant(cfg.head_bias_init))
 
         def head(x_BTD):
             embedding_BD = self._pool(final_norm(x_BTD).astype(jnp.float32))

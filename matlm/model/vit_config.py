@@ -20,6 +20,11 @@ POOLINGS = ("cls", "gap")
 # sincos: fixed 2-D sine/cosine features of each patch's row and column (MAE, MoCo v3);
 # the class token gets none. Nothing to learn, and any grid size has one.
 VIT_POSITION_ENCODINGS = ("learned", "sincos")
+# The classifier's loss: softmax cross entropy over the classes, or scenic's multi-label
+# loss (its "vit_multilabel_classification", which its MatViT ImageNet recipe trains):
+# one sigmoid cross entropy per class, summed over the classes, against the one-hot
+# (or mixup-mixed) labels.
+CLASSIFICATION_LOSSES = ("softmax", "sigmoid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +40,10 @@ class ViTConfig(BodyConfig):
     num_classes: int = checked(10, int, ge=1)
     pooling: str = checked("cls", str, choices=POOLINGS)
     position_encoding: str = checked("learned", str, choices=VIT_POSITION_ENCODINGS)
+    classification_loss: str = checked("softmax", str, choices=CLASSIFICATION_LOSSES)
+    # The classifier bias's initial value, every class: scenic's recipe starts a sigmoid
+    # classifier at -6.9 ≈ -log(1000), each class's prior probability on ImageNet.
+    head_bias_init: float = checked(0.0, float)
 
     def _check_family(self):
         if self.image_size % self.patch_size:

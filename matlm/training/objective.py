@@ -170,6 +170,14 @@ def build_objective(model_config: ModelConfig, train_config: TrainConfig) -> Obj
             f"TrainConfig.distill_weight={train_config.distill_weight} needs at least two "
             f"granularities trained per step (a teacher and a student); this objective trains "
             f"{slots} ({mode} mode{', sample_k=1' if mode != 'all' else ''})")
+    if getattr(model_config, "classification_loss", "softmax") == "sigmoid":
+        for field in ("distill_weight", "z_loss"):
+            if getattr(train_config, field) > 0:
+                raise TrainConfigError(
+                    f"TrainConfig.{field}={getattr(train_config, field)} needs a softmax "
+                    "over the classes (distillation's KL, z-loss's log Z); "
+                    "ViTConfig.classification_loss='sigmoid' has none: set it to 0, or use "
+                    "classification_loss='softmax'")
     weights = train_config.granularity_weights or "uniform"
     if isinstance(weights, str):
         if mode == "sample" and weights != "uniform":

@@ -177,10 +177,10 @@ def make_eval_step(model_config: ModelConfig, widths_by_name: dict, mesh, loss_c
 
 
 def _make_vit_eval_step(model_config, widths_by_name: dict, mesh):
-    """The ViT's eval step: summed CE and top-1 hits over the real examples, per submodel,
-    from one joint pass over shared streams."""
-    from matlm.training.cross_entropy import token_losses
-    from matlm.training.vit_objective import top1_correct
+    """The ViT's eval step: the summed classification loss (the one it trains with) and
+    top-1 hits over the real examples, per submodel, from one joint pass over shared
+    streams."""
+    from matlm.training.vit_objective import classification_losses, top1_correct
     model = build_model(model_config)
     names = list(widths_by_name)
 
@@ -191,8 +191,9 @@ def _make_vit_eval_step(model_config, widths_by_name: dict, mesh):
         count = mask_B.sum()
         out = {}
         for name, logits_BK in zip(names, logits):
-            ce_B, _ = token_losses(logits_BK, batch["labels"])
-            out[name] = ((ce_B * mask_B).sum(), count)
+            loss_B, _ = classification_losses(model_config, logits_BK,
+                                              {"labels": batch["labels"]})
+            out[name] = ((loss_B * mask_B).sum(), count)
             out[f"{name}/top1"] = ((top1_correct(logits_BK, batch["labels"]) * mask_B).sum(),
                                    count)
         return out

@@ -1,5 +1,8 @@
-"""The MatViT family's loss head: softmax cross entropy of each granularity's class logits
-against the batch's labels, weighted by the batch's `mask`, plus its top-1 accuracy.
+"""The MatViT family's loss head: the classification loss of each granularity's class logits
+against the batch's labels, weighted by the batch's `mask`, plus its top-1 accuracy. The
+loss is `ViTConfig.classification_loss`'s: softmax cross entropy, or scenic's multi-label
+sigmoid cross entropy summed over the classes (its MatViT ImageNet recipe's); the metric
+named "ce" is that loss (z-loss and distillation need the softmax one: `build_objective`).
 
 The objective around it (which granularities a step trains, their weights, the joint pass
 over shared streams, sampled and sandwich modes) is `matlm.training.objective`'s, shared
@@ -28,16 +31,30 @@ def example_mean(x_B, mask_B):
     return (x_B * mask_B).sum(-1) / jnp.maximum(mask_B.sum(), 1.0)
 
 
-def mixed_ce(logits_BK, batch):
-    """(CE [..., B] against the batch's labels, mixed with the mixup partner's when the
-    batch has one; log Z [..., B])."""
+def sigmoid_losses(logits_BK, labels_B):
+    """Σ over classes of the sigmoid cross entropy against one-hot `labels_B` [..., B]:
+    −Σ_k [t_k log σ(x_k) + (1 − t_k) log(1 − σ(x_k))] = Σ_k softplus(x_k) − x_label
+    (log(1 − σ(x)) = −softplus(x), log σ(x) = x − softplus(x)), with no one-hot built."""
+    label_logit_B = jnp.take_along_axis(logits_BK, labels_B[..., None], axis=-1)[..., 0]
+    return jnp.sum(jax.nn.softplus(logits_BK), axis=-1) - label_logit_B
+
+
+def classification_losses(config, logits_BK, batch):
+    """(loss [..., B] against the batch's labels, mixed with the mixup partner's when the
+    batch has one; log Z [..., B] for z-loss, None for the sigmoid loss). Both losses are
+    linear in the target, so a mixed target's loss is the mix of the two labels' losses."""
     shape = logits_BK.shape[:-1]  # [B], or [S, B] for stacked slots.
-    ce_B, logz_B = token_losses(logits_BK, jnp.broadcast_to(batch["labels"], shape))
+    sigmoid = config.classification_loss == "sigmoid"
+
+    def loss(labels_B):
+        labels_B = jnp.broadcast_to(labels_B, shape)
+        return (sigmoid_losses(logits_BK, labels_B), None) if sigmoid else \
+            token_losses(logits_BK, labels_B)
+    loss_B, logz_B = loss(batch["labels"])
     if "mixup_labels" in batch:
-        partner_ce_B, _ = token_losses(logits_BK, jnp.broadcast_to(batch["mixup_labels"], shape))
         weight_B = batch["mixup_weight"]
-        ce_B = weight_B * ce_B + (1.0 - weight_B) * partner_ce_B
-    return ce_B, logz_B
+        loss_B = weight_B * loss_B + (1.0 - weight_B) * loss(batch["mixup_labels"])[0]
+    return loss_B, logz_B
 
 
 def top1_correct(logits_BK, labels_B):
@@ -62,12 +79,13 @@ class ViTLossHead:
 
     @staticmethod
     def loss(model, objective, params, logits_BK, batch):
-        """(CE + z-loss, {ce, acc}) over the batch's real examples."""
-        del model, params
+        """(loss + z-loss, {ce: the loss, acc}) over the batch's real examples."""
+        del params
         mask_B = batch["mask"]
-        ce_B, logz_B = mixed_ce(logits_BK, batch)
+        ce_B, logz_B = classification_losses(model.config, logits_BK, batch)
         ce = example_mean(ce_B, mask_B)
-        loss = ce + objective.z_loss * example_mean(jnp.square(logz_B), mask_B)
+        loss = ce if logz_B is None else \
+            ce + objective.z_loss * example_mean(jnp.square(logz_B), mask_B)
         return loss, {"ce": ce, "acc": example_mean(top1_correct(logits_BK, batch["labels"]),
                                                     mask_B)}
 
@@ -75,11 +93,11 @@ class ViTLossHead:
     def distilled_losses(model, objective, params, logits_S, batch, teacher):
         """Per slot of class logits `logits_S` (a list of [B, K]): (loss [S], {ce, kl, acc}
         [S] each). `teacher`: the teacher's slot, an int or a traced scalar ("sample")."""
-        del model, params
+        del params
         alpha, temperature = objective.distill_weight, objective.distill_temperature
         logits_SBK = jnp.stack(logits_S)
         mask_B, labels_B = batch["mask"], batch["labels"]
-        ce_SB, logz_SB = mixed_ce(logits_SBK, batch)
+        ce_SB, logz_SB = classification_losses(model.config, logits_SBK, batch)
         teacher_logp_BK = jax.nn.log_softmax(
             jax.lax.stop_gradient(logits_SBK[teacher]) / temperature, axis=-1)
         student_logp_SBK = jax.nn.log_softmax(logits_SBK / temperature, axis=-1)
