@@ -235,10 +235,11 @@ def test_the_os_error_is_found_in_the_cause_of_a_wrapping_error():
         assert os_error_of(outer) == (errno.ENOSPC, "/d/f")
 
 
-def test_orbax_noise_of_a_failed_save_is_filtered_and_other_logs_are_not(tmp_path):
-    """Orbax's logged tracebacks of an OS-level save failure and TensorStore's "Event loop
-    is closed" callbacks are dropped (the one line replaces them); any other log record or
-    unraisable exception still gets through."""
+def test_orbax_noise_of_a_failed_save_or_restore_is_filtered_and_other_logs_are_not(tmp_path):
+    """Orbax's logged tracebacks of an OS-level save failure, TensorStore's "Event loop is
+    closed" callbacks and the read coroutines a failed restore abandons (each printed with
+    a TensorStore spec when collected: thousands of lines on stderr) are dropped, the one
+    line replacing them; any other log record or unraisable exception still gets through."""
     import logging
     from matlm.model_dir import RunCheckpointer
     RunCheckpointer(tmp_path)  # Installs the filters.
@@ -250,18 +251,33 @@ def test_orbax_noise_of_a_failed_save_is_filtered_and_other_logs_are_not(tmp_pat
     assert not all(f.filter(record(ValueError(TENSORSTORE_ENOSPC))) for f in absl.filters)
     assert all(f.filter(record(ValueError("a bug"))) for f in absl.filters)
 
+    async def read_shard():  # Orbax's _read_array_index_and_device_put, in shape.
+        return None
+
+    def raised_while_closed():
+        error = Exception("Encountered error while reading array index: (slice(0, 128, 1),)")
+        error.__cause__ = GeneratorExit()  # The close of the abandoned coroutine.
+        return error
+
     seen = []
     previous = sys.unraisablehook
+    abandoned, unrelated = read_shard(), read_shard()
     try:
         sys.unraisablehook = lambda u: seen.append(u.exc_value)
         RunCheckpointer(tmp_path)  # Wraps the current hook.
 
         class Unraisable:
-            def __init__(self, exc):
-                self.exc_type, self.exc_value = type(exc), exc
+            def __init__(self, exc, object=None):
+                self.exc_type, self.exc_value, self.object = type(exc), exc, object
         sys.unraisablehook(Unraisable(RuntimeError("Event loop is closed")))
-        other = RuntimeError("something else")
-        sys.unraisablehook(Unraisable(other))
+        sys.unraisablehook(Unraisable(raised_while_closed(), abandoned))
+        others = [RuntimeError("something else"),
+                  Unraisable(ValueError("a coroutine's own bug"), unrelated).exc_value,
+                  raised_while_closed()]  # Not from a coroutine.
+        sys.unraisablehook(Unraisable(others[0]))
+        sys.unraisablehook(Unraisable(others[1], unrelated))
+        sys.unraisablehook(Unraisable(others[2], object()))
     finally:
         sys.unraisablehook = previous
-    assert seen == [other]
+        abandoned.close(), unrelated.close()
+    assert seen == others

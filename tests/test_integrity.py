@@ -251,6 +251,17 @@ def test_inference_loader_refuses_a_corrupt_checkpoint_and_moves_nothing(model_d
     assert load_checkpoint_for_inference(model_dir, step=1).step == 1
 
 
+def test_an_unreadable_checkpoint_is_named_in_one_line_without_tensorstores_repr(model_dir):
+    os.truncate(biggest_data_file(model_dir, 2, "params"), 0)  # Emptied: Orbax cannot read it.
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint_for_inference(model_dir)
+    message = str(refused.value)
+    assert message.startswith(f"checkpoint {model_dir / 'checkpoints' / '2'} could not be read ("
+                              "Exception: Encountered error while reading array index"), message
+    # Orbax's "See full TensorStore details: <bound method …>" says nothing: cut.
+    assert "TensorStore details" not in message and "\n" not in message, message
+
+
 def test_checkpoint_without_checksums_restores_with_a_warning(tmp_path, monkeypatch, capsys):
     # A checkpoint written before checksums existed: `meta` as it was then.
     monkeypatch.setattr(integrity, "record", lambda meta, items, data_state=None: meta)

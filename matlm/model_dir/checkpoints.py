@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import time
 from typing import Optional
 
@@ -28,7 +27,7 @@ from matlm.messages import causes, error_summary, first_line
 from matlm.model_dir import integrity, storage
 from matlm.model_dir.errors import CheckpointError
 from matlm.model_dir.layout import as_model_dir
-from matlm.model_dir.restore import UnreadableCheckpoint, restore_and_verify
+from matlm.model_dir.restore import UnreadableCheckpoint, quiet_io_noise, restore_and_verify
 
 
 # What to do about each environment fault, by errno (others: "check {where}").
@@ -86,23 +85,11 @@ class _QuietSaveFaults(logging.Filter):
         return not (record.exc_info and os_error_of(record.exc_info[1]) is not None)
 
 
-def _quiet_unraisable(previous):
-    def hook(unraisable):
-        # TensorStore completing the other writes of a save that Orbax already gave up on
-        # finds Orbax's event loop closed: harmless, and printed once per pending write.
-        if not (unraisable.exc_type is RuntimeError
-                and str(unraisable.exc_value) == "Event loop is closed"):
-            previous(unraisable)
-    hook.matlm_quiet_save_faults = True
-    return hook
-
-
 def _quiet_save_fault_noise() -> None:
     absl = logging.getLogger("absl")  # Orbax logs through absl.
     if not any(isinstance(f, _QuietSaveFaults) for f in absl.filters):
         absl.addFilter(_QuietSaveFaults())
-    if not getattr(sys.unraisablehook, "matlm_quiet_save_faults", False):
-        sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+    quiet_io_noise()  # TensorStore's late writes into Orbax's closed event loop.
 
 
 class RunCheckpointer:

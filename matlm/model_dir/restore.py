@@ -10,7 +10,9 @@ refuses it (`load_checkpoint_for_inference`), and `matlm verify` reports it
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -32,7 +34,10 @@ class UnreadableCheckpoint(CheckpointError):
     `error` is what Orbax raised; `summary` quotes it in one line."""
 
     def __init__(self, path: Path, error: BaseException):
-        self.path, self.error, self.summary = path, error, error_summary(error)
+        # Orbax appends "See full TensorStore details: <bound method …>", a repr that
+        # says nothing: the summary stops before it.
+        summary = error_summary(error).split(". See full TensorStore details")[0]
+        self.path, self.error, self.summary = path, error, summary
         super().__init__(f"checkpoint {path} could not be read ({self.summary})")
 
 
@@ -47,6 +52,33 @@ class Restored:
     @property
     def array_count(self) -> int:
         return len(jax.tree.leaves({k: v for k, v in self.items.items() if k in ARRAY_ITEMS}))
+
+
+def _drops_io_noise(previous):
+    """An unraisable-exception hook that drops what Orbax and TensorStore leave behind a
+    failure matlm has already reported in one line, and passes anything else on:
+    - a read coroutine abandoned when the restore of a corrupt or truncated checkpoint
+      failed raises again while being closed (its exception caused by the GeneratorExit
+      of the close): printed with the array's whole TensorStore spec, thousands of
+      lines, at a moment the garbage collector picks;
+    - TensorStore completing the other writes of a save that Orbax already gave up on
+      finds Orbax's event loop closed ("Event loop is closed", once per pending write)."""
+    def hook(unraisable):
+        error = unraisable.exc_value
+        abandoned = (inspect.iscoroutine(unraisable.object)
+                     and isinstance(getattr(error, "__cause__", None), GeneratorExit))
+        loop_gone = (unraisable.exc_type is RuntimeError
+                     and str(error) == "Event loop is closed")
+        if not (abandoned or loop_gone):
+            previous(unraisable)
+    hook.matlm_drops_io_noise = True
+    return hook
+
+
+def quiet_io_noise() -> None:
+    """Installs `_drops_io_noise` as this process's unraisable-exception hook (once)."""
+    if not getattr(sys.unraisablehook, "matlm_drops_io_noise", False):
+        sys.unraisablehook = _drops_io_noise(sys.unraisablehook)
 
 
 def restore_and_verify(manager: ocp.CheckpointManager, path: Path, step: int,
@@ -64,6 +96,7 @@ def restore_and_verify(manager: ocp.CheckpointManager, path: Path, step: int,
     checkpoint written without them restores with a one-line warning (unless
     `warn_without_checksums=False`).
     """
+    quiet_io_noise()
     optional = set(optional)
     wanted = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
     wanted.update({name: ocp.args.JsonRestore() for name in json_items})
