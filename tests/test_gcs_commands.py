@@ -6,7 +6,11 @@ output from the bucket must equal its output from the copy (info, generate, sear
 extract, export), and what a command writes into the bucket must equal what it writes
 locally. Faults on a bucket: kill -9 of a `matlm train` process while its save is in
 flight resumes bit for bit; a bucket that disappears under a save is one line, exit 74.
-A sweep whose base dir is on the bucket runs, reruns nothing, and is collected.
+Permissions (the emulator's gate answers GCS's 403, tests/gcs_emulator.py): readers need
+no write access; a missing one is one line naming it; write access revoked in the middle
+of a save is one line, exit 74, and the resume, meeting transient 429/5xx answers that
+the clients retry, equals a continuous run. A sweep whose base dir is on the bucket runs,
+reruns nothing, and is collected.
 """
 import json
 import signal
@@ -211,25 +215,36 @@ def test_a_missing_permission_is_one_line_before_any_work(gcs, bucket, wiki_voca
     assert objects(url) == {}
 
 
-def test_write_access_revoked_in_a_save_is_one_line_exit_74_and_a_retried_resume_is_exact(
-        run, gcs, bucket, wiki_vocab, capsys, caplog, one_device, monkeypatch):
+def train_with_a_fault_at_save_4(url, vocab, monkeypatch, fault, undo) -> int:
+    """`matlm train` of STEPS steps on `url` (in this process) with `fault(checkpointer)`
+    run just before step 4's save, and `undo()` once it has ended: its exit status."""
     import matlm.model_dir as model_dir_lib
-    reference, _ = run
-    url = f"{bucket}/run"
     original = model_dir_lib.RunCheckpointer.save
 
-    def revoke_then_save(self, step, *args, **kwargs):
-        if step == 4:  # Checkpoint 2 is complete. Access is revoked when the save has
-            # written its arrays, at its commit marker (the last object).
-            self.manager.wait_until_finished()
-            gcs.refuse(*gcs_emulator.WRITE, from_request="/checkpoints/4/commit_success")
+    def save(self, step, *args, **kwargs):
+        if step == 4:
+            fault(self)
         return original(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(model_dir_lib.RunCheckpointer, "save", revoke_then_save)
-    try:
-        assert matlm_main(["train", *flags(url, wiki_vocab, STEPS)]) == 74
-    finally:
-        gcs.refuse()
+    with monkeypatch.context() as patch:
+        patch.setattr(model_dir_lib.RunCheckpointer, "save", save)
+        try:
+            return matlm_main(["train", *flags(url, vocab, STEPS)])
+        finally:
+            undo()
+
+
+def test_write_access_revoked_in_a_save_is_one_line_exit_74_and_a_retried_resume_is_exact(
+        run, gcs, bucket, wiki_vocab, capsys, caplog, one_device, monkeypatch):
+    reference, _ = run
+    url = f"{bucket}/run"
+
+    def revoke(checkpointer):
+        # Checkpoint 2 is complete; access is revoked once the save of 4 has written its
+        # arrays, at its commit marker (the last object).
+        checkpointer.manager.wait_until_finished()
+        gcs.refuse(*gcs_emulator.WRITE, from_request="/checkpoints/4/commit_success")
+    assert train_with_a_fault_at_save_4(url, wiki_vocab, monkeypatch, revoke, gcs.refuse) == 74
     (error,) = capsys.readouterr().err.strip().splitlines()
     assert "could not save checkpoint 4: Permission denied [EACCES]" in error, error
     # Its objects cannot be deleted either: said, and the next job removes them.
@@ -246,17 +261,10 @@ def test_write_access_revoked_in_a_save_is_one_line_exit_74_and_a_retried_resume
     # Access back, the same command takes the left lock over and resumes from checkpoint
     # 2. Its save meets the transient errors GCS asks clients to retry (429, 5xx): Orbax's
     # listing (gcsfs), TensorStore's reads and writes. It ends where a continuous run ends.
-    def flaky_then_save(self, step, *args, **kwargs):
-        if step == 4:
-            gcs.fail_next((503, "prefix=run/checkpoints/4/"), (429, "prefix=run/checkpoints/4/"),
-                          (500, "checkpoints/4/.*ocdbt"), (503, "^/upload/.*checkpoints/4/"))
-        return original(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(model_dir_lib.RunCheckpointer, "save", flaky_then_save)
-    try:
-        assert matlm_main(["train", *flags(url, wiki_vocab, STEPS)]) == 0
-    finally:
-        gcs.fail_next()
+    def flaky(checkpointer):
+        gcs.fail_next((503, "prefix=run/checkpoints/4/"), (429, "prefix=run/checkpoints/4/"),
+                      (500, "checkpoints/4/.*ocdbt"), (503, "^/upload/.*checkpoints/4/"))
+    assert train_with_a_fault_at_save_4(url, wiki_vocab, monkeypatch, flaky, gcs.fail_next) == 0
     assert len(gcs.gate.failed) == 4, gcs.gate.failed  # Every failure was met, and retried.
     assert "(left by an earlier job of this process" in capsys.readouterr().out
     assert train_rows(url) == train_rows(reference)
