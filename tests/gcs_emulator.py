@@ -26,7 +26,7 @@ before or during a run, for google-cloud-storage, gcsfs and TensorStore alike; o
 transient 429/5xx errors (`Emulator.fail_next`), which the clients must retry.
 
 `emulator()` is a context manager yielding an `Emulator` (its URL, `env`,
-`create_bucket` and `refusing`); the test module wraps it in a fixture. Tests skip cleanly
+`create_bucket`, `refusing`/`refuse` and `fail_next`); the test module wraps it in a fixture. Tests skip cleanly
 when the emulator package is absent (`pytest.importorskip` in the fixture).
 """
 from __future__ import annotations
@@ -40,6 +40,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -101,20 +102,22 @@ class Gate(http.server.ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:
         """A client that hung up mid-reply (it gave up on a request, or its process ended)
         is the client's business: the emulator's own log is quiet too."""
-        import sys
         if not isinstance(sys.exc_info()[1], ConnectionError):
             super().handle_error(request, client_address)
 
     def refusal(self, method: str, path: str) -> Optional[str]:
-        """The permission this request needs and is refused, or None (forward it)."""
-        if self.from_request is not None:
-            if not self.from_request.search(urllib.parse.unquote(path)):
+        """The permission this request needs and is refused (counted), or None (forward
+        it)."""
+        with self._lock:  # Handler threads run concurrently.
+            if self.from_request is not None:
+                if not self.from_request.search(urllib.parse.unquote(path)):
+                    return None
+                self.from_request = None  # Triggered: every later request is judged.
+            permission = next(p for p, needs in _PERMISSION_OF_REQUEST if needs(method, path))
+            if permission not in self.refused:
                 return None
-            self.from_request = None  # Triggered: every later request is judged.
-        for permission, needs in _PERMISSION_OF_REQUEST:
-            if needs(method, path):
-                return permission if permission in self.refused else None
-        return None
+            self.refusals += 1
+            return permission
 
 
 class _GateHandler(http.server.BaseHTTPRequestHandler):
@@ -158,7 +161,6 @@ class _GateHandler(http.server.BaseHTTPRequestHandler):
             return
         permission = self.server.refusal(self.command, self.path)
         if permission:
-            self.server.refusals += 1
             message = (f"matlm-test@test-project.iam.gserviceaccount.com does not have "
                        f"{permission} access to the Google Cloud Storage object. Permission "
                        f"'{permission}' denied on resource (or it may not exist).")
@@ -222,10 +224,11 @@ class Emulator:
         """`refusing` without the block (none: every permission back)."""
         unknown = set(permissions) - {p for p, _ in _PERMISSION_OF_REQUEST}
         assert not unknown, f"no such permission here: {sorted(unknown)}"
-        self.gate.from_request = re.compile(from_request) if from_request else None
-        self.gate.refused = frozenset(permissions)
-        if permissions:  # Counted from here; kept when they are given back (the count).
-            self.gate.refusals = 0
+        with self.gate._lock:
+            self.gate.from_request = re.compile(from_request) if from_request else None
+            self.gate.refused = frozenset(permissions)
+            if permissions:  # Counted from here; kept when they are given back (the count).
+                self.gate.refusals = 0
 
     @property
     def env(self) -> dict[str, str]:
