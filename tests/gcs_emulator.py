@@ -26,8 +26,9 @@ before or during a run, for google-cloud-storage, gcsfs and TensorStore alike; o
 transient 429/5xx errors (`Emulator.fail_next`), which the clients must retry.
 
 `emulator()` is a context manager yielding an `Emulator` (its URL, `env`,
-`create_bucket`, `refusing`/`refuse` and `fail_next`); the test module wraps it in a fixture. Tests skip cleanly
-when the emulator package is absent (`pytest.importorskip` in the fixture).
+`create_bucket`, `refusing`/`refuse` and `fail_next`); the test module wraps it in a
+fixture. Tests skip cleanly when the emulator package is absent (`pytest.importorskip` in
+the fixture).
 """
 from __future__ import annotations
 
