@@ -271,9 +271,8 @@ def test_orbax_noise_of_a_failed_save_or_restore_is_filtered_and_other_logs_are_
                 self.exc_type, self.exc_value, self.object = type(exc), exc, object
         sys.unraisablehook(Unraisable(RuntimeError("Event loop is closed")))
         sys.unraisablehook(Unraisable(raised_while_closed(), abandoned))
-        others = [RuntimeError("something else"),
-                  Unraisable(ValueError("a coroutine's own bug"), unrelated).exc_value,
-                  raised_while_closed()]  # Not from a coroutine.
+        others = [RuntimeError("something else"), ValueError("a coroutine's own bug"),
+                  raised_while_closed()]  # The last not from a coroutine.
         sys.unraisablehook(Unraisable(others[0]))
         sys.unraisablehook(Unraisable(others[1], unrelated))
         sys.unraisablehook(Unraisable(others[2], object()))

@@ -168,21 +168,34 @@ def test_kill_9_during_a_save_on_a_bucket_resumes_bitwise(run, bucket, wiki_voca
     assert ModelDir(url).checkpoint_steps() == [2, 4]
 
 
-def test_a_bucket_gone_under_a_save_is_one_line_exit_74(bucket, wiki_vocab, capsys,
-                                                        one_device, monkeypatch):
+def train_with_a_fault_before_save(step, url, vocab, monkeypatch, fault, undo=lambda: None):
+    """`matlm train` of STEPS steps on `url` (in this process) with `fault(checkpointer)`
+    run just before `step`'s save, and `undo()` once it has ended: its exit status."""
     import matlm.model_dir as model_dir_lib
-    url, client = f"{bucket}/run", storage.gcs_client()
     original = model_dir_lib.RunCheckpointer.save
 
-    def delete_bucket_then_save(self, step, *args, **kwargs):
-        if step == 2:  # The bucket is deleted (or access revoked) mid-run.
-            for blob in client.list_blobs(bucket[5:]):
-                blob.delete()
-            client.bucket(bucket[5:]).delete()
-        return original(self, step, *args, **kwargs)
+    def save(self, at, *args, **kwargs):
+        if at == step:
+            fault(self)
+        return original(self, at, *args, **kwargs)
 
-    monkeypatch.setattr(model_dir_lib.RunCheckpointer, "save", delete_bucket_then_save)
-    assert matlm_main(["train", *flags(url, wiki_vocab, STEPS)]) == 74
+    with monkeypatch.context() as patch:
+        patch.setattr(model_dir_lib.RunCheckpointer, "save", save)
+        try:
+            return matlm_main(["train", *flags(url, vocab, STEPS)])
+        finally:
+            undo()
+
+
+def test_a_bucket_gone_under_a_save_is_one_line_exit_74(bucket, wiki_vocab, capsys,
+                                                        one_device, monkeypatch):
+    url, client = f"{bucket}/run", storage.gcs_client()
+
+    def delete_bucket(checkpointer):  # The bucket is deleted (or access revoked) mid-run.
+        for blob in client.list_blobs(bucket[5:]):
+            blob.delete()
+        client.bucket(bucket[5:]).delete()
+    assert train_with_a_fault_before_save(2, url, wiki_vocab, monkeypatch, delete_bucket) == 74
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert "could not save checkpoint 2" in err[0] and "[ENOENT]" in err[0], err
@@ -215,25 +228,6 @@ def test_a_missing_permission_is_one_line_before_any_work(gcs, bucket, wiki_voca
     assert objects(url) == {}
 
 
-def train_with_a_fault_at_save_4(url, vocab, monkeypatch, fault, undo) -> int:
-    """`matlm train` of STEPS steps on `url` (in this process) with `fault(checkpointer)`
-    run just before step 4's save, and `undo()` once it has ended: its exit status."""
-    import matlm.model_dir as model_dir_lib
-    original = model_dir_lib.RunCheckpointer.save
-
-    def save(self, step, *args, **kwargs):
-        if step == 4:
-            fault(self)
-        return original(self, step, *args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(model_dir_lib.RunCheckpointer, "save", save)
-        try:
-            return matlm_main(["train", *flags(url, vocab, STEPS)])
-        finally:
-            undo()
-
-
 def test_write_access_revoked_in_a_save_is_one_line_exit_74_and_a_retried_resume_is_exact(
         run, gcs, bucket, wiki_vocab, capsys, caplog, one_device, monkeypatch):
     reference, _ = run
@@ -244,7 +238,8 @@ def test_write_access_revoked_in_a_save_is_one_line_exit_74_and_a_retried_resume
         # arrays, at its commit marker (the last object).
         checkpointer.manager.wait_until_finished()
         gcs.refuse(*gcs_emulator.WRITE, from_request="/checkpoints/4/commit_success")
-    assert train_with_a_fault_at_save_4(url, wiki_vocab, monkeypatch, revoke, gcs.refuse) == 74
+    assert train_with_a_fault_before_save(4, url, wiki_vocab, monkeypatch, revoke,
+                                          gcs.refuse) == 74
     (error,) = capsys.readouterr().err.strip().splitlines()
     assert "could not save checkpoint 4: Permission denied [EACCES]" in error, error
     # Its objects cannot be deleted either: said, and the next job removes them.
@@ -264,7 +259,8 @@ def test_write_access_revoked_in_a_save_is_one_line_exit_74_and_a_retried_resume
     def flaky(checkpointer):
         gcs.fail_next((503, "prefix=run/checkpoints/4/"), (429, "prefix=run/checkpoints/4/"),
                       (500, "checkpoints/4/.*ocdbt"), (503, "^/upload/.*checkpoints/4/"))
-    assert train_with_a_fault_at_save_4(url, wiki_vocab, monkeypatch, flaky, gcs.fail_next) == 0
+    assert train_with_a_fault_before_save(4, url, wiki_vocab, monkeypatch, flaky,
+                                          gcs.fail_next) == 0
     assert len(gcs.gate.failed) == 4, gcs.gate.failed  # Every failure was met, and retried.
     assert "(left by an earlier job of this process" in capsys.readouterr().out
     assert train_rows(url) == train_rows(reference)
